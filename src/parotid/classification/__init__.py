@@ -1,0 +1,1 @@
+"""Tumour classification on multi-sequence MRI box crops (see models.py, train.py, predict.py)."""

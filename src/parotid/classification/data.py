@@ -1,0 +1,175 @@
+"""Cohort reading and the crop cache used by training and evaluation.
+
+A cohort folder is what ``parotid-synth`` writes (docs/dev/CONTRACT.md): study files, ``labels/final``,
+``datastore_v2.json`` (final-label info ``tumor_class`` and ``roi``) and ``cohort.csv`` (clinical
+variables). Reading a study file is the slow part, so every study is cut once into the crops of
+``crops.extract_crop`` (all sequences of the study, fixed size) and cached in
+``$TMPDIR/parotid-crops/<hash of the folder>/`` (or ``$PAROTID_CROP_CACHE`` / ``cache_dir``).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+from tqdm import tqdm
+
+from parotid.labels import INFO_ROI, INFO_TUMOR_CLASS
+from parotid.sequences import SEQUENCE_KEYS
+from parotid.study import read_label_map, read_study
+
+from .crops import DEFAULT_MARGIN, DEFAULT_SIZE, DEFAULT_SLICES, extract_crop
+
+CLINICAL_KEYS = ("age", "sex", "smoker")
+
+
+@dataclass
+class Record:
+    study_id: str
+    image: str
+    label: str | None
+    tumor_class: str
+    roi: list[int]
+    clinical: dict = field(default_factory=dict)
+
+
+def _clinical_vector(row: dict) -> list[float]:
+    """age/100, sex (1 = male), smoker (1 = yes); unknown -> 0."""
+    def num(v):
+        try:
+            return float(v)
+        except (TypeError, ValueError):
+            return 0.0
+    age = num(row.get("age")) / 100.0
+    sex = str(row.get("sex", "")).strip().lower()
+    sex_v = 1.0 if sex in ("m", "male", "1") else 0.0
+    sm = str(row.get("smoker", "")).strip().lower()
+    sm_v = 1.0 if sm in ("1", "true", "yes", "y", "smoker", "current", "former") else 0.0
+    return [age, sex_v, sm_v]
+
+
+def read_cohort(folder: str) -> list[Record]:
+    """Studies with a final label holding ``tumor_class`` and ``roi`` (others are skipped)."""
+    ds_path = os.path.join(folder, "datastore_v2.json")
+    with open(ds_path) as f:
+        ds = json.load(f)
+    images_dir = os.path.join(folder, ds.get("images_dir", "") or "")
+    labels_dir = os.path.join(folder, ds.get("labels_dir", "labels") or "labels", "final")
+    clin: dict[str, dict] = {}
+    csv_path = os.path.join(folder, "cohort.csv")
+    if os.path.exists(csv_path):
+        with open(csv_path) as f:
+            for row in csv.DictReader(f):
+                clin[row.get("study_id", "")] = row
+    out = []
+    for sid, obj in sorted(ds.get("objects", {}).items()):
+        final = (obj.get("labels") or {}).get("final")
+        if not final:
+            continue
+        info = final.get("info") or {}
+        if INFO_TUMOR_CLASS not in info or INFO_ROI not in info:
+            continue
+        ext = (obj.get("image") or {}).get("ext", ".nii.gz")
+        lab = os.path.join(labels_dir, sid + final.get("ext", ".nii.gz"))
+        out.append(Record(sid, os.path.join(images_dir, sid + ext), lab if os.path.exists(lab) else None,
+                          info[INFO_TUMOR_CLASS], [int(v) for v in info[INFO_ROI]], clin.get(sid, {})))
+    return out
+
+
+@dataclass
+class CropSet:
+    """All crops of a cohort, with every sequence key as a channel (zeros + avail=False if absent)."""
+
+    study_ids: list[str]
+    tumor_class: list[str]
+    sequences: tuple[str, ...]
+    slices: np.ndarray  # (n, N, C, S, S) float16
+    gland: np.ndarray  # (n, N, 1, S, S) uint8
+    free: np.ndarray  # (n, M, C, S, S) float16
+    free_gland: np.ndarray  # (n, M, 1, S, S) uint8
+    free_valid: np.ndarray  # (n, M) bool
+    box: np.ndarray  # (n, 4) float32
+    clinical: np.ndarray  # (n, 3) float32
+    avail: np.ndarray  # (n, C) bool
+
+    def channels(self, seqs) -> list[int]:
+        return [self.sequences.index(s) for s in seqs]
+
+    def subset(self, idx) -> "CropSet":
+        idx = np.asarray(idx)
+        return CropSet([self.study_ids[i] for i in idx], [self.tumor_class[i] for i in idx], self.sequences,
+                       self.slices[idx], self.gland[idx], self.free[idx], self.free_gland[idx],
+                       self.free_valid[idx], self.box[idx], self.clinical[idx], self.avail[idx])
+
+    def labels(self, label_set) -> np.ndarray:
+        return np.array([label_set.index(c) for c in self.tumor_class])
+
+    def __len__(self):
+        return len(self.study_ids)
+
+
+def build_cropset(folder: str, size: int = DEFAULT_SIZE, n_slices: int = DEFAULT_SLICES, n_free: int = 4,
+                  margin: float = DEFAULT_MARGIN, cache_dir: str | None = None, limit: int | None = None) -> CropSet:
+    recs = read_cohort(folder)
+    if limit:
+        recs = recs[:limit]
+    if not recs:
+        raise SystemExit(f"no labelled studies (tumor_class + roi) in {folder}")
+    if cache_dir is None:  # outside the cohort folder (a served studies folder must stay clean)
+        import tempfile
+        tag = hashlib.md5(os.path.abspath(folder).encode()).hexdigest()[:8]
+        cache_dir = os.environ.get("PAROTID_CROP_CACHE") or os.path.join(tempfile.gettempdir(), "parotid-crops", tag)
+    return cropset_from_records(recs, size, n_slices, n_free, margin, cache_dir,
+                                name=os.path.basename(folder.rstrip("/")))
+
+
+def cropset_from_records(recs: list[Record], size: int = DEFAULT_SIZE, n_slices: int = DEFAULT_SLICES, n_free: int = 4,
+                         margin: float = DEFAULT_MARGIN, cache_dir: str | None = None, name: str = "cohort") -> CropSet:
+    """Crops of the given studies; cached in `cache_dir` (keyed by ids, boxes, classes and file mtimes)."""
+    key = hashlib.md5(json.dumps([[r.study_id, r.roi, r.tumor_class, os.path.getmtime(r.image),
+                                   os.path.getmtime(r.label) if r.label else 0] for r in recs]).encode()).hexdigest()[:10]
+    cache = os.path.join(cache_dir, f"crops_s{size}_n{n_slices}_f{n_free}_m{margin}_{key}.npz") if cache_dir else None
+    if cache and os.path.exists(cache):
+        z = np.load(cache, allow_pickle=False)
+        return CropSet(list(z["study_ids"]), list(z["tumor_class"]), tuple(z["sequences"]), z["slices"], z["gland"],
+                       z["free"], z["free_gland"], z["free_valid"], z["box"], z["clinical"], z["avail"])
+    seqs = SEQUENCE_KEYS
+    C, n = len(seqs), len(recs)
+    slices = np.zeros((n, n_slices, C, size, size), np.float16)
+    gland = np.zeros((n, n_slices, 1, size, size), np.uint8)
+    free = np.zeros((n, n_free, C, size, size), np.float16)
+    free_gland = np.zeros((n, n_free, 1, size, size), np.uint8)
+    free_valid = np.zeros((n, n_free), bool)
+    box = np.zeros((n, 4), np.float32)
+    avail = np.zeros((n, C), bool)
+    for i, r in enumerate(tqdm(recs, desc=f"crops {name}", mininterval=5)):
+        st = read_study(r.image, r.study_id)
+        arr = st.array()
+        lab = read_label_map(r.label) if r.label else None
+        c = extract_crop(arr, r.roi, size, n_slices, margin, label=lab, n_free=n_free)
+        ch = [seqs.index(s) for s in st.sequences]
+        slices[i][:, ch] = c.slices
+        avail[i, ch] = True
+        box[i] = c.box
+        if c.gland is not None:
+            gland[i] = c.gland > 0.5
+        if c.free is not None and len(c.free):
+            m = len(c.free)
+            free[i, :m][:, ch] = c.free
+            free_gland[i, :m] = c.free_gland > 0.5
+            free_valid[i, :m] = True
+    cs = CropSet([r.study_id for r in recs], [r.tumor_class for r in recs], tuple(seqs), slices, gland, free,
+                 free_gland, free_valid, box, np.array([_clinical_vector(r.clinical) for r in recs], np.float32), avail)
+    if not cache:
+        return cs
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = cache + ".part.npz"
+    np.savez(tmp, study_ids=np.array(cs.study_ids), tumor_class=np.array(cs.tumor_class), sequences=np.array(seqs),
+             slices=slices, gland=gland, free=free, free_gland=free_gland, free_valid=free_valid, box=box,
+             clinical=cs.clinical, avail=avail)
+    os.replace(tmp, cache)
+    return cs

@@ -1,0 +1,138 @@
+"""Inference for one study: calibrated probabilities, MC-dropout uncertainty and a Grad-CAM volume.
+
+Used by the MONAI Label infer task (apps/parotid/lib/infers/classify.py) and by tests; no server code.
+
+* probabilities: softmax(logits / T), T fitted by temperature scaling on a validation split at
+  training time and stored in the checkpoint;
+* uncertainty (``undetermined``): MC dropout — the dropout layers of the sequence head are kept
+  active for `passes` forward passes over the (deterministic) slice features; the study is
+  undetermined when the mean top-class probability is below ``max_top_prob_below`` or the standard
+  deviation of the malignancy probability exceeds ``max_std_above`` (both in the checkpoint);
+* heatmap: ``monai.visualize.GradCAM`` on the CNN's ``layer2`` for the predicted class, one map per
+  slice, by default weighted by the RoI-Align read-out (see ``gradcam_volume``), pasted back onto the
+  reference grid and normalised JOINTLY over the volume (divided by the global maximum; MONAI's
+  default normaliser would rescale every slice to 0..1 separately).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from monai.visualize import GradCAM
+
+from parotid.study import Study, StudyError, check_roi
+
+from .crops import Crop, extract_crop, paste_heatmap
+from .models import GradCamWrapper, SequenceModel
+
+
+def prepare(study: Study, roi, cfg: dict) -> tuple[torch.Tensor, torch.Tensor, Crop]:
+    check_roi(roi, study.shape)
+    study.require(cfg.get("required", cfg["sequences"]))
+    seqs = [s for g in cfg["groups"] for s in g]
+    present = [s for s in seqs if s in study.sequences]
+    full = study.array(present)
+    arr = np.zeros((len(seqs),) + tuple(study.shape), np.float32)  # optional missing sequence -> zero channel
+    for c, s in enumerate(seqs):
+        if s in present:
+            arr[c] = full[present.index(s)]
+    if not np.isfinite(arr).all():
+        raise StudyError("study contains NaN or infinite voxels")
+    crop = extract_crop(arr, roi, cfg["size"], cfg["n_slices"], cfg.get("margin", 0.25))
+    return torch.from_numpy(crop.slices)[None], torch.from_numpy(crop.box)[None], crop
+
+
+def _identity(x):
+    return x
+
+
+def gradcam_volume(model: SequenceModel, x: torch.Tensor, box: torch.Tensor, crop: Crop, shape, roi,
+                   class_idx: int, clinical=None, mode: str = "roi") -> np.ndarray:
+    """Grad-CAM for `class_idx`, summed over branches, as a (I, J, K) float32 volume in 0..1.
+
+    mode "gradcam": plain ``monai.visualize.GradCAM`` on ``layer2`` (ReLU of the gradient-weighted
+    channel sum). mode "roi" (default): the same map multiplied by the spatial read-out weight of
+    the RoI-Align head, sum_c |d score / d A_c| at each layer2 position (from the same backward pass),
+    because the classifier pools layer2 only through roi_align on the box: plain Grad-CAM spreads
+    over the whole crop window (measured: no more mass in the box than a uniform map).
+    """
+    N = x.shape[1]
+    wrapper = GradCamWrapper(model, N, box, clinical)
+    xf = x.reshape(1, -1, *x.shape[-2:])
+    total = None
+    for b in range(len(model.branches)):
+        layer = f"model.branches.{b}.trunk.layer2"
+        cam = GradCAM(nn_module=wrapper, target_layers=layer, postprocessing=_identity)
+        with torch.enable_grad():
+            m = cam(xf, class_idx=class_idx)  # (N, 1, S, S), >= 0 (ReLU inside GradCAM)
+        if mode == "roi":
+            g = cam.nn_module.gradients[layer].detach().abs().sum(1, keepdim=True)
+            g = torch.nn.functional.interpolate(g, size=m.shape[-2:], mode="bilinear", align_corners=False)
+            m = m * g / g.max().clamp_min(1e-12)
+        total = m if total is None else total + m
+    maps = total[:, 0].detach().numpy()
+    vol = paste_heatmap(maps, crop, shape, roi)
+    mx = float(vol.max())
+    return (vol / mx).astype(np.float32) if mx > 0 else vol
+
+
+@torch.no_grad()
+def mc_dropout(model: SequenceModel, feats: torch.Tensor, temperature: float, passes: int, seed: int = 0,
+               clinical=None) -> np.ndarray:
+    """(passes, classes) calibrated probabilities with the head's dropout active."""
+    g = torch.random.fork_rng()
+    with g:
+        torch.manual_seed(seed)
+        model.encoder.train()
+        model.head.train()
+        out = [torch.softmax(model.forward_features(feats, clinical) / temperature, 1)[0] for _ in range(passes)]
+        model.eval()
+    return torch.stack(out).numpy()
+
+
+def classify(model: SequenceModel, cfg: dict, study: Study, roi, heatmap: bool = True, clinical=None,
+             heatmap_mode: str = "roi") -> tuple[dict, np.ndarray | None]:
+    """Returns (result JSON, heatmap volume (I, J, K) or None)."""
+    roi = [int(v) for v in roi]
+    x, box, crop = prepare(study, roi, cfg)
+    model.eval()
+    T = float(cfg.get("temperature", 1.0))
+    with torch.no_grad():
+        feats = model.slice_features(x, box)
+        logits = model.forward_features(feats, clinical)
+        prob = torch.softmax(logits / T, 1)[0].numpy().astype(np.float64)
+    prob = prob / prob.sum()
+    classes = cfg["classes"]
+    mal_idx = [i for i, c in enumerate(classes) if c in cfg.get("malignant", [])]
+    top = int(np.argmax(prob))
+    unc = cfg.get("uncertainty", {})
+    passes = int(unc.get("passes", 20))
+    mc = mc_dropout(model, feats, T, passes, clinical=clinical)
+    mc_mean = mc.mean(0)
+    mal_std = float(mc[:, mal_idx].sum(1).std()) if mal_idx else 0.0
+    undetermined = bool(mc_mean.max() < unc.get("max_top_prob_below", 0.6) or mal_std > unc.get("max_std_above", 0.15))
+    result = {
+        "prediction": [{"idx": i, "label": c, "score": float(p)} for i, (c, p) in enumerate(zip(classes, prob))],
+        "predicted_class": classes[top],
+        "malignancy_probability": float(prob[mal_idx].sum()) if mal_idx else None,
+        "undetermined": undetermined,
+        "uncertainty": {"method": "mc_dropout", "passes": passes, "mc_top_probability": float(mc_mean.max()),
+                        "malignancy_std": mal_std,
+                        "thresholds": {"max_top_prob_below": unc.get("max_top_prob_below", 0.6),
+                                       "max_std_above": unc.get("max_std_above", 0.15)}},
+        "model": cfg.get("task", ""),
+        "version": cfg.get("version", ""),
+        "trained_at": cfg.get("trained", {}).get("date"),
+        "roi": roi,
+        "label_set": cfg["label_set"],
+        "sequences": cfg["sequences"],
+        "missing_sequences": [q for q in cfg["sequences"] if q not in study.sequences],
+        "temperature": T,
+        "synthetic_training_data": bool(cfg.get("trained", {}).get("synthetic", False)),
+    }
+    if heatmap_mode not in ("roi", "gradcam"):
+        raise StudyError(f"heatmap must be 'roi' or 'gradcam', got {heatmap_mode!r}")
+    result["heatmap"] = {"method": "Grad-CAM layer2" + (" x RoI-Align read-out weight" if heatmap_mode == "roi" else ""),
+                         "class": classes[top], "normalisation": "joint (volume maximum)"} if heatmap else None
+    vol = gradcam_volume(model, x, box, crop, study.shape, roi, top, clinical, heatmap_mode) if heatmap else None
+    return result, vol

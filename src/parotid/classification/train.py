@@ -1,0 +1,381 @@
+"""Training of the classification models (two-stage Liu model, early-fusion ResNet, L2-softmax + LOF).
+
+Reproduce the committed server checkpoints (synthetic cohort, CPU)::
+
+    parotid-synth --n 240 --seed 101 --out /tmp/cohort101
+    python -m parotid.classification.train --cohort /tmp/cohort101 --out apps/parotid/model
+
+which writes ``classify_subtype.pt`` and ``classify_malignancy.pt`` (+ ``classify_*.json`` with the
+training statistics). ``--label-sets`` selects other label sets (e.g. ``sinonasal3`` for a cohort
+labelled with that set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from parotid.labels import get_label_set
+
+from .data import CropSet, build_cropset
+from .models import ImageNet, SequenceModel, SliceResNet, fit_temperature
+
+VERSION = "0.1.0"
+DEFAULT_SEQS = ("T2", "CET1", "DWI_B1000", "ADC")  # Liu et al.'s best combination (T2, CE-T1, DWI b1000) + ADC
+DEFAULT_REQUIRED = ("T2", "CET1")  # the others may be missing (zero channel; trained with channel dropout)
+TASK_LABEL_SETS = {"classify_subtype": "subtype4", "classify_malignancy": "benign_malignant"}
+
+
+def _seed(seed: int):
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+
+
+def class_weights(y: np.ndarray, n: int) -> torch.Tensor:
+    cnt = np.bincount(y, minlength=n).astype(np.float64)
+    w = np.where(cnt > 0, cnt.sum() / np.maximum(cnt, 1) / n, 0.0)
+    return torch.tensor(w, dtype=torch.float32)
+
+
+def _augment(x: torch.Tensor, box: torch.Tensor, rng: np.random.Generator):
+    """Random left-right flip (J axis, box flipped too) and per-channel gain 0.9..1.1."""
+    x = x.clone()
+    box = box.clone()
+    S = x.shape[-1]
+    flip = torch.from_numpy(rng.random(x.shape[0]) < 0.5)
+    if flip.any():
+        x[flip] = x[flip].flip(-1)
+        b = box[flip]
+        box[flip] = torch.stack([S - b[:, 2], b[:, 1], S - b[:, 0], b[:, 3]], 1)
+    gain = torch.from_numpy(rng.uniform(0.9, 1.1, (x.shape[0], x.shape[1], 1, 1)).astype(np.float32))
+    return x * gain, box
+
+
+# --------------------------------------------------------------------------- stage 1 (image network)
+def train_image_net(cs: CropSet, idx, channels: list[int], y: np.ndarray, n_classes: int, epochs: int = 12,
+                    lr: float = 1e-3, seed: int = 0, per_study: int = 2, batch: int = 64,
+                    l2_alpha: float | None = None, desc: str = "stage1", drop_channels=(), p_drop: float = 0.1) -> ImageNet:
+    """Liu stage 1: slice classifier (crop + roi_align on the box) on tumour slices, label = patient class."""
+    _seed(seed)
+    rng = np.random.default_rng(seed)
+    idx = np.asarray(idx)
+    net = ImageNet(len(channels), n_classes, l2_alpha=l2_alpha)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * int(np.ceil(len(idx) * per_study / batch)))
+    crit = nn.CrossEntropyLoss(weight=class_weights(y[idx], n_classes))
+    N = cs.slices.shape[1]
+    net.train()
+    for _ in tqdm(range(epochs), desc=desc, leave=False, mininterval=10):
+        pairs = np.array([(s, k) for s in idx for k in rng.choice(N, per_study, replace=False)])
+        rng.shuffle(pairs)
+        for b in range(0, len(pairs), batch):
+            p = pairs[b:b + batch]
+            x = torch.from_numpy(cs.slices[p[:, 0], p[:, 1]][:, channels].astype(np.float32))
+            box = torch.from_numpy(cs.box[p[:, 0]])
+            x, box = _augment(x, box, rng)
+            for c in drop_channels:  # optional sequences: learn to cope with their absence (zero channel)
+                x[torch.from_numpy(rng.random(len(x)) < p_drop), c] = 0.0
+            loss = crit(net(x, box), torch.from_numpy(y[p[:, 0]]))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    net.eval()
+    return net
+
+
+@torch.no_grad()
+def slice_outputs(net: ImageNet, cs: CropSet, idx, channels: list[int], flip: bool = False, batch: int = 256):
+    """Features (n, N, D) and logits (n, N, classes) of every slice of the studies `idx`."""
+    net.eval()
+    idx = np.asarray(idx)
+    N, S = cs.slices.shape[1], cs.slices.shape[-1]
+    feats, logits = [], []
+    for b in range(0, len(idx), max(1, batch // N)):
+        ii = idx[b:b + max(1, batch // N)]
+        x = torch.from_numpy(cs.slices[ii][:, :, channels].astype(np.float32)).reshape(len(ii) * N, len(channels), S, S)
+        box = torch.from_numpy(cs.box[ii]).repeat_interleave(N, 0)
+        if flip:
+            x = x.flip(-1)
+            box = torch.stack([S - box[:, 2], box[:, 1], S - box[:, 0], box[:, 3]], 1)
+        f = net.features(x, box)
+        feats.append(f.reshape(len(ii), N, -1))
+        logits.append(net.head(f).reshape(len(ii), N, -1))
+    return torch.cat(feats), torch.cat(logits)
+
+
+# --------------------------------------------------------------------------- stage 2 (sequence network)
+def train_sequence_head(model: SequenceModel, feats: torch.Tensor, y: np.ndarray, clinical: torch.Tensor | None = None,
+                        epochs: int = 60, lr: float = 1e-3, seed: int = 0, batch: int = 32) -> SequenceModel:
+    """Liu stage 2: transformer + max-pool + FC over frozen slice features (branches untouched)."""
+    _seed(seed)
+    params = [model.pos] + list(model.encoder.parameters()) + list(model.head.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    n_classes = model.head[-1].out_features
+    crit = nn.CrossEntropyLoss(weight=class_weights(y, n_classes))
+    yt = torch.from_numpy(y)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(feats), generator=gen)
+        for b in range(0, len(perm), batch):
+            p = perm[b:b + batch]
+            loss = crit(model.forward_features(feats[p], None if clinical is None else clinical[p]), yt[p])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    return model
+
+
+def sequence_features(model: SequenceModel, nets: list[ImageNet], cs: CropSet, idx, chans: list[list[int]], flip=False):
+    fs = [slice_outputs(n, cs, idx, c, flip)[0] for n, c in zip(nets, chans)]
+    return torch.stack(fs).sum(0) if model.fusion == "add" else torch.cat(fs, -1)
+
+
+def fit_sequence_model(cs: CropSet, train_idx, label_set, groups: list[list[str]], fusion: str = "spl",
+                       epochs1: int = 12, epochs2: int = 60, seed: int = 0, clinical: bool = False,
+                       l2_alpha: float | None = None, nets: dict | None = None, val_frac: float = 0.0, desc="",
+                       optional: tuple = ()):
+    """Two-stage training. `nets` caches stage-1 image networks by group (for ablations: the late-fusion
+    branches ARE the single-sequence image networks). Returns (model, info). With `val_frac` > 0 a
+    stratified part of `train_idx` is held out of stage 2 to fit the temperature."""
+    y_all = cs.labels(label_set)
+    train_idx = np.asarray(train_idx)
+    n_classes = len(label_set.classes)
+    chans = [cs.channels(g) for g in groups]
+    nets = {} if nets is None else nets
+    branch_nets = []
+    for g, c in zip(groups, chans):
+        key = (tuple(g), l2_alpha)
+        if key not in nets:
+            nets[key] = train_image_net(cs, train_idx, c, y_all, n_classes, epochs1, seed=seed, l2_alpha=l2_alpha,
+                                        desc=f"{desc} stage1 {'+'.join(g)}",
+                                        drop_channels=[i for i, q in enumerate(g) if q in optional and len(g) > 1])
+        branch_nets.append(nets[key])
+    model = SequenceModel([list(range(sum(map(len, chans[:i])), sum(map(len, chans[:i + 1])))) for i in range(len(chans))],
+                          n_classes, cs.slices.shape[1], fusion, n_clinical=3 if clinical else 0, l2_alpha=l2_alpha)
+    for br, n in zip(model.branches, branch_nets):
+        br.load_state_dict(n.state_dict())
+    fit_idx, val_idx = train_idx, np.array([], int)
+    if val_frac > 0:
+        from sklearn.model_selection import train_test_split
+        fit_idx, val_idx = train_test_split(train_idx, test_size=val_frac, stratify=y_all[train_idx], random_state=seed)
+    f0 = sequence_features(model, branch_nets, cs, fit_idx, chans)
+    f1 = sequence_features(model, branch_nets, cs, fit_idx, chans, flip=True)
+    clin = torch.from_numpy(cs.clinical[fit_idx]) if clinical else None
+    train_sequence_head(model, torch.cat([f0, f1]), np.concatenate([y_all[fit_idx]] * 2),
+                        None if clin is None else torch.cat([clin, clin]), epochs2, seed=seed)
+    temperature = 1.0
+    if len(val_idx):
+        lv = predict_logits(model, cs, val_idx, groups, clinical)
+        temperature = fit_temperature(lv, torch.from_numpy(y_all[val_idx]))
+    return model, {"temperature": temperature, "fit_idx": fit_idx, "val_idx": val_idx, "branch_nets": branch_nets}
+
+
+@torch.no_grad()
+def predict_logits(model: SequenceModel, cs: CropSet, idx, groups: list[list[str]], clinical: bool = False) -> torch.Tensor:
+    model.eval()
+    chans = [c for g in groups for c in cs.channels(g)]
+    out = []
+    for b in range(0, len(idx), 16):
+        ii = np.asarray(idx)[b:b + 16]
+        x = torch.from_numpy(cs.slices[ii][:, :, chans].astype(np.float32))
+        clin = torch.from_numpy(cs.clinical[ii]) if clinical else None
+        out.append(model(x, torch.from_numpy(cs.box[ii]), clin))
+    return torch.cat(out)
+
+
+# --------------------------------------------------------------------------- early-fusion ResNet (seed 001)
+def train_slice_resnet(cs: CropSet, train_idx, label_set, seqs: list[str], gland: bool = False, epochs: int = 10,
+                       lr: float = 1e-3, seed: int = 0, per_study: int = 2, batch: int = 64, desc="resnet") -> SliceResNet:
+    _seed(seed)
+    rng = np.random.default_rng(seed)
+    y_all = cs.labels(label_set)
+    n_classes = len(label_set.classes)
+    chans = cs.channels(seqs)
+    net = SliceResNet(len(chans) + int(gland), n_classes)
+    train_idx = np.asarray(train_idx)
+    steps = epochs * int(np.ceil(len(train_idx) * (per_study + 1) / batch))
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    yy = np.concatenate([y_all[train_idx], np.full(len(train_idx), n_classes)])
+    crit = nn.CrossEntropyLoss(weight=class_weights(yy, n_classes + 1))
+    N, M = cs.slices.shape[1], cs.free.shape[1]
+    net.train()
+    for _ in tqdm(range(epochs), desc=desc, leave=False, mininterval=10):
+        items = [(s, k, 0) for s in train_idx for k in rng.choice(N, per_study, replace=False)]
+        items += [(s, int(rng.choice(np.nonzero(cs.free_valid[s])[0])), 1) for s in train_idx if cs.free_valid[s].any()]
+        items = np.array(items)
+        rng.shuffle(items)
+        for b in range(0, len(items), batch):
+            it = items[b:b + batch]
+            x, y = _slice_batch(cs, it, chans, gland, y_all, n_classes)
+            x, _ = _augment(x, torch.zeros(len(x), 4), rng)
+            loss = crit(net(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    net.eval()
+    return net
+
+
+def _slice_batch(cs, items, chans, gland, y_all, n_classes):
+    xs, ys = [], []
+    for s, k, free in items:
+        if free:
+            x = cs.free[s, k][chans].astype(np.float32)
+            g = cs.free_gland[s, k].astype(np.float32)
+            ys.append(n_classes)
+        else:
+            x = cs.slices[s, k][chans].astype(np.float32)
+            g = cs.gland[s, k].astype(np.float32)
+            ys.append(y_all[s])
+        xs.append(np.concatenate([x, g]) if gland else x)
+    return torch.from_numpy(np.stack(xs)), torch.tensor(ys)
+
+
+@torch.no_grad()
+def predict_slice_resnet(net: SliceResNet, cs: CropSet, idx, seqs, gland: bool, label_set):
+    """Patient-level decisions from slice predictions over the box's slices.
+
+    Returns (probability averaging: (n, classes) mean slice probabilities over the tumour classes,
+    renormalised; 001's rule: predicted class index per patient)."""
+    net.eval()
+    chans = cs.channels(seqs)
+    n_classes = len(label_set.classes)
+    probs, rule = [], []
+    for s in np.asarray(idx):
+        x = cs.slices[s][:, chans].astype(np.float32)
+        if gland:
+            x = np.concatenate([x, cs.gland[s].astype(np.float32)], 1)
+        p = torch.softmax(net(torch.from_numpy(x)), 1).numpy()  # (N, classes + 1)
+        pt = p[:, :n_classes].mean(0)
+        probs.append(pt / max(pt.sum(), 1e-8))
+        rule.append(decision_rule_001(p.argmax(1), label_set))
+    return np.array(probs), np.array(rule)
+
+
+def decision_rule_001(slice_pred: np.ndarray, label_set, min_malignant: int = 3) -> int:
+    """Xia et al. (seed 001): > 2 malignant slices -> malignant; otherwise the benign class with the most
+    slices (tumour-free slices, index = n_classes, are ignored). `slice_pred` holds unique slices'
+    predicted indices."""
+    n_classes = len(label_set.classes)
+    mal = set(label_set.malignant_indices)
+    counts = np.bincount(slice_pred[slice_pred < n_classes], minlength=n_classes)
+    n_mal = sum(counts[i] for i in mal)
+    benign = [i for i in range(n_classes) if i not in mal]
+    if (n_mal >= min_malignant and mal) or not benign:
+        return max(mal, key=lambda i: counts[i]) if mal else int(np.argmax(counts))
+    return max(benign, key=lambda i: counts[i])
+
+
+# --------------------------------------------------------------------------- L2-softmax + LOF (seed 003)
+def lof_scores(net: ImageNet, cs: CropSet, train_idx, test_idx, channels, label_set, n_neighbors: int = 5):
+    """LocalOutlierFactor(novelty) fitted on benign training patients' mean L2-normalised features;
+    returns (malignancy score = -score_samples, predicted malignant = outlier) for `test_idx`."""
+    from sklearn.neighbors import LocalOutlierFactor
+
+    def feats(idx):
+        f = slice_outputs(net, cs, idx, channels)[0]
+        f = F.normalize(f, dim=-1).mean(1)
+        return F.normalize(f, dim=-1).numpy()
+
+    y = cs.labels(label_set)
+    mal = np.isin(y, label_set.malignant_indices)
+    tr = np.asarray(train_idx)
+    lof = LocalOutlierFactor(n_neighbors=n_neighbors, novelty=True).fit(feats(tr[~mal[tr]]))
+    ft = feats(test_idx)
+    return -lof.score_samples(ft), lof.predict(ft) == -1
+
+
+# --------------------------------------------------------------------------- checkpoints
+def save_checkpoint(path: str, model: SequenceModel, config: dict) -> None:
+    sd = {k: (v.half() if v.is_floating_point() else v) for k, v in model.state_dict().items()}
+    tmp = path + ".part"
+    torch.save({"config": config, "state_dict": sd}, tmp)
+    os.replace(tmp, path)  # atomic: the server reloads on mtime change
+
+
+def load_checkpoint(path: str) -> tuple[SequenceModel, dict]:
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    cfg = ck["config"]
+    nseq = [len(g) for g in cfg["groups"]]
+    groups = [list(range(sum(nseq[:i]), sum(nseq[:i + 1]))) for i in range(len(nseq))]
+    model = SequenceModel(groups, len(cfg["classes"]), cfg["n_slices"], cfg["fusion"],
+                          n_clinical=cfg.get("n_clinical", 0))
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ck["state_dict"].items()})
+    model.eval()
+    return model, cfg
+
+
+def train_task_model(cs: CropSet, label_set_name: str, seqs=DEFAULT_SEQS, fusion: str = "early",
+                     epochs1: int = 12, epochs2: int = 60, seed: int = 0, val_frac: float = 0.2, desc="",
+                     required=DEFAULT_REQUIRED) -> tuple[SequenceModel, dict]:
+    """The server model: Liu's sequence model (early fusion of `seqs` as channels by default, or late
+    'add'/'spl' fusion with one branch per sequence) + temperature + MC-dropout settings."""
+    ls = get_label_set(label_set_name)
+    required = [q for q in required if q in seqs] if fusion == "early" else list(seqs)
+    keep = [i for i, c in enumerate(cs.tumor_class) if ls.accepts(c) and all(cs.avail[i, cs.channels(required)])]
+    if len(keep) < 10:
+        raise SystemExit(f"only {len(keep)} studies usable for label set {label_set_name}")
+    groups = [list(seqs)] if fusion == "early" else [[s] for s in seqs]
+    t0 = time.time()
+    model, info = fit_sequence_model(cs, keep, ls, groups, "spl" if fusion == "early" else fusion, epochs1, epochs2,
+                                     seed, val_frac=val_frac, desc=desc, optional=tuple(q for q in seqs if q not in required))
+    y = cs.labels(ls)
+    counts = {c: int(np.sum(y[keep] == i)) for i, c in enumerate(ls.classes)}
+    cfg = {"kind": "sequence", "label_set": ls.name, "classes": list(ls.classes), "malignant": list(ls.malignant),
+           "sequences": list(seqs), "required": list(required), "groups": groups, "fusion": model.fusion, "fusion_mode": fusion,
+           "size": int(cs.slices.shape[-1]), "n_slices": int(cs.slices.shape[1]), "margin": 0.25, "n_clinical": 0,
+           "temperature": info["temperature"], "version": VERSION,
+           "uncertainty": {"method": "mc_dropout", "passes": 20, "max_top_prob_below": 0.6, "max_std_above": 0.15},
+           "trained": {"n_train": len(info["fit_idx"]), "n_val": len(info["val_idx"]), "class_counts": counts,
+                       "epochs_stage1": epochs1, "epochs_stage2": epochs2, "seed": seed,
+                       "seconds": round(time.time() - t0, 1), "synthetic": True,
+                       "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}}
+    return model, cfg
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Train the parotid classification checkpoints (two-stage Liu model).")
+    ap.add_argument("--cohort", required=True, help="cohort folder (parotid-synth output)")
+    ap.add_argument("--out", default="apps/parotid/model")
+    ap.add_argument("--tasks", nargs="+", default=list(TASK_LABEL_SETS), help="task names (classify_<name>)")
+    ap.add_argument("--label-sets", nargs="+", default=None, help="label set per task (default: subtype4, benign_malignant)")
+    ap.add_argument("--sequences", nargs="+", default=list(DEFAULT_SEQS))
+    ap.add_argument("--required", nargs="+", default=list(DEFAULT_REQUIRED), help="sequences a study must have")
+    ap.add_argument("--fusion", choices=["early", "add", "spl"], default="early")
+    ap.add_argument("--epochs1", type=int, default=12)
+    ap.add_argument("--epochs2", type=int, default=60)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--size", type=int, default=48)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    sets = a.label_sets or [TASK_LABEL_SETS.get(t, "subtype4") for t in a.tasks]
+    cs = build_cropset(a.cohort, size=a.size)
+    os.makedirs(a.out, exist_ok=True)
+    for task, ls in zip(a.tasks, sets):
+        model, cfg = train_task_model(cs, ls, a.sequences, a.fusion, a.epochs1, a.epochs2, a.seed, desc=task,
+                                      required=a.required)
+        cfg["task"] = task
+        cfg["trained"]["cohort"] = os.path.basename(os.path.abspath(a.cohort))
+        path = os.path.join(a.out, f"{task}.pt")
+        save_checkpoint(path, model, cfg)
+        with open(os.path.join(a.out, f"{task}.json"), "w") as f:
+            json.dump(cfg, f, indent=1)
+        print(f"{task}: {path} ({os.path.getsize(path) / 1e6:.1f} MB) T={cfg['temperature']:.2f} {cfg['trained']['seconds']} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Evaluation: metrics (scikit-learn), bootstrap CIs, calibration, plots, cross-validated ablation."""

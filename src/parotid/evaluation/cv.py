@@ -1,0 +1,119 @@
+"""Stratified k-fold cross-validated ablation shaped like Liu et al. (seed 000) Tables II/III.
+
+All variants are trained on the SAME folds (``StratifiedKFold(shuffle=True, random_state=seed)``)
+with the fold's training studies only, and predict the fold's test studies; metrics are computed on
+the pooled out-of-fold predictions with percentile-bootstrap 95 % CIs.
+
+Variants (label set ``--label-set``, default subtype4; benign/malignant metrics use
+P(malignant) = sum of the malignant classes' probabilities):
+
+* ``<SEQ> single image``   — Liu stage-1 image network on one sequence, central slice only;
+* ``<SEQ> single sequence`` — Liu two-stage sequence model on one sequence;
+* ``early fusion``          — sequences as channels of one CNN branch (two-stage);
+* ``late fusion Add/Spl``   — one branch per sequence (the single-sequence image networks, frozen),
+  slice features added / concatenated before the transformer;
+* ``early fusion + clinical`` — early fusion with age/sex/smoker concatenated to the pooled feature (002);
+* ``ResNet early fusion (+gland)`` — seed 001 slice classifier with a tumour-free class; patient
+  probabilities by slice-probability averaging, accuracy/sens/spec also by 001's decision rule;
+* ``L2-softmax + LOF``      — seed 003: image network with L2-constrained softmax (alpha 80), LOF
+  (k = 5, novelty) fitted on benign training patients' features; malignancy score = outlier score.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from sklearn.model_selection import StratifiedKFold
+from tqdm import tqdm
+
+from parotid.classification.data import CropSet
+from parotid.classification.train import (fit_sequence_model, lof_scores, predict_logits, predict_slice_resnet,
+                                          slice_outputs, train_image_net, train_slice_resnet)
+
+
+def run_ablation(cs: CropSet, label_set, single_seqs, fusion_seqs, folds: int = 5, seed: int = 0,
+                 epochs1: int = 8, epochs2: int = 40, resnet_epochs: int = 8, gland: str = "with",
+                 variants: set[str] | None = None, log=print) -> dict:
+    """Returns {variant: {"prob": (n, C) or None, "score": (n,) malignancy score, "pred_bin": (n,) or None,
+    "pred_cls": (n,) or None}} on out-of-fold predictions, plus "_y" and timing."""
+    y = cs.labels(label_set)
+    n, C = len(y), len(label_set.classes)
+    mal = label_set.malignant_indices
+    res: dict = {}
+
+    def put(name, idx, prob=None, score=None, pred_bin=None, pred_cls=None):
+        r = res.setdefault(name, {"prob": np.full((n, C), np.nan) if prob is not None else None,
+                                  "score": np.full(n, np.nan), "pred_bin": None, "pred_cls": None})
+        if prob is not None:
+            r["prob"][idx] = prob
+            score = prob[:, mal].sum(1) if score is None else score
+        r["score"][idx] = score
+        if pred_bin is not None:
+            if r["pred_bin"] is None:
+                r["pred_bin"] = np.zeros(n, int)
+            r["pred_bin"][idx] = pred_bin
+        if pred_cls is not None:
+            if r["pred_cls"] is None:
+                r["pred_cls"] = np.zeros(n, int)
+            r["pred_cls"][idx] = pred_cls
+
+    want = (lambda v: True) if variants is None else (lambda v: v in variants)
+    skf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    timing = {}
+    for f, (tr, te) in enumerate(tqdm(list(skf.split(np.zeros(n), y)), desc="folds")):
+        nets: dict = {}
+        mid = cs.slices.shape[1] // 2
+
+        def timed(name, fn):
+            t = time.time()
+            out = fn()
+            timing[name] = timing.get(name, 0.0) + time.time() - t
+            return out
+
+        for s in single_seqs:
+            if not (want("single") or want("late")):
+                break
+            m, _ = timed(f"{s} single sequence", lambda: fit_sequence_model(
+                cs, tr, label_set, [[s]], "spl", epochs1, epochs2, seed + f, nets=nets, desc=f"f{f} {s}"))
+            put(f"{s} single sequence", te, torch.softmax(predict_logits(m, cs, te, [[s]]), 1).numpy())
+            net = nets[((s,), None)]
+            lg = slice_outputs(net, cs, te, cs.channels([s]))[1][:, mid]
+            put(f"{s} single image", te, torch.softmax(lg, 1).numpy())
+        if want("late") and all(((s,), None) in nets for s in fusion_seqs):
+            for fu in ("add", "spl"):
+                name = f"late fusion {'Add' if fu == 'add' else 'Spl'} ({'+'.join(fusion_seqs)})"
+                m, _ = timed(name, lambda: fit_sequence_model(cs, tr, label_set, [[s] for s in fusion_seqs], fu,
+                                                              epochs1, epochs2, seed + f, nets=nets))
+                put(name, te, torch.softmax(predict_logits(m, cs, te, [[s] for s in fusion_seqs]), 1).numpy())
+        if want("early"):
+            name = f"early fusion ({'+'.join(fusion_seqs)})"
+            m, _ = timed(name, lambda: fit_sequence_model(cs, tr, label_set, [list(fusion_seqs)], "spl", epochs1,
+                                                          epochs2, seed + f, nets=nets, desc=f"f{f} early"))
+            put(name, te, torch.softmax(predict_logits(m, cs, te, [list(fusion_seqs)]), 1).numpy())
+            name = f"early fusion + clinical ({'+'.join(fusion_seqs)})"
+            m, _ = timed(name, lambda: fit_sequence_model(cs, tr, label_set, [list(fusion_seqs)], "spl", epochs1,
+                                                          epochs2, seed + f, nets=nets, clinical=True))
+            put(name, te, torch.softmax(predict_logits(m, cs, te, [list(fusion_seqs)], clinical=True), 1).numpy())
+        if want("resnet"):
+            for g in {"both": [False, True], "with": [True], "without": [False]}[gland]:
+                name = f"ResNet early fusion{' + gland mask' if g else ''} ({'+'.join(fusion_seqs)})"
+                net = timed(name, lambda: train_slice_resnet(cs, tr, label_set, list(fusion_seqs), g, resnet_epochs,
+                                                             seed=seed + f, desc=f"f{f} resnet"))
+                prob, rule = predict_slice_resnet(net, cs, te, list(fusion_seqs), g, label_set)
+                put(name, te, prob, pred_bin=np.isin(rule, mal).astype(int), pred_cls=rule)
+        if want("lof") and mal:
+            name = f"L2-softmax + LOF ({'+'.join(fusion_seqs)})"
+
+            def lof():
+                ch = cs.channels(fusion_seqs)
+                net = train_image_net(cs, tr, ch, y, C, epochs1, seed=seed + f, l2_alpha=80.0, desc=f"f{f} l2")
+                return lof_scores(net, cs, tr, te, ch, label_set, n_neighbors=5)
+
+            score, outlier = timed(name, lof)
+            put(name, te, score=score, pred_bin=outlier.astype(int))
+        log(f"fold {f + 1}/{folds} done")
+    res["_y"] = y
+    res["_timing_s"] = timing
+    return res

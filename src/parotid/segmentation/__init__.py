@@ -1,0 +1,1 @@
+"""Parotid gland + tumour segmentation: whole-study and box-prompted models (MONAI UNet)."""

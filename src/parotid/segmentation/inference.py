@@ -1,0 +1,124 @@
+"""Model application on a study (no MONAI Label here: used by the app, the trainers and the tests)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.inferers import SlidingWindowInferer
+from scipy import ndimage
+
+from parotid.labels import GLAND, TUMOR
+from parotid.preprocess import normalize_channels
+from parotid.segmentation.networks import SegModelSpec
+from parotid.study import Study, check_roi, roi_from_mask
+
+
+def study_input(study: Study, spec: SegModelSpec) -> np.ndarray:
+    """Normalised (C, I, J, K) input in spec.sequences order; a missing optional sequence is a zero
+    channel (the models are trained with such channels dropped), a missing required one a StudyError."""
+    study.require(spec.required)
+    present = [s for s in spec.sequences if s in study.sequences]
+    norm = normalize_channels(study.array(present), present)
+    out = np.zeros((len(spec.sequences),) + tuple(study.shape), np.float32)
+    for c, seq in enumerate(spec.sequences):
+        if seq in present:
+            out[c] = norm[present.index(seq)]
+    return out
+
+
+@torch.no_grad()
+def segment(net: torch.nn.Module, spec: SegModelSpec, image: np.ndarray) -> np.ndarray:
+    """Whole-study gland + tumour label map (I, J, K) uint8 from a normalised (C, I, J, K) array."""
+    inferer = SlidingWindowInferer(roi_size=spec.patch, sw_batch_size=2, overlap=0.25, mode="gaussian")
+    logits = inferer(torch.from_numpy(image)[None], net)[0]
+    label = logits.argmax(0).numpy().astype(np.uint8)
+    return clean_label(label)
+
+
+def clean_label(label: np.ndarray, min_voxels: int = 20) -> np.ndarray:
+    """Drop specks: connected components smaller than `min_voxels`, per structure."""
+    out = np.zeros_like(label)
+    for value in (GLAND, TUMOR):
+        comps, n = ndimage.label(label == value)
+        if n == 0:
+            continue
+        sizes = ndimage.sum_labels(np.ones_like(comps), comps, index=np.arange(1, n + 1))
+        keep = np.isin(comps, 1 + np.flatnonzero(sizes >= min_voxels))
+        out[keep] = value
+    return out
+
+
+def tumour_roi(label: np.ndarray) -> list[int] | None:
+    """Box of the largest tumour component (bilateral / multiple tumours: the index tumour)."""
+    comps, n = ndimage.label(label == TUMOR)
+    if n == 0:
+        return None
+    sizes = ndimage.sum_labels(np.ones_like(comps), comps, index=np.arange(1, n + 1))
+    return roi_from_mask(comps == 1 + int(np.argmax(sizes)))
+
+
+@torch.no_grad()
+def segment_with_uncertainty(net: torch.nn.Module, spec: SegModelSpec, image: np.ndarray) -> tuple[np.ndarray, float]:
+    """Label map plus a test-time-augmentation uncertainty: mean per-voxel variance of the class
+    probabilities over 4 in-plane flips, inside the predicted gland/tumour (0 = all flips agree)."""
+    inferer = SlidingWindowInferer(roi_size=spec.patch, sw_batch_size=2, overlap=0.25, mode="gaussian")
+    x = torch.from_numpy(image)[None]
+    probs = []
+    for dims in ((), (2,), (3,), (2, 3)):
+        xi = torch.flip(x, dims) if dims else x
+        p = torch.softmax(inferer(xi, net), 1)
+        probs.append(torch.flip(p, dims) if dims else p)
+    stack = torch.stack(probs)[:, 0]  # (T, C, I, J, K)
+    mean = stack.mean(0)
+    label = clean_label(mean.argmax(0).numpy().astype(np.uint8))
+    fg = label > 0
+    var = stack.var(0).sum(0).numpy()
+    return label, float(var[fg].mean()) if fg.any() else 0.0
+
+
+# ---------------------------------------------------------------- box-prompted contouring
+def box_region(roi: Sequence[int], shape: Sequence[int], margin: float = 0.5, min_margin: int = 4) -> tuple[slice, ...]:
+    """The crop around a box: the box grown by `margin` of its size (at least `min_margin` voxels
+    in-plane, 1 slice through-plane), clipped to the image."""
+    sl = check_roi(roi, shape)
+    out = []
+    for axis, (s, n) in enumerate(zip(sl, shape)):
+        size = s.stop - s.start
+        m = max(int(round(size * margin)), min_margin if axis < 2 else 1)
+        out.append(slice(max(0, s.start - m), min(n, s.stop + m)))
+    return tuple(out)
+
+
+def box_input(image: np.ndarray, roi: Sequence[int], spec: SegModelSpec) -> tuple[torch.Tensor, tuple[slice, ...]]:
+    """Crop (C, I, J, K) to the box region, add the box as a mask channel, resize to spec.patch."""
+    shape = image.shape[1:]
+    region = box_region(roi, shape)
+    box = check_roi(roi, shape)
+    mask = np.zeros(shape, np.float32)
+    mask[box] = 1.0
+    crop = np.concatenate([image[(slice(None),) + region], mask[region][None]], 0)
+    t = torch.from_numpy(np.ascontiguousarray(crop))[None]
+    return F.interpolate(t, size=spec.patch, mode="trilinear", align_corners=False), region
+
+
+@torch.no_grad()
+def contour_in_box(net: torch.nn.Module, spec: SegModelSpec, image: np.ndarray, roi: Sequence[int]) -> np.ndarray:
+    """Tumour label map (I, J, K) uint8 (value TUMOR) from the box-prompted model."""
+    x, region = box_input(image, roi, spec)
+    logits = net(x)
+    size = tuple(s.stop - s.start for s in region)
+    prob = torch.softmax(F.interpolate(logits, size=size, mode="trilinear", align_corners=False), 1)[0, 1]
+    label = np.zeros(image.shape[1:], np.uint8)
+    label[region] = (prob.numpy() > 0.5).astype(np.uint8) * TUMOR
+    return label
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    # numpy on two boolean masks; monai.metrics.compute_dice wants one-hot batched tensors and
+    # returns NaN for two empty masks, where a score of 1 is the answer here
+    a, b = a.astype(bool), b.astype(bool)
+    denom = a.sum() + b.sum()
+    return 1.0 if denom == 0 else float(2.0 * np.logical_and(a, b).sum() / denom)
