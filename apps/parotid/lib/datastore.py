@@ -1,0 +1,124 @@
+"""LocalDatastore over study files: validates uploads and labels so that nothing unusable gets in."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from typing import Any, Dict
+
+import numpy as np
+import SimpleITK as sitk
+from fastapi import HTTPException
+from monailabel.config import settings
+from filelock import FileLock
+from monailabel.datastore.local import DataModel, LocalDatastore
+from monailabel.interfaces.datastore import DefaultLabelTag
+
+from lib.errors import http_errors
+from parotid.labels import INFO_ROI, INFO_TUMOR_CLASS, SEGMENTATION_LABELS, get_label_set
+from parotid.study import StudyError, check_roi, read_study, read_volume, same_grid
+
+logger = logging.getLogger(__name__)
+TUMOR_CLASSES = get_label_set("subtype4")
+
+
+class StudyDatastore(LocalDatastore):
+    """Each image is one multi-sequence study file; its sequences are recorded in the image info."""
+
+    def __init__(self, studies: str, **kwargs):
+        kwargs.setdefault("auto_reload", settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD)  # sees the scoring subprocess' writes
+        kwargs.setdefault("read_only", settings.MONAI_LABEL_DATASTORE_READ_ONLY)
+        super().__init__(studies, extensions=("*.nii.gz", "*.nii"), **kwargs)
+
+    def add_image(self, image_id: str, image_filename: str, image_info: Dict[str, Any]) -> str:
+        with http_errors():
+            study = read_study(image_filename, name=image_id or "upload")
+        if not image_id or os.path.basename(image_id) != image_id or image_id.startswith("."):
+            raise HTTPException(422, f"invalid study id {image_id!r}")
+        info = dict(image_info or {})
+        info["sequences"] = list(study.sequences)
+        return super().add_image(image_id, image_filename, info)
+
+    def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: Dict[str, Any]) -> str:
+        image_uri = self.get_image_uri(image_id)
+        if not image_uri:
+            raise HTTPException(404, f"unknown study '{image_id}'")
+        info = dict(label_info or {})
+        with http_errors():
+            study = read_study(image_uri, image_id)
+            label = read_volume(label_filename, "label")
+            if label.GetDimension() != 3 or label.GetNumberOfComponentsPerPixel() != 1:
+                raise StudyError(f"label: expected a 3D scalar label map, got {label.GetDimension()}D")
+            if not same_grid(label, study.reference, tol=1e-3):
+                raise StudyError(
+                    f"label geometry {list(label.GetSize())} does not match the study's reference grid "
+                    f"{list(study.shape)}; resample it onto the study first"
+                )
+            values = np.unique(sitk.GetArrayViewFromImage(label))
+            allowed = set(SEGMENTATION_LABELS.values())
+            if not set(values.tolist()) <= allowed:
+                raise StudyError(f"label contains values {sorted(set(values.tolist()) - allowed)}; allowed {sorted(allowed)}")
+            if INFO_TUMOR_CLASS in info and info[INFO_TUMOR_CLASS] is not None:
+                if not TUMOR_CLASSES.accepts(str(info[INFO_TUMOR_CLASS])):
+                    raise StudyError(f"tumor_class must be one of {list(TUMOR_CLASSES.classes)}")
+            if info.get(INFO_ROI) is not None:
+                check_roi(info[INFO_ROI], study.shape)
+        return self._save_label_atomically(image_id, label_filename, label_tag or DefaultLabelTag.FINAL, info)
+
+    # ------------------------------------------------------------------ durability
+    # LocalDatastore copies a label straight onto its destination and rewrites datastore_v2.json in
+    # place: a crash (kill -9) in either window leaves a truncated label or an unreadable index, and
+    # an unreadable index loses every label's info. Both writes are made atomic here (temp file in
+    # the same folder, fsync, rename), so an acknowledged label survives a crash at any moment.
+
+    def _save_label_atomically(self, image_id: str, label_filename: str, label_tag: str, label_info: Dict[str, Any]) -> str:
+        obj = self._datastore.objects.get(image_id)
+        if not obj:
+            raise HTTPException(404, f"unknown study '{image_id}'")
+        _, label_ext = self._to_id(os.path.basename(label_filename))
+        label_path = self._datastore.label_path(label_tag)
+        name = self._filename(image_id, label_ext)
+        with FileLock(self._lock_file):
+            os.makedirs(label_path, exist_ok=True)
+            with open(label_filename, "rb") as src:
+                _atomic_write(os.path.join(label_path, name), src.read())
+            info = {**label_info, "ts": int(time.time()), "name": name}
+            obj.labels[label_tag] = DataModel(info=info, ext=label_ext)
+            self._update_datastore_file(lock=False)
+        return image_id
+
+    def _update_datastore_file(self, lock=True):
+        def write():
+            self._ignore_event_config = True
+            data = json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str)
+            _atomic_write(self._datastore_config_path, data.encode())
+            self._config_ts = os.stat(self._datastore_config_path).st_mtime
+
+        if lock:
+            with FileLock(self._lock_file):
+                write()
+        else:
+            write()
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the rename itself survives a power loss
+    finally:
+        os.close(dir_fd)

@@ -1,0 +1,145 @@
+"""Tumour classification infer task (MONAI Label type ``classification``) with a Grad-CAM heatmap.
+
+Request: ``{"model": "classify_subtype", "image": <study id>, "params": {"roi": [i0, i1, j0, j1, k0, k1]}}``
+(half-open voxel box on the study's reference grid). Without ``roi`` the box of the segmentation
+model's tumour is used (422 if there is none).
+
+Response ``params`` (JSON): ``prediction`` [{idx, label, score}] (calibrated, sums to 1),
+``predicted_class``, ``malignancy_probability``, ``undetermined`` (MC dropout), ``uncertainty``,
+``model``, ``version``, ``roi``, ``roi_source``, ``label_set``. Response image: Grad-CAM volume
+(float32 0..1, NIfTI, the study's reference grid), normalised jointly over all slices.
+
+MONAI Label's BasicInferTask returns JSON only for classification tasks and runs the inferer under
+``torch.no_grad``: this task overrides both (``run_inferer`` / ``writer`` of StudyInferTask) while
+``/info`` keeps ``type = "classification"``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Any, Dict
+
+import torch
+from fastapi import HTTPException
+from monailabel.interfaces.tasks.infer_v2 import InferType
+
+from lib.errors import http_errors
+from lib.infers.study_task import StudyInferTask
+from parotid.classification.predict import classify
+from parotid.classification.train import DEFAULT_REQUIRED, load_checkpoint
+from parotid.labels import INFO_ROI, classification_label_sets, get_label_set
+from parotid.study import Study, StudyError
+
+logger = logging.getLogger(__name__)
+_SEG_CACHE: Dict[str, Any] = {}
+_SEG_LOCK = threading.Lock()
+
+
+def tumour_roi_from_segmentation(study: Study, seg_path: str) -> list[int]:
+    """Box of the tumour found by the whole-study segmentation model (checkpoint `seg_path`)."""
+    if not os.path.exists(seg_path):
+        raise StudyError("no roi given and no segmentation model is available to find the tumour; "
+                         "pass params.roi = [i0, i1, j0, j1, k0, k1]")
+    from parotid.segmentation.inference import segment, study_input, tumour_roi
+    from parotid.segmentation.networks import SEGMENTATION, build_network
+
+    mtime = os.path.getmtime(seg_path)
+    with _SEG_LOCK:
+        cached = _SEG_CACHE.get(seg_path)
+        if not cached or cached[1] != mtime:
+            net = build_network(SEGMENTATION)
+            ck = torch.load(seg_path, map_location="cpu")
+            net.load_state_dict(ck.get("model", ck))
+            net.eval()
+            _SEG_CACHE[seg_path] = cached = (net, mtime)
+    label = segment(cached[0], SEGMENTATION, study_input(study, SEGMENTATION))
+    roi = tumour_roi(label)  # largest tumour component: the index tumour
+    if roi is None:
+        raise StudyError("no roi given and the segmentation model found no tumour in this study; "
+                         "pass params.roi = [i0, i1, j0, j1, k0, k1]")
+    return roi
+
+
+class ClassifyStudy(StudyInferTask):
+    def __init__(self, name: str, path: str, label_set: str, seg_path: str, description: str = ""):
+        ls = get_label_set(label_set)
+        self.name, self.label_set, self.seg_path = name, ls, seg_path
+        seqs = DEFAULT_REQUIRED
+        cfg = self._peek(path)
+        if cfg:
+            seqs = tuple(cfg.get("required", cfg["sequences"]))
+        super().__init__(
+            path, None, InferType.CLASSIFICATION, {c: i for i, c in enumerate(ls.classes)},
+            description or f"Tumour classification ({ls.name}: {', '.join(ls.classes)}) in a box; "
+                           "returns calibrated probabilities + Grad-CAM heatmap",
+            seqs, config={INFO_ROI: [], "label_set": ls.name},
+        )
+
+    _peek_cache: Dict[str, Any] = {}
+
+    @classmethod
+    def _peek(cls, path):
+        """The checkpoint's config (cached by mtime), or None."""
+        try:
+            if not os.path.exists(path):
+                return None
+            mtime = os.path.getmtime(path)
+            hit = cls._peek_cache.get(path)
+            if not hit or hit[0] != mtime:
+                hit = cls._peek_cache[path] = (mtime, load_checkpoint(path)[1])
+            return hit[1]
+        except Exception:  # a half-written or foreign file: the infer task reports it on use
+            return None
+
+    def info(self) -> Dict[str, Any]:
+        cfg = self._peek(self.path[0] if isinstance(self.path, list) else self.path) or {}
+        return {**super().info(), "label_set": self.label_set.to_dict(), "version": cfg.get("version"),
+                "trained": cfg.get("trained"), "temperature": cfg.get("temperature"),
+                "heatmap": "Grad-CAM (layer2) x RoI-Align read-out weight (params.heatmap='gradcam': plain), "
+                           "float32 0..1 on the reference grid, jointly normalised",
+                "uncertainty": cfg.get("uncertainty"), "sequences_used": cfg.get("sequences"),
+                "sequences_required": cfg.get("required")}
+
+    def __call__(self, request, callbacks=None):
+        request["save_label"] = False  # the result image is a heatmap, never a label
+        return super().__call__(request, callbacks)
+
+    def _get_network(self, device, data):
+        """Checkpoint (model, config), reloaded when the file's mtime changes (hot reload after /train)."""
+        path = self.get_path()
+        if not path or not os.path.exists(path):
+            raise HTTPException(409, f"model {self.name} is not trained yet (no checkpoint); run /train/{self.name}")
+        mtime = os.stat(path).st_mtime
+        cached = self._networks.get(device)
+        if cached and cached[1] == mtime:
+            return cached[0]
+        if cached:
+            logger.info(f"{self.name}: checkpoint changed, reloading")
+        net = load_checkpoint(path)
+        self._networks[device] = (net, mtime)
+        return net
+
+    def predict(self, network, study: Study, data: Dict[str, Any]):
+        model, cfg = network
+        cfg = {**cfg, "task": self.name}
+        req_set = data.get("label_set")
+        if req_set and req_set != cfg["label_set"]:
+            if req_set not in classification_label_sets():
+                raise StudyError(f"unknown label set '{req_set}'; known: {sorted(classification_label_sets())}")
+            raise StudyError(f"model {self.name} predicts label set '{cfg['label_set']}', not '{req_set}'")
+        roi = data.get(INFO_ROI)
+        source = "request"
+        if roi is None or roi == [] or roi == "":
+            roi, source = tumour_roi_from_segmentation(study, self.seg_path), "segmentation"
+        elif isinstance(roi, str):
+            try:
+                roi = [int(float(v)) for v in roi.replace("[", "").replace("]", "").split(",")]
+            except ValueError:
+                raise StudyError(f"roi must be a list of 6 voxel indices, got {roi!r}") from None
+        with http_errors():
+            result, heat = classify(model, cfg, study, roi, heatmap=not data.get("no_heatmap", False),
+                                    heatmap_mode=str(data.get("heatmap", "roi")))
+        result["roi_source"] = source
+        return heat, result

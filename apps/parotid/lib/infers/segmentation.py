@@ -1,0 +1,50 @@
+"""Gland + tumour segmentation of a whole study, and box-prompted tumour contouring."""
+
+from __future__ import annotations
+
+from typing import Any, Dict
+
+import numpy as np
+from monailabel.interfaces.tasks.infer_v2 import InferType
+
+from lib.infers.study_task import StudyInferTask
+from parotid.labels import INFO_ROI
+from parotid.segmentation.inference import contour_in_box, segment, study_input, tumour_roi
+from parotid.segmentation.networks import SegModelSpec
+from parotid.study import Study, StudyError
+
+
+def _summary(label: np.ndarray, study: Study) -> Dict[str, Any]:
+    spacing = study.image.GetSpacing()
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    return {
+        "volumes_ml": {name: round(float((label == v).sum()) * voxel_ml, 2) for name, v in (("parotid_gland", 1), ("tumor", 2))},
+        "tumor_roi": tumour_roi(label),  # the largest tumour (index tumour): a box for classify/contour_box
+    }
+
+
+class SegmentStudy(StudyInferTask):
+    def __init__(self, spec: SegModelSpec, path: str, network, version: str = ""):
+        super().__init__(path, network, InferType.SEGMENTATION, spec.labels,
+                         "Parotid gland + tumour segmentation on multi-sequence MRI (whole study)", spec.sequences,
+                         required=spec.required)
+        self.spec, self.version = spec, version
+
+    def predict(self, network, study: Study, data: Dict[str, Any]):
+        label = segment(network, self.spec, study_input(study, self.spec))
+        return label, {"model": self.spec.name, **_summary(label, study)}
+
+
+class ContourInBox(StudyInferTask):
+    def __init__(self, spec: SegModelSpec, path: str, network, version: str = ""):
+        super().__init__(path, network, InferType.SEGMENTATION, spec.labels,
+                         "Box-prompted tumour contouring: params.roi = [i0, i1, j0, j1, k0, k1] (half-open, reference grid)",
+                         spec.sequences, config={INFO_ROI: []}, required=spec.required)
+        self.spec, self.version = spec, version
+
+    def predict(self, network, study: Study, data: Dict[str, Any]):
+        roi = data.get(INFO_ROI)
+        if roi is None or roi == []:
+            raise StudyError("this model needs a box: params.roi = [i0, i1, j0, j1, k0, k1]")
+        label = contour_in_box(network, self.spec, study_input(study, self.spec), roi)
+        return label, {"model": self.spec.name, INFO_ROI: [int(v) for v in roi], **_summary(label, study)}

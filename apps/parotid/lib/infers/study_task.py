@@ -1,0 +1,82 @@
+"""Base for inference over a multi-sequence study (BasicInferTask with study loading and NIfTI output).
+
+MONAI Label's stock pipeline (LoadImaged, orientation, inverse transforms, Writer) assumes one
+image = one volume. A study is a vector image on its reference grid, so this base reads it with
+`parotid.study.read_study`, hands the model a normalised (C, I, J, K) array and writes results
+with the reference grid's exact geometry. Checkpoint loading and hot reload stay BasicInferTask's.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from typing import Any, Callable, Dict, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+from monailabel.interfaces.tasks.infer_v2 import InferType
+from monailabel.tasks.infer.basic_infer import BasicInferTask
+
+from lib.errors import http_errors
+from parotid.study import Study, copy_geometry, read_study
+
+logger = logging.getLogger(__name__)
+
+
+class LoadStudyd:
+    """Pre-transform: read the study file named by data['image'] into data['study']."""
+
+    def __call__(self, data: Dict[str, Any]) -> Dict[str, Any]:
+        with http_errors():
+            data["study"] = read_study(data["image"], name=os.path.basename(str(data["image"])))
+        return data
+
+
+def write_volume(array: np.ndarray, study: Study, suffix: str = ".nii.gz") -> str:
+    """Write an (I, J, K) array with the study's reference geometry to a temp file (caller removes it)."""
+    img = copy_geometry(sitk.GetImageFromArray(np.ascontiguousarray(array.T)), study.reference)
+    path = tempfile.NamedTemporaryFile(suffix=suffix, delete=False).name
+    sitk.WriteImage(img, path, useCompression=True)
+    return path
+
+
+class StudyInferTask(BasicInferTask):
+    """Subclasses implement `predict(network, study, data) -> (array (I,J,K) | None, result_json)`."""
+
+    def __init__(self, path: str, network, type: str | InferType, labels, description: str,
+                 sequences: Sequence[str], config: Dict[str, Any] | None = None,
+                 required: Sequence[str] | None = None, **kwargs):
+        super().__init__(path=path, network=network, type=type, labels=labels, dimension=3,
+                         description=description, config=config, **kwargs)
+        self.sequences = tuple(sequences)
+        self.required = tuple(required if required is not None else sequences)
+
+    def info(self) -> Dict[str, Any]:
+        # sequences: what the model uses; required_sequences: a study lacking one of these gets a 422
+        return {**super().info(), "sequences": list(self.sequences), "required_sequences": list(self.required)}
+
+    def pre_transforms(self, data=None) -> Sequence[Callable]:
+        return [LoadStudyd()]
+
+    def inferer(self, data=None):
+        return None
+
+    def post_transforms(self, data=None) -> Sequence[Callable]:
+        return []
+
+    def run_inferer(self, data: Dict[str, Any], convert_to_batch=True, device="cpu"):
+        network = self._get_network(device, data)
+        with http_errors():
+            array, result = self.predict(network, data["study"], data)
+        data["result_array"] = array
+        data["result_json"] = result
+        return data
+
+    def predict(self, network, study: Study, data: Dict[str, Any]):
+        raise NotImplementedError
+
+    def writer(self, data: Dict[str, Any], extension=None, dtype=None):
+        array = data.get("result_array")
+        path = write_volume(array, data["study"]) if array is not None else None
+        return path, dict(data.get("result_json") or {})

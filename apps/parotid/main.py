@@ -1,0 +1,142 @@
+"""MONAI Label app: parotid gland + tumour contouring and tumour classification on multi-sequence MRI.
+
+    monailabel start_server --app apps/parotid --studies sample-data/studies --conf models all
+
+`--conf models` takes a comma-separated list of config names (see `lib/configs`), or `all`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+import os
+import pkgutil
+from typing import Any, Dict
+
+from fastapi import HTTPException
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.config import TaskConfig
+from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.scoring import ScoringMethod
+from monailabel.interfaces.tasks.strategy import Strategy
+from monailabel.interfaces.tasks.train import TrainTask
+
+import lib.configs
+from lib.datastore import StudyDatastore
+from lib.errors import http_errors
+from parotid.pacs.auth import fix_monailabel_jwt
+
+fix_monailabel_jwt()  # MONAI Label 0.8.5 + PyJWT 2.x: tokens are decoded without `algorithms` (see docs/pacs.md)
+
+logger = logging.getLogger(__name__)
+
+
+def discover_configs() -> Dict[str, type]:
+    """Every TaskConfig subclass defined in lib/configs, by its `model_name` (or lower-case class name)."""
+    found: Dict[str, type] = {}
+    for mod in pkgutil.iter_modules(lib.configs.__path__):
+        m = importlib.import_module(f"lib.configs.{mod.name}")
+        for name, obj in inspect.getmembers(m, inspect.isclass):
+            if issubclass(obj, TaskConfig) and obj.__module__ == m.__name__ and not name.startswith("_"):
+                found[getattr(obj, "model_name", "") or name.lower()] = obj
+    return found
+
+
+class ParotidApp(MONAILabelApp):
+    def __init__(self, app_dir: str, studies: str, conf: Dict[str, str]):
+        self.model_dir = os.path.join(app_dir, "model")
+        configs = discover_configs()
+        wanted = conf.get("models", "all")
+        names = sorted(configs) if wanted == "all" else [n.strip().lower() for n in wanted.split(",") if n.strip()]
+        unknown = [n for n in names if n not in configs]
+        if unknown:
+            raise ValueError(f"unknown model config(s) {unknown}; available: {sorted(configs)} or 'all'")
+        self.planner = None
+        self.models: Dict[str, TaskConfig] = {}
+        for n in names:
+            c = configs[n]()
+            c.init(n, self.model_dir, conf, self.planner)
+            self.models[n] = c
+        logger.info(f"+++ using models: {list(self.models)}")
+        super().__init__(
+            app_dir=app_dir, studies=studies, conf=conf, name="Parotid MRI",
+            description="Parotid gland and tumour contouring and tumour classification on multi-sequence MRI",
+            version="0.1.0",
+        )
+
+    def init_datastore(self) -> Datastore:
+        if self.studies.startswith(("http://", "https://")):
+            from parotid.pacs.datastore import make_dicomweb_datastore
+
+            return make_dicomweb_datastore(self.studies.rstrip("/"), self.conf)
+        return StudyDatastore(self.studies)
+
+    def init_infers(self) -> Dict[str, InferTask]:
+        infers: Dict[str, InferTask] = {}
+        for c in self.models.values():
+            i = c.infer()
+            infers.update(i if isinstance(i, dict) else {c.name: i})
+        return infers
+
+    def init_trainers(self) -> Dict[str, TrainTask]:
+        trainers: Dict[str, TrainTask] = {}
+        for c in self.models.values():
+            t = c.trainer()
+            if t is None:
+                continue
+            trainers.update(t if isinstance(t, dict) else {c.name: t})
+        return trainers
+
+    def init_strategies(self) -> Dict[str, Strategy]:
+        strategies: Dict[str, Strategy] = {}
+        for c in self.models.values():
+            s = c.strategy()
+            if s:
+                strategies.update(s if isinstance(s, dict) else {f"{c.name}_{type(s).__name__.lower()}": s})
+        from lib.activelearning import default_strategies
+
+        strategies.update(default_strategies())
+        return strategies
+
+    def init_scoring_methods(self) -> Dict[str, ScoringMethod]:
+        methods: Dict[str, ScoringMethod] = {}
+        for c in self.models.values():
+            s = c.scoring_method()
+            if s:
+                methods.update(s if isinstance(s, dict) else {f"{c.name}_{type(s).__name__.lower()}": s})
+        if "segmentation" in self.models:
+            from lib.activelearning.uncertainty import StudyUncertaintyScoring
+
+            methods["study_uncertainty"] = StudyUncertaintyScoring(
+                os.path.join(self.model_dir, "segmentation.pt"), os.path.join(self.model_dir, "classify_subtype.pt"))
+        return methods
+
+    def infer(self, request: Dict[str, Any], datastore=None):
+        """Check the model and study first so that bad requests get 4xx JSON, not a 500."""
+        model = request.get("model")
+        if model not in self._infers:
+            raise HTTPException(404, f"unknown model '{model}'; available: {sorted(self._infers)}")
+        image = request.get("image")
+        if isinstance(image, str) and not os.path.exists(image):
+            ds = datastore or self.datastore()
+            if not image or not ds.get_image_uri(image):
+                raise HTTPException(404, f"unknown study '{image}'")
+        with http_errors():
+            result = super().infer(request, datastore)
+        self._write_back_classification(model, image, result)
+        return result
+
+    def _write_back_classification(self, model: str, image: Any, result: Dict[str, Any]) -> None:
+        """PACS datastores get each classification of a study as a DICOM SR (highdicom)."""
+        ds = self.datastore()
+        task = self._infers[model]
+        if not (hasattr(ds, "write_classification") and task.type == "classification" and isinstance(image, str)
+                and not os.path.exists(image) and result and result.get("params")):
+            return
+        try:
+            result["params"]["pacs_sr_series_uid"] = ds.write_classification(image, result["params"])
+        except Exception as e:  # the answer still reaches the radiologist; the write-back failure is reported
+            logger.warning(f"classification SR write-back failed: {e}")
+            result["params"]["pacs_writeback_error"] = str(e)
