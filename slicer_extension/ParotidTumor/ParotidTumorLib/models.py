@@ -1,0 +1,61 @@
+"""What the server offers, from ``GET /info/``: models, their type, required sequences, label sets."""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass, field
+
+from .sequences import DESCRIPTIONS
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    type: str = ""
+    sequences: tuple = ()
+    description: str = ""
+    label_set: str = ""
+    classes: tuple = ()
+    version: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def needs_box(self) -> bool:
+        """True when the model takes a ``roi`` param (box contour); classification uses it optionally."""
+        return "roi" in (self.extra.get("config") or {}) and self.type != "classification"
+
+
+def models_from_info(info: dict) -> dict:
+    """``{name: ModelInfo}`` from an /info/ answer (missing fields tolerated)."""
+    out = {}
+    for name, m in (info.get("models") or {}).items():
+        m = m or {}
+        ls = m.get("label_set") or {}
+        if isinstance(ls, str):
+            ls = {"name": ls}
+        out[name] = ModelInfo(
+            name=name,
+            type=str(m.get("type", "")),
+            sequences=tuple(m.get("sequences") or ()),
+            description=str(m.get("description", "")),
+            label_set=str(ls.get("name", "")),
+            classes=tuple(ls.get("classes") or ()),
+            version="" if m.get("version") is None else str(m.get("version")),
+            extra=m,
+        )
+    return out
+
+
+def models_summary_html(info: dict) -> str:
+    """A short HTML list for the Connect panel: each model, its type and required sequences."""
+    models = models_from_info(info)
+    title = html.escape(f"{info.get('name', 'MONAI Label')} {info.get('version', '')}".strip())
+    if not models:
+        return f"<b>{title}</b>: the server offers no models."
+    rows = []
+    for m in models.values():
+        seqs = ", ".join(f"<span title='{html.escape(DESCRIPTIONS.get(s, s))}'>{html.escape(s)}</span>" for s in m.sequences) or "?"
+        extra = f" &ndash; classes: {html.escape(', '.join(m.classes))}" if m.classes else ""
+        ver = f" v{html.escape(m.version)}" if m.version else ""
+        rows.append(f"<li><b>{html.escape(m.name)}</b>{ver} ({html.escape(m.type or 'model')}): needs {seqs}{extra}</li>")
+    return f"<b>{title}</b><ul style='margin:0'>{''.join(rows)}</ul>"

@@ -1,0 +1,123 @@
+"""Inference results as plain Python objects the Slicer widget (or a script) can show.
+
+* :class:`ResultVolume`: a result NIfTI (label map or Grad-CAM heatmap) as a Slicer-ready
+  ``[k, j, i]`` array plus its IJK->RAS matrix.
+* :class:`ClassificationResult`: the JSON ``params`` of a classification task
+  (``prediction: [{idx, label, score}]``, ``predicted_class``, ``malignancy_probability``,
+  ``undetermined``, ``model``, ``version``, ``roi``, ``label_set``) and its heatmap, if any.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .geometry import array_from_image, same_grid
+from .responses import InferResponse, ResponseFormatError
+
+
+@dataclass
+class ResultVolume:
+    array: np.ndarray  # [k, j, i] like slicer.util.arrayFromVolume
+    ijk_to_ras: np.ndarray  # 4x4
+    name: str = "result"
+
+    @property
+    def shape_ijk(self):
+        return tuple(int(n) for n in self.array.shape[:3][::-1])
+
+    def matches(self, shape_ijk, ijk_to_ras, tol: float = 1e-3) -> bool:
+        """Same grid as a reference volume (IJK shape + IJK->RAS)?"""
+        return same_grid(self.shape_ijk, self.ijk_to_ras, tuple(shape_ijk), ijk_to_ras, tol)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, name: str = "result.nii.gz") -> "ResultVolume":
+        import SimpleITK as sitk
+
+        suffix = ".nii.gz" if name.endswith(".gz") or data[:2] == b"\x1f\x8b" else os.path.splitext(name)[1] or ".nii"
+        fd, path = tempfile.mkstemp(suffix=suffix)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            try:
+                img = sitk.ReadImage(path)
+            except RuntimeError as e:
+                raise ResponseFormatError(f"the server's result image cannot be read ({str(e).strip().splitlines()[-1][:150]})") from None
+        finally:
+            os.remove(path)
+        if img.GetDimension() == 4 and img.GetSize()[3] == 1:
+            img = img[:, :, :, 0]
+        arr, m = array_from_image(img)
+        base = os.path.basename(name)
+        for ext in (".nii.gz", ".nii", ".nrrd", ".mha"):
+            if base.endswith(ext):
+                base = base[: -len(ext)]
+        return cls(array=arr, ijk_to_ras=m, name=base)
+
+
+@dataclass
+class ClassificationResult:
+    predicted_class: str
+    prediction: list  # [{"idx", "label", "score"}], sorted by score, best first
+    malignancy_probability: float | None = None
+    undetermined: bool = False
+    model: str = ""
+    version: str = ""
+    roi: list | None = None
+    label_set: str = ""
+    heatmap: ResultVolume | None = None
+    raw: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_params(cls, params: dict, heatmap: ResultVolume | None = None) -> "ClassificationResult":
+        if not isinstance(params, dict) or "prediction" not in params:
+            raise ResponseFormatError(
+                f"the server's answer is not a classification result (keys: {sorted(params) if isinstance(params, dict) else type(params).__name__})")
+        preds = []
+        for i, p in enumerate(params.get("prediction") or []):
+            preds.append({"idx": int(p.get("idx", i)), "label": str(p.get("label", p.get("idx", i))),
+                          "score": float(p.get("score", 0.0))})
+        preds.sort(key=lambda p: -p["score"])
+        mp = params.get("malignancy_probability")
+        ls = params.get("label_set", "")
+        if isinstance(ls, dict):
+            ls = ls.get("name", "")
+        return cls(
+            predicted_class=str(params.get("predicted_class") or (preds[0]["label"] if preds else "")),
+            prediction=preds,
+            malignancy_probability=None if mp is None else float(mp),
+            undetermined=bool(params.get("undetermined", False)),
+            model=str(params.get("model", "")),
+            version=str(params.get("version", "")),
+            roi=[int(v) for v in params["roi"]] if params.get("roi") is not None else None,
+            label_set=str(ls),
+            heatmap=heatmap,
+            raw=params,
+        )
+
+    @classmethod
+    def from_response(cls, resp: InferResponse) -> "ClassificationResult":
+        heat = ResultVolume.from_bytes(resp.image, resp.image_name or "heatmap.nii.gz") if resp.has_image else None
+        if heat is not None:
+            heat.name = "GradCAM"
+        return cls.from_params(resp.params, heat)
+
+    def table_rows(self) -> list:
+        """Rows for the results table: (class, probability %, marker)."""
+        return [(p["label"], f"{100 * p['score']:.1f} %", "predicted" if p["label"] == self.predicted_class else "")
+                for p in self.prediction]
+
+    def summary(self) -> str:
+        s = f"{self.predicted_class.replace('_', ' ')}"
+        if self.prediction:
+            s += f" ({100 * self.prediction[0]['score']:.0f} %)"
+        if self.malignancy_probability is not None:
+            s += f"; malignancy probability {100 * self.malignancy_probability:.0f} %"
+        if self.undetermined:
+            s += " -- UNDETERMINED: low confidence, do not rely on this class"
+        if self.model:
+            s += f"  [{self.model}{' ' + self.version if self.version else ''}]"
+        return s
