@@ -1,0 +1,117 @@
+"""Shared fixtures: a real MONAI Label server on loopback over a copy of a study folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = ROOT / "apps" / "parotid"
+SAMPLE = ROOT / "sample-data" / "studies"
+BIN = Path(sys.executable).parent  # the venv's bin: `monailabel` runs `python -m monailabel.main`
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`monailabel start_server` as a subprocess; `url` is its loopback base URL. It is ready when
+    `ready_path` answers 200."""
+
+    ready_path = "/info/"
+
+    def __init__(self, studies: str | Path, log: Path, models: str = "all", env: dict | None = None,
+                 app: str | Path = APP):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log
+        self.studies = str(studies)
+        self.models = models
+        self.app = str(app)
+        self.env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **(env or {})}
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 180) -> "Server":
+        cmd = [str(BIN / "monailabel"), "start_server", "--app", self.app, "--studies", self.studies,
+               "--conf", "models", self.models, "--host", "127.0.0.1", "--port", str(self.port)]
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
+                                     start_new_session=True)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited early; log: {self.log_path}\n{self.log_tail()}")
+            try:
+                if requests.get(self.url + self.ready_path, timeout=5).ok:
+                    return self
+            except requests.ConnectionError:
+                pass
+            time.sleep(1)
+        self.stop()
+        raise RuntimeError(f"server did not start in {timeout}s\n{self.log_tail()}")
+
+    def alive(self) -> bool:
+        return requests.get(self.url + "/info/", timeout=30).ok
+
+    def log_tail(self, n: int = 4000) -> str:
+        return self.log_path.read_text(errors="replace")[-n:] if self.log_path.exists() else ""
+
+    def stop(self, sig: int = 15) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, 9)
+                self.proc.wait(30)
+        if getattr(self, "_log", None):
+            self._log.close()
+
+
+def copy_studies(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".lock", "raw", "dicom"))
+    return dst
+
+
+@pytest.fixture(scope="session")
+def studies_copy(tmp_path_factory) -> Path:
+    """A private copy of the shipped sample studies (the server writes labels and its index)."""
+    assert (SAMPLE / "datastore_v2.json").exists(), "sample-data/studies is missing; see sample-data/README.md"
+    return copy_studies(SAMPLE, tmp_path_factory.mktemp("studies") / "studies")
+
+
+def copy_app(dst: Path) -> Path:
+    """A private copy of the app (training replaces checkpoints in <app>/model; logs go to <app>/logs)."""
+    shutil.copytree(APP, dst, ignore=shutil.ignore_patterns("logs", "__pycache__", "*.tmp"))
+    return dst
+
+
+@pytest.fixture(scope="session")
+def app_copy(tmp_path_factory) -> Path:
+    return copy_app(tmp_path_factory.mktemp("app") / "parotid")
+
+
+@pytest.fixture(scope="session")
+def server(studies_copy, app_copy, tmp_path_factory):
+    srv = Server(studies_copy, tmp_path_factory.mktemp("logs") / "server.log", app=app_copy).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def sample_ids(server) -> list[str]:
+    """The shipped sample studies (all labelled), whatever other tests uploaded to the server since."""
+    with open(SAMPLE / "datastore_v2.json") as f:
+        return sorted(json.load(f)["objects"])

@@ -1,0 +1,149 @@
+"""Classification models, crops, training pieces and single-study inference (no server)."""
+
+import numpy as np
+import pytest
+import torch
+
+from parotid.classification.crops import box_in_crop, crop_window, extract_crop, paste_heatmap
+from parotid.classification.models import ImageNet, SequenceModel, SliceResNet, fit_temperature
+from parotid.classification.toy import toy_study, write_toy_cohort
+from parotid.labels import get_label_set
+from parotid.study import StudyError
+
+torch.set_num_threads(1)
+
+
+def test_crop_box_position_and_normalisation():
+    arr = np.random.default_rng(0).normal(500, 50, (2, 60, 50, 20)).astype(np.float32)
+    roi = [20, 40, 10, 30, 5, 9]
+    c = extract_crop(arr, roi, size=32, n_slices=6)
+    assert c.slices.shape == (6, 2, 32, 32)
+    assert list(c.ks) == [5, 6, 6, 7, 8, 8] or (c.ks.min() == 5 and c.ks.max() == 8)
+    w = crop_window(roi)
+    assert w == (15, 45, 5, 35)
+    assert np.allclose(c.box, [5 * 32 / 30, 5 * 32 / 30, 25 * 32 / 30, 25 * 32 / 30])
+    # percentile scaling: values mostly within [0, 1]
+    assert 0.3 < np.median(c.slices) < 0.7
+
+
+def test_crop_window_outside_image_is_zero_padded_and_heatmap_pastes_back():
+    arr = np.ones((1, 20, 20, 6), np.float32)
+    roi = [0, 8, 12, 20, 0, 3]
+    c = extract_crop(arr, roi, size=16, n_slices=4)
+    assert c.window[0] < 0 and c.window[3] > 20
+    maps = np.ones((4, 16, 16), np.float32)
+    vol = paste_heatmap(maps, c, (20, 20, 6), roi)
+    assert vol.shape == (20, 20, 6)
+    assert vol[:, :, 3:].sum() == 0  # only the box's k-range
+    assert vol[0:8, 12:20, 0:3].min() > 0.9
+
+
+def test_models_forward_shapes_and_fusions():
+    x = torch.randn(2, 4, 3, 32, 32)
+    box = torch.tensor([[8.0, 8.0, 24.0, 24.0]] * 2)
+    for groups, fusion in (([[0, 1, 2]], "spl"), ([[0], [1], [2]], "add"), ([[0], [1, 2]], "spl")):
+        m = SequenceModel(groups, 4, 4, fusion)
+        assert m(x, box).shape == (2, 4)
+    m = SequenceModel([[0], [1], [2]], 2, 4, "spl", n_clinical=3)
+    assert m.d_model == 3 * 128
+    assert m(x, box, torch.zeros(2, 3)).shape == (2, 2)
+    with pytest.raises(ValueError):
+        m(x, box)
+    assert SliceResNet(4, 3)(torch.randn(5, 4, 32, 32)).shape == (5, 4)  # + tumour-free class
+    net = ImageNet(3, 2, l2_alpha=80.0)
+    f = net.features(torch.randn(3, 3, 32, 32), box[:1].repeat(3, 1))
+    assert torch.allclose(f.norm(dim=1), torch.full((3,), 80.0), atol=1e-3)  # L2-constrained features
+
+
+def test_transformer_is_one_layer_four_heads():
+    m = SequenceModel([[0]], 2, 8, "spl")
+    assert len(m.encoder.layers) == 1 and m.encoder.layers[0].self_attn.num_heads == 4
+    # backbone: resnet18 conv1..layer2 only
+    names = [n for n, _ in m.branches[0].trunk.named_children()]
+    assert names == ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2"]
+
+
+def test_temperature_scaling_recovers_temperature():
+    rng = np.random.default_rng(0)
+    true_logits = torch.from_numpy(rng.normal(0, 2, (3000, 3)))
+    y = torch.distributions.Categorical(logits=true_logits).sample()
+    T = fit_temperature(true_logits * 3.0, y)  # overconfident by x3
+    assert T == pytest.approx(3.0, rel=0.15)
+
+
+def test_decision_rule_001():
+    from parotid.classification.train import decision_rule_001
+
+    ls = get_label_set("subtype4")  # 0 PA, 1 WT, 2 BCA, 3 malignant, 4 tumour-free
+    assert ls.classes[decision_rule_001(np.array([3, 3, 3, 0, 0, 0, 0]), ls)] == "malignant"
+    assert ls.classes[decision_rule_001(np.array([3, 3, 1, 1, 0, 4, 4]), ls)] == "warthin"
+    assert ls.classes[decision_rule_001(np.array([0, 0, 1, 4, 4, 4, 4]), ls)] == "pleomorphic_adenoma"
+    bm = get_label_set("benign_malignant")
+    assert bm.classes[decision_rule_001(np.array([1, 1, 0, 0]), bm)] == "benign"
+    assert bm.classes[decision_rule_001(np.array([1, 1, 1, 0]), bm)] == "malignant"
+
+
+@pytest.fixture(scope="module")
+def toy_model(tmp_path_factory):
+    from parotid.classification.data import build_cropset
+    from parotid.classification.train import load_checkpoint, save_checkpoint, train_task_model
+
+    d = tmp_path_factory.mktemp("toy")
+    write_toy_cohort(str(d), 24)
+    cs = build_cropset(str(d), size=32, n_slices=4)
+    model, cfg = train_task_model(cs, "subtype4", ("T2", "CET1", "ADC"), "early", epochs1=2, epochs2=4,
+                                  required=("T2", "CET1"))
+    p = str(d / "m.pt")
+    save_checkpoint(p, model, cfg)
+    return load_checkpoint(p)
+
+
+def test_checkpoint_roundtrip_and_classify(toy_model):
+    from parotid.classification.predict import classify
+
+    model, cfg = toy_model
+    assert cfg["label_set"] == "subtype4" and cfg["temperature"] > 0
+    study, label, roi = toy_study("malignant", seed=99)
+    res, heat = classify(model, cfg, study, roi)
+    probs = [p["score"] for p in res["prediction"]]
+    assert sum(probs) == pytest.approx(1.0, abs=1e-6)
+    assert [p["idx"] for p in res["prediction"]] == [0, 1, 2, 3]
+    assert res["predicted_class"] in cfg["classes"]
+    assert res["malignancy_probability"] == pytest.approx(probs[3])
+    assert isinstance(res["undetermined"], bool)
+    assert heat.shape == study.shape and heat.dtype == np.float32
+    assert 0 <= heat.min() and heat.max() <= 1.0
+    # nothing outside the box's slices; joint (not per-slice) normalisation -> a single global max of 1
+    assert heat[:, :, : roi[4]].sum() == 0 and heat[:, :, roi[5]:].sum() == 0
+
+
+def test_classify_bad_inputs(toy_model):
+    from parotid.classification.predict import classify
+    from parotid.study import study_from_array
+
+    model, cfg = toy_model
+    study, _, roi = toy_study("warthin", seed=5)
+    for bad in ([0, 100, 0, 10, 0, 3], [10, 5, 0, 10, 0, 3], [5, 5, 0, 10, 0, 3], [1, 2, 3]):
+        with pytest.raises(StudyError):
+            classify(model, cfg, study, bad)
+    arr = study.array(["T2", "ADC"])  # CET1 (required) missing
+    with pytest.raises(StudyError, match="CET1"):
+        classify(model, cfg, study_from_array(arr, ["T2", "ADC"], study.reference), roi)
+    # optional ADC missing -> zero channel, still answers, and says so
+    arr = study.array(["T2", "CET1"])
+    res, _ = classify(model, cfg, study_from_array(arr, ["T2", "CET1"], study.reference), roi, heatmap=False)
+    assert res["missing_sequences"] == ["ADC"]
+    arr = study.array()
+    arr[0, 3, 3, 3] = np.nan
+    with pytest.raises(StudyError, match="NaN"):
+        classify(model, cfg, study_from_array(arr, study.sequences, study.reference), roi)
+
+
+def test_box_without_tumour_is_a_valid_answer(toy_model):
+    from parotid.classification.predict import classify
+
+    model, cfg = toy_model
+    study, _, _ = toy_study("warthin", seed=5)
+    res, heat = classify(model, cfg, study, [0, 8, 0, 8, 0, 3])
+    assert sum(p["score"] for p in res["prediction"]) == pytest.approx(1.0, abs=1e-6)
+    assert heat.shape == study.shape

@@ -1,0 +1,180 @@
+"""Classification tasks over the real MONAI Label server (fixtures from conftest.py)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+import requests
+import SimpleITK as sitk
+from requests_toolbelt.multipart import decoder
+
+from parotid.classification.crops import crop_window
+from parotid.study import read_study, study_from_array, write_study
+
+TASKS = ("classify_subtype", "classify_malignancy")
+
+
+def infer(server, model, image="", params=None, files=None, output="json"):
+    q = {"image": image} if image else {}
+    if output:
+        q["output"] = output
+    return requests.post(f"{server.url}/infer/{model}", params=q, data={"params": json.dumps(params or {})},
+                         files=files, timeout=300)
+
+
+def assert_4xx(r, status, fragment):
+    assert r.status_code == status, (r.status_code, r.text[:300])
+    assert fragment.lower() in r.json()["detail"].lower(), r.json()
+
+
+@pytest.fixture(scope="module")
+def labelled(server, sample_ids):
+    ds = requests.get(server.url + "/datastore/?output=all", timeout=30).json()["objects"]
+    out = {sid: ds[sid]["labels"]["final"]["info"] for sid in sample_ids if "final" in ds[sid]["labels"]}
+    assert out
+    return out
+
+
+def test_info_lists_classification_tasks(server):
+    info = requests.get(server.url + "/info/", timeout=30).json()
+    for name, ls in (("classify_subtype", "subtype4"), ("classify_malignancy", "benign_malignant")):
+        m = info["models"][name]
+        assert m["type"] == "classification"
+        assert m["label_set"]["name"] == ls
+        assert list(m["labels"]) == m["label_set"]["classes"]
+        assert "roi" in m["config"]
+        assert name in info["trainers"] and info["train_stats"][name]["trained"] is True
+    # label sets are data: the sinonasal task exists as a trainer; without a checkpoint it is not served
+    assert "classify_sinonasal" in info["trainers"]
+    st = info["train_stats"]["classify_sinonasal"]
+    assert st["label_set"] == "sinonasal3"
+    assert ("classify_sinonasal" in info["models"]) == st["trained"]
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_probabilities_and_result_fields(server, labelled, task):
+    sid, info = sorted(labelled.items())[0]
+    t = time.time()
+    r = infer(server, task, sid, {"roi": info["roi"]})
+    assert r.status_code == 200, r.text[:300]
+    res = r.json()
+    assert time.time() - t < 60
+    scores = [p["score"] for p in res["prediction"]]
+    assert sum(scores) == pytest.approx(1.0, abs=1e-5)
+    assert [p["idx"] for p in res["prediction"]] == list(range(len(scores)))
+    assert res["predicted_class"] == res["prediction"][int(np.argmax(scores))]["label"]
+    assert 0.0 <= res["malignancy_probability"] <= 1.0
+    assert isinstance(res["undetermined"], bool)
+    assert res["roi"] == info["roi"] and res["roi_source"] == "request"
+    assert res["model"] == task and res["version"] and res["label_set"]
+
+
+def _multipart(r):
+    assert r.status_code == 200, r.text[:300]
+    parts = decoder.MultipartDecoder(r.content, r.headers["content-type"]).parts
+    params, image = None, None
+    for p in parts:
+        cd = p.headers.get(b"Content-Disposition", b"").decode()
+        if 'name="params"' in cd:
+            params = json.loads(p.content)
+        elif 'name="image"' in cd:
+            image = p.content
+    return params, image
+
+
+def test_heatmap_geometry_and_mass_in_box(server, studies_copy, labelled, tmp_path):
+    fractions = []
+    for sid, info in sorted(labelled.items())[:3]:
+        params, image = _multipart(infer(server, "classify_malignancy", sid, {"roi": info["roi"]}, output="all"))
+        assert params["prediction"] and image
+        p = tmp_path / f"{sid}_heat.nii.gz"
+        p.write_bytes(image)
+        heat = sitk.ReadImage(str(p))
+        ref = read_study(str(studies_copy / f"{sid}.nii.gz")).reference
+        assert heat.GetSize() == ref.GetSize()
+        assert np.allclose(heat.GetSpacing(), ref.GetSpacing(), atol=1e-4)
+        assert np.allclose(heat.GetOrigin(), ref.GetOrigin(), atol=1e-4)
+        assert np.allclose(heat.GetDirection(), ref.GetDirection(), atol=1e-4)
+        assert heat.GetPixelID() == sitk.sitkFloat32
+        a = np.transpose(sitk.GetArrayFromImage(heat), (2, 1, 0))
+        assert a.min() >= 0 and a.max() == pytest.approx(1.0)
+        i0, i1, j0, j1, k0, k1 = info["roi"]
+        inside = a[i0:i1, j0:j1, k0:k1].sum() / a.sum()
+        # the heatmap is confined to the crop window (box + 25 % margin) over the box's slices ...
+        wi0, wi1, wj0, wj1 = crop_window(info["roi"])
+        support = np.zeros(a.shape, bool)
+        support[max(wi0, 0):wi1, max(wj0, 0):wj1, k0:k1] = True
+        assert a[~support].sum() == 0
+        # ... and puts more of its mass inside the box than a uniform map over that window would
+        uniform = (i1 - i0) * (j1 - j0) * (k1 - k0) / support.sum()
+        fractions.append((inside, uniform))
+    assert np.mean([f for f, _ in fractions]) > np.mean([u for _, u in fractions]), fractions
+
+
+def test_roi_from_segmentation_when_absent(server, labelled):
+    sid = sorted(labelled)[0]
+    r = infer(server, "classify_subtype", sid, {})
+    if r.status_code == 200:
+        res = r.json()
+        assert res["roi_source"] == "segmentation" and len(res["roi"]) == 6
+    else:
+        assert_4xx(r, 422, "no tumour")
+
+
+def test_box_without_tumour_is_answered(server, labelled):
+    sid = sorted(labelled)[0]
+    r = infer(server, "classify_subtype", sid, {"roi": [0, 10, 0, 10, 0, 3]})
+    assert r.status_code == 200, r.text[:300]
+    assert sum(p["score"] for p in r.json()["prediction"]) == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    "roi, msg",
+    [
+        ([0, 10, 0, 10], "6 voxel indices"),
+        ([5, 5, 0, 10, 0, 4], "empty"),
+        ([10, 5, 0, 10, 0, 4], "inverted"),
+        ([0, 10, 0, 10, 0, 500], "outside the image"),
+        ([-3, 10, 0, 10, 0, 4], "outside the image"),
+    ],
+)
+def test_bad_roi(server, labelled, roi, msg):
+    assert_4xx(infer(server, "classify_subtype", sorted(labelled)[0], {"roi": roi}), 422, msg)
+
+
+def test_unknown_label_set(server, labelled):
+    sid, info = sorted(labelled.items())[0]
+    assert_4xx(infer(server, "classify_subtype", sid, {"roi": info["roi"], "label_set": "nope"}), 422, "unknown label set")
+
+
+def test_missing_required_sequence(server, studies_copy, labelled, tmp_path):
+    sid, info = sorted(labelled.items())[0]
+    s = read_study(str(studies_copy / f"{sid}.nii.gz"))
+    keep = [q for q in s.sequences if q != "CET1"]
+    p = str(tmp_path / "no_ce.nii.gz")
+    write_study(study_from_array(s.array(keep), keep, s.reference), p)
+    r = infer(server, "classify_subtype", params={"roi": info["roi"]}, files={"file": ("no_ce.nii.gz", open(p, "rb").read())})
+    assert_4xx(r, 422, "lacks sequence")
+
+
+def test_train_task_reads_datastore_and_hot_reloads(server, labelled):
+    """/train/classify_malignancy runs in MONAI Label's training subprocess on the datastore's final
+    labels (tumor_class + roi); the infer task reloads the new checkpoint (mtime changed)."""
+    sid, info = sorted(labelled.items())[0]
+    before = infer(server, "classify_malignancy", sid, {"roi": info["roi"]}).json()["trained_at"]
+    time.sleep(1.1)
+    r = requests.post(f"{server.url}/train/classify_malignancy", params={"run_sync": "true"},
+                      json={"epochs1": 1, "epochs2": 2, "val_frac": 0.25}, timeout=600)
+    assert r.status_code == 200, r.text[:500]
+    stats = requests.get(server.url + "/info/", timeout=30).json()["train_stats"]["classify_malignancy"]
+    assert stats["trained"] and stats["source"] == "datastore" and stats["n_train"] + stats["n_val"] == len(labelled)
+    after = infer(server, "classify_malignancy", sid, {"roi": info["roi"]}).json()
+    assert after["trained_at"] == stats["date"] and after["trained_at"] != before
+    assert sum(p["score"] for p in after["prediction"]) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_server_alive(server):
+    assert server.alive()
