@@ -91,3 +91,61 @@ def test_kill_9_during_saves_loses_no_acknowledged_label(tmp_path):
             assert set(np.unique(sitk.GetArrayFromImage(back)).tolist()) <= {0, 2}
     finally:
         srv2.stop()
+
+
+def test_delete_is_immediate_and_unknown_ids_are_404(server, sample_ids, tmp_path):
+    """A deleted label or study disappears from /datastore in the same request (no waiting on the file
+    watcher), and deleting what does not exist is a 404 with a JSON message, not a 500."""
+    src = SAMPLE / f"{sample_ids[0]}.nii.gz"
+    sid = "delete-me-" + sample_ids[0]
+    with open(src, "rb") as f:
+        r = requests.put(f"{server.url}/datastore/image", params={"image": sid},
+                         files={"file": (f"{sid}.nii.gz", f)}, timeout=60)
+    assert r.status_code == 200, r.text
+    data = _label_bytes(read_study(str(src)), 1, tmp_path)
+    r = requests.put(f"{server.url}/datastore/label", params={"image": sid, "tag": "final"},
+                     files={"label": (f"{sid}.nii.gz", data)}, data={"params": "{}"}, timeout=60)
+    assert r.status_code == 200, r.text
+
+    def listed():
+        return requests.get(f"{server.url}/datastore/", params={"output": "all"}, timeout=30).json()["objects"]
+
+    assert "final" in listed()[sid]["labels"]
+    assert requests.delete(f"{server.url}/datastore/label", params={"id": sid, "tag": "final"}, timeout=30).status_code == 200
+    assert "final" not in listed()[sid]["labels"]
+    for params in ({"id": sid, "tag": "final"}, {"id": "no-such-study", "tag": "final"}):
+        r = requests.delete(f"{server.url}/datastore/label", params=params, timeout=30)
+        assert r.status_code == 404 and "detail" in r.json(), r.text
+    assert requests.delete(f"{server.url}/datastore/image", params={"id": sid}, timeout=30).status_code == 200
+    assert sid not in listed()
+    r = requests.delete(f"{server.url}/datastore/image", params={"id": sid}, timeout=30)
+    assert r.status_code == 404 and sid in r.json()["detail"], r.text
+
+
+def test_concurrent_index_writers_keep_each_others_changes(tmp_path):
+    """The server and MONAI Label's scoring subprocess both hold the datastore index in memory and both
+    write it. Two StudyDatastore instances on one folder stand for the two processes (the same file
+    code runs in each): a label saved by one and scores written by the other from its older copy must
+    both survive -- before the read-modify-write fix the scores' write dropped the label's tumor_class."""
+    import sys
+    sys.path.insert(0, str(SAMPLE.parents[1] / "apps" / "parotid"))
+    from lib.datastore import StudyDatastore
+
+    studies = copy_studies(SAMPLE, tmp_path / "studies")
+    server_side = StudyDatastore(str(studies), auto_reload=False)
+    scoring_side = StudyDatastore(str(studies), auto_reload=False)  # loaded before the label arrives
+    first, second = sorted(server_side.list_images())[:2]
+    study = read_study(str(studies / f"{first}.nii.gz"))
+    label = tmp_path / f"{first}.nii.gz"
+    label.write_bytes(_label_bytes(study, 7, tmp_path))
+    server_side.save_label(first, str(label), "final", {"tumor_class": "warthin", "roi": [1, 5, 1, 5, 1, 3]})
+    scoring_side.update_image_info(second, {"seg_tta_variance": 0.25})
+    server_side.update_image_info(first, {"seen_by": "radiologist"})
+
+    index = json.loads((studies / "datastore_v2.json").read_text())["objects"]
+    assert index[first]["labels"]["final"]["info"]["tumor_class"] == "warthin"
+    assert index[first]["labels"]["final"]["info"]["roi"] == [1, 5, 1, 5, 1, 3]
+    assert index[first]["image"]["info"]["seen_by"] == "radiologist"
+    assert index[second]["image"]["info"]["seg_tta_variance"] == 0.25
+    reopened = StudyDatastore(str(studies), auto_reload=False)
+    assert reopened.get_label_info(first, "final")["tumor_class"] == "warthin"

@@ -7,14 +7,15 @@ import logging
 import os
 import tempfile
 import time
-from typing import Any, Dict
+from contextlib import contextmanager
+from typing import Any, Dict, Iterator
 
 import numpy as np
 import SimpleITK as sitk
 from fastapi import HTTPException
 from monailabel.config import settings
 from filelock import FileLock
-from monailabel.datastore.local import DataModel, LocalDatastore
+from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore, LocalDatastoreModel
 from monailabel.interfaces.datastore import DefaultLabelTag
 
 from lib.errors import http_errors
@@ -38,9 +39,13 @@ class StudyDatastore(LocalDatastore):
             study = read_study(image_filename, name=image_id or "upload")
         if not image_id or os.path.basename(image_id) != image_id or image_id.startswith("."):
             raise HTTPException(422, f"invalid study id {image_id!r}")
-        info = dict(image_info or {})
-        info["sequences"] = list(study.sequences)
-        return super().add_image(image_id, image_filename, info)
+        _, image_ext = self._to_id(os.path.basename(image_filename))
+        name = self._filename(image_id, image_ext)
+        info = {**(image_info or {}), "sequences": list(study.sequences), "ts": int(time.time()), "name": name}
+        with self._index_transaction() as index, open(image_filename, "rb") as src:
+            _atomic_write(os.path.join(self._datastore.image_path(), name), src.read())
+            index.objects[image_id] = ImageLabelModel(image=DataModel(info=info, ext=image_ext))
+        return image_id
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: Dict[str, Any]) -> str:
         image_uri = self.get_image_uri(image_id)
@@ -68,6 +73,23 @@ class StudyDatastore(LocalDatastore):
                 check_roi(info[INFO_ROI], study.shape)
         return self._save_label_atomically(image_id, label_filename, label_tag or DefaultLabelTag.FINAL, info)
 
+    # LocalDatastore leaves the index update after a delete to the file watcher when auto_reload is on;
+    # the watcher can lag or drop the event under load, so a deleted study stayed listed for seconds
+    # (seen in CI). Deletes reconcile the index synchronously here, and unknown ids are a 404.
+
+    def remove_image(self, image_id: str) -> None:
+        if image_id not in self._datastore.objects:
+            raise HTTPException(404, f"unknown study '{image_id}'")
+        super().remove_image(image_id)
+        self.refresh()
+
+    def remove_label(self, label_id: str, label_tag: str) -> None:
+        obj = self._datastore.objects.get(label_id)
+        if not obj or label_tag not in obj.labels:
+            raise HTTPException(404, f"study '{label_id}' has no label with tag '{label_tag}'")
+        super().remove_label(label_id, label_tag)
+        self.refresh()
+
     # ------------------------------------------------------------------ durability
     # LocalDatastore copies a label straight onto its destination and rewrites datastore_v2.json in
     # place: a crash (kill -9) in either window leaves a truncated label or an unreadable index, and
@@ -75,20 +97,51 @@ class StudyDatastore(LocalDatastore):
     # the same folder, fsync, rename), so an acknowledged label survives a crash at any moment.
 
     def _save_label_atomically(self, image_id: str, label_filename: str, label_tag: str, label_info: Dict[str, Any]) -> str:
-        obj = self._datastore.objects.get(image_id)
-        if not obj:
-            raise HTTPException(404, f"unknown study '{image_id}'")
         _, label_ext = self._to_id(os.path.basename(label_filename))
-        label_path = self._datastore.label_path(label_tag)
         name = self._filename(image_id, label_ext)
-        with FileLock(self._lock_file):
+        with self._index_transaction() as index:
+            obj = index.objects.get(image_id)
+            if not obj:
+                raise HTTPException(404, f"unknown study '{image_id}'")
+            label_path = index.label_path(label_tag)
             os.makedirs(label_path, exist_ok=True)
             with open(label_filename, "rb") as src:
                 _atomic_write(os.path.join(label_path, name), src.read())
-            info = {**label_info, "ts": int(time.time()), "name": name}
-            obj.labels[label_tag] = DataModel(info=info, ext=label_ext)
-            self._update_datastore_file(lock=False)
+            obj.labels[label_tag] = DataModel(info={**label_info, "ts": int(time.time()), "name": name}, ext=label_ext)
         return image_id
+
+    # Two processes write the index: the server and MONAI Label's scoring subprocess (which stores
+    # uncertainty scores in image info). LocalDatastore writes its own in-memory copy, so a write from
+    # a stale copy silently dropped the other process's changes -- e.g. the tumor_class and roi of a
+    # label saved while scoring ran. Every index change here is a read-modify-write under the file lock.
+
+    def update_image_info(self, image_id: str, info: Dict[str, Any]) -> None:
+        with self._index_transaction() as index:
+            obj = index.objects.get(image_id)
+            if not obj:
+                raise HTTPException(404, f"unknown study '{image_id}'")
+            obj.image.info.update(info)
+
+    def update_label_info(self, label_id: str, label_tag: str, info: Dict[str, Any]) -> None:
+        with self._index_transaction() as index:
+            obj = index.objects.get(label_id)
+            if not obj or label_tag not in obj.labels:
+                raise HTTPException(404, f"study '{label_id}' has no label with tag '{label_tag}'")
+            obj.labels[label_tag].info.update(info)
+
+    @contextmanager
+    def _index_transaction(self) -> Iterator[LocalDatastoreModel]:
+        """Lock, re-read the index if another process changed it, let the caller change it, write it."""
+        with FileLock(self._lock_file):
+            path = self._datastore_config_path
+            if os.path.exists(path) and os.stat(path).st_mtime != self._config_ts:
+                with open(path) as f:
+                    index = LocalDatastoreModel.model_validate_json(f.read())
+                index.base_path = self._datastore_path
+                self._datastore = index
+                self._config_ts = os.stat(path).st_mtime
+            yield self._datastore
+            self._update_datastore_file(lock=False)
 
     def _update_datastore_file(self, lock=True):
         def write():
