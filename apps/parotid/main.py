@@ -15,7 +15,10 @@ import pkgutil
 from typing import Any, Dict
 
 from fastapi import HTTPException
+import torch
+from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.config import TaskConfig
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferTask
@@ -25,7 +28,10 @@ from monailabel.interfaces.tasks.train import TrainTask
 
 import lib.configs
 from lib.datastore import StudyDatastore
+from lib import http_api
 from lib.errors import http_errors
+from lib.model_upload import install_checkpoint_upload_check
+from lib.sessions import StudySessions
 from parotid.pacs.auth import fix_monailabel_jwt
 
 fix_monailabel_jwt()  # MONAI Label 0.8.5 + PyJWT 2.x: tokens are decoded without `algorithms` (see docs/pacs.md)
@@ -113,9 +119,40 @@ class ParotidApp(MONAILabelApp):
                 os.path.join(self.model_dir, "segmentation.pt"), os.path.join(self.model_dir, "classify_subtype.pt"))
         return methods
 
+    def on_init_complete(self):
+        super().on_init_complete()
+        from monailabel.app import app as fastapi_app  # the server's FastAPI app (server mode only)
+
+        install_checkpoint_upload_check(fastapi_app, self._infers.get)
+        jobs = {"train": self._trainers, "scoring": self._scoring_methods, "batch/infer": self._infers}
+        http_api.install(fastapi_app, lambda kind: jobs[kind].keys())
+
+    def infer_wsi(self, request: Dict[str, Any], datastore=None):
+        raise HTTPException(404, "whole-slide (pathology) inference is not offered by this MRI app; use /infer/{model}")
+
+    def _load_sessions(self, load=False):
+        return StudySessions(settings.MONAI_LABEL_SESSION_PATH, settings.MONAI_LABEL_SESSION_EXPIRY) if load else None
+
+    def batch_infer(self, request: Dict[str, Any], datastore=None):
+        """MONAI Label spreads batch inference over CUDA devices and takes an index modulo their count,
+        a ZeroDivisionError on a CPU-only server: without CUDA it runs on the CPU. Batch results never
+        replace annotators' final labels."""
+        request = dict(request)
+        if request.get("model") not in self._infers:
+            raise HTTPException(404, f"unknown model '{request.get('model')}'; available: {sorted(self._infers)}")
+        _refuse_final_tag(request)
+        for key in ("max_workers", "max_batch_size"):
+            if not isinstance(request.get(key, 0), int) or request.get(key, 0) < 0:
+                raise HTTPException(422, f"{key} must be a non-negative integer")
+        if not torch.cuda.is_available():
+            request.update(multi_gpu=False, device="cpu")
+        return super().batch_infer(request, datastore)
+
     def infer(self, request: Dict[str, Any], datastore=None):
         """Check the model and study first so that bad requests get 4xx JSON, not a 500."""
         model = request.get("model")
+        if request.get("save_label"):
+            _refuse_final_tag(request)
         if model not in self._infers:
             raise HTTPException(404, f"unknown model '{model}'; available: {sorted(self._infers)}")
         image = request.get("image")
@@ -140,3 +177,10 @@ class ParotidApp(MONAILabelApp):
         except Exception as e:  # the answer still reaches the radiologist; the write-back failure is reported
             logger.warning(f"classification SR write-back failed: {e}")
             result["params"]["pacs_writeback_error"] = str(e)
+
+
+def _refuse_final_tag(request: Dict[str, Any]) -> None:
+    """Model output is saved under `original` (or another tag); `final` belongs to the annotators."""
+    tag = request.get("label_tag", DefaultLabelTag.ORIGINAL)
+    if str(getattr(tag, "value", tag)) == DefaultLabelTag.FINAL.value:
+        raise HTTPException(422, "model output cannot be saved as the 'final' label; final labels come from annotators")

@@ -41,7 +41,7 @@ class StudyDatastore(LocalDatastore):
             raise HTTPException(422, f"invalid study id {image_id!r}")
         _, image_ext = self._to_id(os.path.basename(image_filename))
         name = self._filename(image_id, image_ext)
-        info = {**(image_info or {}), "sequences": list(study.sequences), "ts": int(time.time()), "name": name}
+        info = {**_as_info(image_info), "sequences": list(study.sequences), "ts": int(time.time()), "name": name}
         with self._index_transaction() as index, open(image_filename, "rb") as src:
             _atomic_write(os.path.join(self._datastore.image_path(), name), src.read())
             index.objects[image_id] = ImageLabelModel(image=DataModel(info=info, ext=image_ext))
@@ -51,7 +51,7 @@ class StudyDatastore(LocalDatastore):
         image_uri = self.get_image_uri(image_id)
         if not image_uri:
             raise HTTPException(404, f"unknown study '{image_id}'")
-        info = dict(label_info or {})
+        info = _as_info(label_info)
         with http_errors():
             study = read_study(image_uri, image_id)
             label = read_volume(label_filename, "label")
@@ -66,11 +66,7 @@ class StudyDatastore(LocalDatastore):
             allowed = set(SEGMENTATION_LABELS.values())
             if not set(values.tolist()) <= allowed:
                 raise StudyError(f"label contains values {sorted(set(values.tolist()) - allowed)}; allowed {sorted(allowed)}")
-            if INFO_TUMOR_CLASS in info and info[INFO_TUMOR_CLASS] is not None:
-                if not TUMOR_CLASSES.accepts(str(info[INFO_TUMOR_CLASS])):
-                    raise StudyError(f"tumor_class must be one of {list(TUMOR_CLASSES.classes)}")
-            if info.get(INFO_ROI) is not None:
-                check_roi(info[INFO_ROI], study.shape)
+            _check_label_info(info, study.shape)
         return self._save_label_atomically(image_id, label_filename, label_tag or DefaultLabelTag.FINAL, info)
 
     # LocalDatastore leaves the index update after a delete to the file watcher when auto_reload is on;
@@ -116,6 +112,9 @@ class StudyDatastore(LocalDatastore):
     # label saved while scoring ran. Every index change here is a read-modify-write under the file lock.
 
     def update_image_info(self, image_id: str, info: Dict[str, Any]) -> None:
+        info = _as_info(info)
+        if set(info) & _SERVER_IMAGE_KEYS:
+            raise HTTPException(422, f"image info keys {sorted(set(info) & _SERVER_IMAGE_KEYS)} are set by the server")
         with self._index_transaction() as index:
             obj = index.objects.get(image_id)
             if not obj:
@@ -123,6 +122,15 @@ class StudyDatastore(LocalDatastore):
             obj.image.info.update(info)
 
     def update_label_info(self, label_id: str, label_tag: str, info: Dict[str, Any]) -> None:
+        """Same rules as a label save: tumor_class from the label set, roi inside the study."""
+        info = _as_info(info)
+        if set(info) & _SERVER_LABEL_KEYS:
+            raise HTTPException(422, f"label info keys {sorted(set(info) & _SERVER_LABEL_KEYS)} are set by the server")
+        image_uri = self.get_image_uri(label_id)
+        if not image_uri or label_tag not in (self._datastore.objects[label_id].labels if label_id in self._datastore.objects else {}):
+            raise HTTPException(404, f"study '{label_id}' has no label with tag '{label_tag}'")
+        with http_errors():
+            _check_label_info(info, read_study(image_uri, label_id).shape)
         with self._index_transaction() as index:
             obj = index.objects.get(label_id)
             if not obj or label_tag not in obj.labels:
@@ -155,6 +163,26 @@ class StudyDatastore(LocalDatastore):
                 write()
         else:
             write()
+
+
+_SERVER_IMAGE_KEYS = {"name", "ts", "sequences"}  # the file name, upload time and the study's sequences
+_SERVER_LABEL_KEYS = {"name", "ts"}
+
+
+def _check_label_info(info: Dict[str, Any], shape) -> None:
+    if info.get(INFO_TUMOR_CLASS) is not None and not TUMOR_CLASSES.accepts(str(info[INFO_TUMOR_CLASS])):
+        raise StudyError(f"tumor_class must be one of {list(TUMOR_CLASSES.classes)}")
+    if info.get(INFO_ROI) is not None:
+        check_roi(info[INFO_ROI], shape)
+
+
+def _as_info(info: Any) -> Dict[str, Any]:
+    """Image/label info must be a JSON object (it reaches us from the `params` / `info` form fields)."""
+    if info is None:
+        return {}
+    if not isinstance(info, dict):
+        raise HTTPException(422, f"info/params must be a JSON object, got {type(info).__name__}")
+    return dict(info)
 
 
 def _atomic_write(path: str, data: bytes) -> None:

@@ -307,7 +307,7 @@ def save_checkpoint(path: str, model: SequenceModel, config: dict) -> None:
 
 
 def load_checkpoint(path: str) -> tuple[SequenceModel, dict]:
-    ck = torch.load(path, map_location="cpu", weights_only=False)
+    ck = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only, no pickled code
     cfg = ck["config"]
     nseq = [len(g) for g in cfg["groups"]]
     groups = [list(range(sum(nseq[:i]), sum(nseq[:i + 1]))) for i in range(len(nseq))]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import threading
 from typing import Any, Dict
 
@@ -101,6 +102,18 @@ class ClassifyStudy(StudyInferTask):
                            "float32 0..1 on the reference grid, jointly normalised",
                 "uncertainty": cfg.get("uncertainty"), "sequences_used": cfg.get("sequences"),
                 "sequences_required": cfg.get("required")}
+
+    def check_checkpoint(self, path: str) -> None:
+        """Raise StudyError unless `path` is a classifier checkpoint for this task's label set."""
+        try:
+            cfg = load_checkpoint(path)[1]
+        except pickle.UnpicklingError:
+            raise StudyError("not a PyTorch weights file (files with pickled code are refused)") from None
+        except Exception as e:
+            raise StudyError(f"not a classifier checkpoint: {type(e).__name__}: {str(e)[:300]}") from None
+        if list(cfg.get("classes", [])) != list(self.label_set.classes):
+            raise StudyError(f"checkpoint classes {cfg.get('classes')} differ from this model's label set "
+                             f"{list(self.label_set.classes)}")
 
     def __call__(self, request, callbacks=None):
         request["save_label"] = False  # the result image is a heatmap, never a label

@@ -8,18 +8,22 @@ with the reference grid's exact geometry. Checkpoint loading and hot reload stay
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
+import pickle
 import tempfile
 from typing import Any, Callable, Dict, Sequence
 
 import numpy as np
 import SimpleITK as sitk
+import torch
+from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
 from lib.errors import http_errors
-from parotid.study import Study, copy_geometry, read_study
+from parotid.study import Study, StudyError, copy_geometry, read_study
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +68,28 @@ class StudyInferTask(BasicInferTask):
 
     def post_transforms(self, data=None) -> Sequence[Callable]:
         return []
+
+    def _get_network(self, device, data):
+        # BasicInferTask silently serves the untrained network when the checkpoint file is missing
+        # (e.g. after DELETE /model/{name}); here that is a clear 409 instead.
+        if not self.get_path():
+            name = getattr(getattr(self, "spec", None), "name", None) or getattr(self, "name", type(self).__name__)
+            raise HTTPException(409, f"model {name} has no checkpoint; "
+                                     "run /train or upload one with PUT /model/{name}")
+        return super()._get_network(device, data)
+
+    def check_checkpoint(self, path: str) -> None:
+        """Raise StudyError unless `path` loads (weights only) into this task's network, strictly."""
+        try:
+            ck = torch.load(path, map_location="cpu", weights_only=True)
+            state = ck.get(self.model_state_dict, ck) if isinstance(ck, dict) else None
+            if not isinstance(state, dict):
+                raise ValueError("no state dict in the file")
+            copy.deepcopy(self.network).load_state_dict(state, strict=True)
+        except pickle.UnpicklingError:
+            raise StudyError("not a PyTorch weights file (files with pickled code are refused)") from None
+        except Exception as e:
+            raise StudyError(f"not a checkpoint for this model: {type(e).__name__}: {str(e)[:300]}") from None
 
     def run_inferer(self, data: Dict[str, Any], convert_to_batch=True, device="cpu"):
         network = self._get_network(device, data)

@@ -1,0 +1,57 @@
+"""PUT /model/{model} that checks an uploaded checkpoint before it replaces the served one.
+
+MONAI Label 0.8.5's endpoint copies any upload over the model file (and lets the annotator role do
+it, although its summary says admin): one wrong file and every later inference of that model fails.
+This route takes precedence over it: admin role, the upload must load (weights only, no pickled
+code) into the task's network, and it replaces the checkpoint atomically (rename) so a concurrent
+inference never reads half a file. The response is MONAI Label's (checksum, modified_time).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from typing import Callable, Optional
+
+from fastapi import BackgroundTasks, Depends, File, HTTPException, UploadFile
+from monailabel.config import RBAC_ADMIN, settings
+from monailabel.endpoints.user.auth import RBAC, User
+from monailabel.utils.others.generic import file_checksum
+
+from lib.errors import http_errors
+
+
+def install_checkpoint_upload_check(app, get_task: Callable[[str], Optional[object]]) -> None:
+    """`get_task(model)` returns the infer task that serves `model` (with `check_checkpoint` and
+    `path`), or None."""
+
+    async def api_update_model(background_tasks: BackgroundTasks, model: str, file: UploadFile = File(...),
+                               user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))):
+        task = get_task(model)
+        if task is None:
+            raise HTTPException(404, f"unknown model '{model}'")
+        target = task.path[0] if isinstance(task.path, (list, tuple)) else task.path
+        fd, staged = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".upload-", suffix=".pt")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                shutil.copyfileobj(file.file, out)
+            with http_errors():
+                task.check_checkpoint(staged)
+            os.replace(staged, target)
+        finally:
+            if os.path.exists(staged):
+                os.remove(staged)
+        return {"checksum": file_checksum(target), "modified_time": int(os.stat(target).st_mtime)}
+
+    path = f"{settings.MONAI_LABEL_API_STR}/model/{{model}}"
+    app.router.add_api_route(path, api_update_model, methods=["PUT"], tags=["Model"],
+                             summary=f"{RBAC_ADMIN}Upload/Update Model File (checked before it is served)")
+    ours = app.router.routes.pop()
+    routes = app.router.routes
+    stock = [i for i, r in enumerate(routes) if getattr(r, "path", None) == path and "PUT" in getattr(r, "methods", ())]
+    if stock:
+        routes[stock[0]] = ours  # replaces MONAI Label's PUT /model/{model} in place (and in the OpenAPI schema)
+    else:
+        routes.insert(0, ours)
+    app.openapi_schema = None
