@@ -21,6 +21,7 @@ import torch
 from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
+from monailabel.utils.others.generic import file_checksum
 
 from lib.errors import http_errors
 from parotid.study import Study, StudyError, copy_geometry, read_study
@@ -92,12 +93,26 @@ class StudyInferTask(BasicInferTask):
             raise StudyError(f"not a checkpoint for this model: {type(e).__name__}: {str(e)[:300]}") from None
 
     def run_inferer(self, data: Dict[str, Any], convert_to_batch=True, device="cpu"):
+        checkpoint = self.checkpoint_identity()  # read before loading: a swap in between is reloaded next time
         network = self._get_network(device, data)
         with http_errors():
             array, result = self.predict(network, data["study"], data)
         data["result_array"] = array
-        data["result_json"] = result
+        data["result_json"] = {**result, "checkpoint": checkpoint}
         return data
+
+    _identities: Dict[tuple, Dict[str, Any]] = {}
+
+    def checkpoint_identity(self) -> Dict[str, Any] | None:
+        """The served checkpoint as GET /model/info/{name} reports it (checksum, modified_time), so a
+        result can be traced to the exact weights that produced it. Cached per file time stamp."""
+        path = self.get_path()
+        if not path:
+            return None
+        key = (path, os.stat(path).st_mtime)
+        if key not in self._identities:
+            self._identities[key] = {"checksum": file_checksum(path), "modified_time": int(key[1])}
+        return self._identities[key]
 
     def predict(self, network, study: Study, data: Dict[str, Any]):
         raise NotImplementedError
