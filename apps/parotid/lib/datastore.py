@@ -33,6 +33,17 @@ class StudyDatastore(LocalDatastore):
         kwargs.setdefault("auto_reload", settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD)  # sees the scoring subprocess' writes
         kwargs.setdefault("read_only", settings.MONAI_LABEL_DATASTORE_READ_ONLY)
         super().__init__(studies, extensions=("*.nii.gz", "*.nii"), **kwargs)
+        if getattr(self, "_handler", None) is not None:
+            self._handler.on_moved = self._on_moved_event
+
+    def _on_moved_event(self, event) -> None:
+        """Index, labels and uploads are written here by rename (atomic), which the file watcher reports
+        as a move -- an event LocalDatastore does not handle. Without this the server never saw the
+        scores the scoring subprocess wrote (found by tests/test_active_learning_loop.py)."""
+        if os.path.realpath(event.dest_path) == os.path.realpath(self._datastore_config_path):
+            self._init_from_datastore_file()  # reloads only if the file's time stamp is not our own write's
+        else:
+            self.refresh()
 
     def add_image(self, image_id: str, image_filename: str, image_info: Dict[str, Any]) -> str:
         with http_errors():
