@@ -19,6 +19,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import requests
 import SimpleITK as sitk
 
 import ParotidTumorLib as L
@@ -296,7 +297,13 @@ def test_train_then_classify(private_server, raw_case, tmp_path):
     # long enough (several seconds even on an idle CPU) that the second start below meets a running task
     started = c.train_start("classify_subtype", {"epochs1": 4, "epochs2": 30, "threads": 1})
     assert started.get("id") and started.get("status") in ("SUBMITTED", "RUNNING", "QUEUED", "DONE", "PENDING")
-    # a second start while running is refused with the "busy" message
+    # a second start while running is refused with the "busy" message. MONAI Label refuses only once
+    # the training subprocess exists (SUBMITTED comes earlier): wait for that, as the Slicer user would
+    deadline = time.time() + 60
+    while time.time() < deadline and not L.training_progress(c.train_status())["status"] == "DONE":
+        if requests.get(private_server.url + "/train/", params={"check_if_running": "true"}, timeout=30).ok:
+            break
+        time.sleep(0.2)
     st = c.train_status()
     if L.training_progress(st)["running"]:
         with pytest.raises(L.ServerError) as e:
