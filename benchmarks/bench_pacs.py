@@ -8,7 +8,12 @@ parotid-synth cohort (SYNTHETIC), then for each study times
             assembly on the reference grid, study file write),
   * cached: ``get_image_uri`` again (QIDO series check + cache hit),
 and the per-phase split of a cold fetch (WADO-RS download / DICOM->SimpleITK / assemble+write).
-Run it on an otherwise idle machine; numbers depend on CPU and disk.
+
+With --infer it also starts two real MONAI Label servers, one on the Orthanc DICOMweb URL and one on
+the cohort's local study folder (the same SYNTHETIC studies), and times /infer/<model> per study:
+the first request on the DICOMweb server (cache empty: fetch + convert + inference), then repeated
+requests on both (study cached / local file). Run it on an otherwise idle machine; numbers depend
+on CPU and disk.
 """
 
 from __future__ import annotations
@@ -24,12 +29,32 @@ import sys
 import tempfile
 import time
 
+from pathlib import Path
+
 import pydicom
+import requests
 
 from parotid.pacs.convert import datasets_to_image
 from parotid.pacs.datastore import ParotidDICOMwebDatastore
 from parotid.pacs.orthanc import OrthancProcess
 from parotid.study import assemble_study, write_study
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from conftest import Server, copy_app  # noqa: E402  (the same server harness as the tests)
+
+
+def infer_latency(url: str, model: str, ids: list[str], repeats: int) -> tuple[list[float], list[float]]:
+    """(first request per study, later requests) in seconds, /infer/<model> JSON output."""
+    first, later = [], []
+    for sid in ids:
+        for r in range(1 + repeats):
+            t0 = time.perf_counter()
+            resp = requests.post(f"{url}/infer/{model}", params={"image": sid, "output": "json"}, timeout=600)
+            dt = time.perf_counter() - t0
+            if resp.status_code != 200:
+                raise SystemExit(f"{model} on {sid}: HTTP {resp.status_code} {resp.text[:300]}")
+            (first if r == 0 else later).append(dt)
+    return first, later
 
 
 def main(argv=None) -> int:
@@ -39,6 +64,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--repeats", type=int, default=3, help="cold fetches per study (fresh cache each)")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--infer", action="store_true", help="also time /infer on a DICOMweb vs a local server")
+    ap.add_argument("--models", default="segmentation,classify_malignancy", help="models timed with --infer")
     a = ap.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="bench-pacs-") as tmp:
@@ -85,6 +112,26 @@ def main(argv=None) -> int:
                 phases.append({"download_s": t_dl, "convert_s": t_cv, "assemble_write_s": time.perf_counter() - t0,
                                "series": len(g.sequences)})
 
+            infer = {}
+            if a.infer:
+                local_ids = [os.path.basename(d) for d in studies]  # parotid-synth: dicom/<study id>/
+                servers = {
+                    "dicomweb": (Server(pacs.dicomweb_url, Path(tmp) / "srv-dicomweb.log", models=a.models,
+                                        app=copy_app(Path(tmp) / "app-dicomweb"),
+                                        env={**pacs.env(), "PAROTID_DICOMWEB_CACHE": os.path.join(tmp, "srv-cache")}),
+                                 uids),
+                    "local": (Server(cohort, Path(tmp) / "srv-local.log", models=a.models,
+                                     app=copy_app(Path(tmp) / "app-local")), local_ids),
+                }
+                for where, (srv, ids) in servers.items():
+                    srv.start(timeout=300)
+                    try:
+                        for model in a.models.split(","):
+                            f, l = infer_latency(srv.url, model, ids, a.repeats)
+                            infer[f"{model}@{where}"] = {"first_request": f, "later_requests": l}
+                    finally:
+                        srv.stop()
+
     def summ(v):
         return {"median_s": round(statistics.median(v), 4), "mean_s": round(statistics.mean(v), 4),
                 "min_s": round(min(v), 4), "max_s": round(max(v), 4), "n": len(v)}
@@ -98,6 +145,9 @@ def main(argv=None) -> int:
                                for k in ("download_s", "convert_s", "assemble_write_s")},
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs (shared), {platform.python_version()}",
     }
+    if infer:
+        res["infer"] = {k: {"first_request": summ(v["first_request"]), "later_requests": summ(v["later_requests"])}
+                        for k, v in infer.items()}
     print(json.dumps(res, indent=2))
     if a.json:
         with open(a.json, "w") as f:
