@@ -85,6 +85,13 @@ def copy_studies(src: Path, dst: Path) -> Path:
     return dst
 
 
+def private_server(root: Path, **kwargs) -> Server:
+    """A started server over its OWN copies of the sample studies and the app, for tests that change
+    them (training, uploads, fuzzing); the caller stops it."""
+    return Server(copy_studies(SAMPLE, root / "studies"), root / "server.log", app=copy_app(root / "app"),
+                  **kwargs).start()
+
+
 @pytest.fixture(scope="session")
 def studies_copy(tmp_path_factory) -> Path:
     """A private copy of the shipped sample studies (the server writes labels and its index)."""

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import SAMPLE, Server, copy_app, copy_studies
+from conftest import private_server
 
 BIN = Path(sys.executable).parent
 STRATEGY, SCORE = "seg_uncertainty", "seg_tta_variance"
@@ -52,9 +52,7 @@ def _segment(url: str, study: str) -> dict:
 
 @pytest.fixture(scope="module")
 def loop_server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("alloop")
-    srv = Server(copy_studies(SAMPLE, root / "studies"), root / "server.log", app=copy_app(root / "app"),
-                 models="segmentation,classify_subtype").start()
+    srv = private_server(tmp_path_factory.mktemp("alloop"), models="segmentation,classify_subtype")
     yield srv
     srv.stop()
 

@@ -10,7 +10,7 @@ import json
 import pytest
 import requests
 
-from conftest import APP, SAMPLE, Server, copy_app, copy_studies
+from conftest import APP, SAMPLE, private_server
 
 
 def _detail(r: requests.Response, status: int) -> str:
@@ -93,8 +93,7 @@ def test_session_holds_one_study_and_serves_inference(server, sample_ids):
 # ----------------------------------------------------------------- checkpoints (private server: they change)
 @pytest.fixture(scope="module")
 def own_server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpt")
-    srv = Server(copy_studies(SAMPLE, root / "studies"), root / "server.log", app=copy_app(root / "app")).start()
+    srv = private_server(tmp_path_factory.mktemp("ckpt"))
     yield srv
     srv.stop()
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import SAMPLE, Server, copy_app, copy_studies
+from conftest import Server, private_server
 
 ST = Path(sys.executable).parent / "st"
 SEED = os.environ.get("PAROTID_FUZZ_SEED", "20261124")
@@ -30,8 +30,7 @@ MODELS = ("segmentation", "contour_box", "classify_subtype", "classify_malignanc
 
 @pytest.fixture(scope="module")
 def fuzz_server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fuzz")
-    srv = Server(copy_studies(SAMPLE, root / "studies"), root / "server.log", app=copy_app(root / "app")).start()
+    srv = private_server(tmp_path_factory.mktemp("fuzz"))
     yield srv
     srv.stop()
 
