@@ -14,21 +14,20 @@ import os
 import pkgutil
 from typing import Any, Dict
 
-from fastapi import HTTPException
 import torch
+from fastapi import HTTPException
 from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
-from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.config import TaskConfig
-from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.interfaces.tasks.train import TrainTask
 
 import lib.configs
-from lib.datastore import StudyDatastore
 from lib import http_api
+from lib.datastore import StudyDatastore
 from lib.errors import http_errors
 from lib.model_upload import install_checkpoint_upload_check
 from lib.sessions import StudySessions

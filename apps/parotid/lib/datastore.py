@@ -137,11 +137,12 @@ class StudyDatastore(LocalDatastore):
         info = _as_info(info)
         if set(info) & _SERVER_LABEL_KEYS:
             raise HTTPException(422, f"label info keys {sorted(set(info) & _SERVER_LABEL_KEYS)} are set by the server")
-        image_uri = self.get_image_uri(label_id)
-        if not image_uri or label_tag not in (self._datastore.objects[label_id].labels if label_id in self._datastore.objects else {}):
+        obj = self._datastore.objects.get(label_id)
+        if not obj or label_tag not in obj.labels:
             raise HTTPException(404, f"study '{label_id}' has no label with tag '{label_tag}'")
-        with http_errors():
-            _check_label_info(info, read_study(image_uri, label_id).shape)
+        with http_errors():  # the study is read only when there is a box to check against its grid
+            shape = read_study(self.get_image_uri(label_id), label_id).shape if info.get(INFO_ROI) is not None else None
+            _check_label_info(info, shape)
         with self._index_transaction() as index:
             obj = index.objects.get(label_id)
             if not obj or label_tag not in obj.labels:

@@ -20,7 +20,7 @@ import re
 import shutil
 import sysconfig
 import traceback
-from typing import Callable, Dict, Iterable
+from typing import Callable, Iterable
 
 from fastapi.responses import JSONResponse
 
@@ -92,7 +92,7 @@ async def _on_malformed_request(request, exc):
         return await _on_http_exception(request, exc)
     if _raised_by_endpoint_parsing(exc):
         return _json(422, f"malformed request: {type(exc).__name__}: {exc}")
-    if isinstance(exc, ValueError) and str(exc).startswith(("unsupported hash", "unsupported hashing algorithm")):  # HEAD ?check_sum=ALGO:digest
+    if isinstance(exc, ValueError) and str(exc).startswith("unsupported hash"):  # HEAD ?check_sum=ALGO:digest
         return _json(422, f"check_sum: {exc}; use SHA256:<hex digest>")
     raise exc
 
