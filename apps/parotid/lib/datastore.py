@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 from typing import Any, Dict, Iterator
@@ -30,11 +31,23 @@ class StudyDatastore(LocalDatastore):
     """Each image is one multi-sequence study file; its sequences are recorded in the image info."""
 
     def __init__(self, studies: str, **kwargs):
+        # LocalDatastore's reconciliation iterates the index without a lock while its file watcher
+        # thread reconciles too ("dictionary changed size during iteration", seen on DELETE). All
+        # in-process index access goes through this lock, taken before the cross-process file lock.
+        self._index_lock = threading.RLock()
         kwargs.setdefault("auto_reload", settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD)  # sees the scoring subprocess' writes
         kwargs.setdefault("read_only", settings.MONAI_LABEL_DATASTORE_READ_ONLY)
         super().__init__(studies, extensions=("*.nii.gz", "*.nii"), **kwargs)
         if getattr(self, "_handler", None) is not None:
             self._handler.on_moved = self._on_moved_event
+
+    def _reconcile_datastore(self):
+        with self._index_lock:
+            return super()._reconcile_datastore()
+
+    def _init_from_datastore_file(self, throw_exception=False):
+        with self._index_lock:
+            return super()._init_from_datastore_file(throw_exception)
 
     def _on_moved_event(self, event) -> None:
         """Index, labels and uploads are written here by rename (atomic), which the file watcher reports
@@ -152,7 +165,7 @@ class StudyDatastore(LocalDatastore):
     @contextmanager
     def _index_transaction(self) -> Iterator[LocalDatastoreModel]:
         """Lock, re-read the index if another process changed it, let the caller change it, write it."""
-        with FileLock(self._lock_file):
+        with self._index_lock, FileLock(self._lock_file):
             path = self._datastore_config_path
             if os.path.exists(path) and os.stat(path).st_mtime != self._config_ts:
                 with open(path) as f:
