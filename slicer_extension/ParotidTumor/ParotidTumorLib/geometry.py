@@ -19,7 +19,11 @@ import math
 import numpy as np
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])  # its own inverse
-_EPS = 1e-6
+# A box face closer than this (in voxel index units) to a voxel face is taken to lie ON it. Slicer's
+# markups ROI keeps its centre in float32 control points (vtkPoints), so a face written exactly on a
+# voxel face reads back ~1e-6 mm off: 1e-6 index units was too tight (one extra voxel on 10/20 sample
+# studies); 1e-3 voxel is far above float32 noise and far below anything a user can draw.
+FACE_TOL = 1e-3
 
 
 # --------------------------------------------------------------------------- matrices
@@ -114,8 +118,8 @@ def roi_to_box(center_ras, size, ras_to_ijk, shape_ijk, axes_ras=None, clip=True
     hi = ijk.max(axis=0)
     box = []
     for axis in range(3):
-        a = math.floor(round(lo[axis] + 0.5, 6))
-        b = math.ceil(round(hi[axis] + 0.5, 6))
+        a = math.floor(lo[axis] + 0.5 + FACE_TOL)
+        b = math.ceil(hi[axis] + 0.5 - FACE_TOL)
         if b <= a:  # zero-thickness ROI exactly on a voxel face: take the voxel above
             b = a + 1
         if clip:
