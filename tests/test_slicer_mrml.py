@@ -358,7 +358,7 @@ def test_dicom_subject_hierarchy_provenance(scene):
         st = _dicom_item(sh, patient, C.GetDICOMLevelStudy(), suid, "MR study")
         for k in keys:
             v = volume(scene, (8, 8, 8), np.eye(4), name=f"{k.lower()} series")
-            sh.SetItemParent(sh.GetItemByDataNode(v), st)
+            sh.SetItemParent(sh.GetItemByDataNode(v) or sh.CreateItem(st, v), st)  # (the DICOM loader makes the item)
             vols[(pid, k)] = v
     assert mrml.volume_identity(scene, vols[("P1", "T2")]) == {"patient": "P1", "dicom_study": "1.2.3.1"}
     assert mrml.study_volume_problem(scene, {"CET1": vols[("P1", "CET1")], "T2": vols[("P1", "T2")]}) == ""
