@@ -73,8 +73,12 @@ def cont_index_of_ras(img, ras):
 ALLOWED_TOP = {"numpy", "requests", "SimpleITK", "__future__"} | set(sys.stdlib_module_names)
 
 
+MRML_BOUND = {"mrml.py": {"slicer", "vtk"}}  # needs Slicer's MRML (app or slicer-core wheel), nothing else
+
+
 def test_lib_imports_only_allowed_modules():
     for py in LIB.glob("*.py"):
+        allowed = ALLOWED_TOP | MRML_BOUND.get(py.name, set())
         tree = ast.parse(py.read_text())
         for node in ast.walk(tree):
             names = []
@@ -83,7 +87,9 @@ def test_lib_imports_only_allowed_modules():
             elif isinstance(node, ast.ImportFrom) and node.level == 0:
                 names = [node.module]
             for n in names:
-                assert n.split(".")[0] in ALLOWED_TOP, f"{py.name} imports {n}"
+                assert n.split(".")[0] in allowed, f"{py.name} imports {n}"
+    # the package itself never imports the MRML-bound module (Slicer-free import)
+    assert "mrml" not in re.findall(r"\bfrom \. import ([\w, ]+)", (LIB / "__init__.py").read_text())[-1]
 
 
 def test_lib_imports_without_slicer_or_parotid():
@@ -95,7 +101,8 @@ def test_lib_imports_without_slicer_or_parotid():
         "        if name.split('.')[0] in {'slicer','vtk','qt','ctk','parotid','monailabel','torch','requests_toolbelt'}:\n"
         "            raise ImportError('blocked ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
-        "import ParotidTumorLib, ParotidTumorLib.results, ParotidTumorLib.labels\n"
+        "import ParotidTumorLib, ParotidTumorLib.results, ParotidTumorLib.labels, ParotidTumorLib.background\n"
+        "import ParotidTumorLib.tasks, ParotidTumorLib.sampledata\n"
         "print('ok')\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -508,6 +515,42 @@ def test_extension_cmake_lists_every_script_and_resource():
                and p.suffix in (".py", ".png", ".ui", ".json", ".txt") and "__pycache__" not in p.parts
                and p.name != "CMakeLists.txt" and "Testing" not in p.parts}
     assert on_disk and on_disk == listed, (sorted(on_disk - listed), sorted(listed - on_disk))
+
+
+def test_extension_urls_resolve_in_the_extension_repository():
+    """The extension is published as its own repository (slicer_extension/ is its root): the icon and
+    screenshot URLs must point at files inside it, and it needs its LICENSE (ExtensionsIndex checks)."""
+    top = (EXT / "CMakeLists.txt").read_text()
+    urls = re.search(r'set\(EXTENSION_ICONURL "([^"]+)"\)', top).group(1).split()
+    urls += re.search(r'set\(EXTENSION_SCREENSHOTURLS "([^"]+)"\)', top).group(1).split()
+    entry = json.loads((EXT / "ParotidTumor.json").read_text())
+    repo = entry["scm_url"].replace("https://github.com/", "https://raw.githubusercontent.com/")
+    assert len(urls) >= 3
+    for url in urls:
+        prefix = f"{repo}/{entry['scm_revision']}/"
+        assert url.startswith(prefix), url
+        path = EXT / url[len(prefix):]
+        assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", url
+    for lic in (EXT / "LICENSE", REPO / "LICENSE"):
+        text = lic.read_text()
+        assert "Apache License" in text and "Version 2.0, January 2004" in text, lic
+    assert 'license = { text = "Apache-2.0" }' in (REPO / "pyproject.toml").read_text()
+
+
+def test_synthetic_sample_case(tmp_path):
+    """The generated sample case (SampleData source of the in-Slicer offline test): files per sequence
+    with the case's geometry, a label with gland and tumour."""
+    from ParotidTumorLib import sampledata
+
+    paths = sampledata.write_case(str(tmp_path))
+    vols, label, m = sampledata.case()
+    assert set(paths) == set(vols) | {"label"} and set(np.unique(label)) == {0, 1, 2}
+    for key, path in paths.items():
+        img = sitk.ReadImage(path)
+        arr, mm = L.array_from_image(img)
+        np.testing.assert_allclose(mm, m, atol=1e-5)
+        np.testing.assert_array_equal(arr, label if key == "label" else vols[key])
+    assert sampledata.write_case(str(tmp_path)) == paths  # cached: written once
 
 
 def test_catalog_entry_follows_extensions_index_schema():

@@ -54,3 +54,67 @@ def test_renders_offscreen(form, tmp_path):
 
     im = Image.open(path)
     assert im.size[0] >= 400 and im.size[1] >= 600
+
+
+def test_request_runs_off_the_gui_thread_and_cancel_button_stops_waiting(form):
+    """The widget's pattern under a real Qt event loop (PySide6 offscreen): a request runs in a
+    BackgroundTask, a QTimer polls it, the .ui's Cancel button cancels it. The event loop keeps
+    ticking the whole time (a blocking request would freeze it: the bad twin below)."""
+    import time
+
+    from PySide6 import QtCore
+
+    from ParotidTumorLib import background
+
+    app = ui_preview.app()
+    cancel = form.findChild(QtWidgets.QPushButton, "cancelRequestButton")
+    bar = form.findChild(QtWidgets.QProgressBar, "requestProgressBar")
+    assert cancel is not None and cancel.text() == "Cancel"
+
+    def slow_request(token):  # stands for an HTTP request that takes long
+        token._event.wait(10)
+        return "late"
+
+    def run_loop(task, click_after_s=None, limit_s=5.0):
+        ticks, loop = [], QtCore.QEventLoop()
+        heartbeat = QtCore.QTimer(interval=10, timeout=lambda: ticks.append(time.monotonic()))
+        poll = QtCore.QTimer(interval=20)
+        t0 = time.monotonic()
+
+        def on_poll():
+            if click_after_s is not None and time.monotonic() - t0 > click_after_s and task.state == background.RUNNING:
+                cancel.click()
+            if task.poll() != background.RUNNING or time.monotonic() - t0 > limit_s:
+                bar.setVisible(False)
+                loop.quit()
+
+        poll.timeout.connect(on_poll)
+        cancel.clicked.connect(task.cancel)
+        bar.setVisible(True)
+        heartbeat.start()
+        poll.start()
+        loop.exec()
+        heartbeat.stop()
+        poll.stop()
+        cancel.clicked.disconnect(task.cancel)
+        return ticks, time.monotonic() - t0
+
+    task = background.BackgroundTask(slow_request, name="Segment").start()
+    ticks, took = run_loop(task, click_after_s=0.4)
+    assert task.state == background.CANCELLED and task.result is None
+    assert 0.35 < took < 2.0 and len(ticks) >= 15  # the GUI kept running while the request was pending
+    assert max(b - a for a, b in zip(ticks, ticks[1:])) < 0.25
+
+    late = background.BackgroundTask(slow_request, timeout_s=0.3, name="Segment").start()
+    _, took = run_loop(late)
+    assert late.state == background.TIMED_OUT and 0.25 < took < 2.0
+
+    # bad twin: the same wait on the GUI thread -> no tick for its whole duration
+    ticks = []
+    beat = QtCore.QTimer(interval=10, timeout=lambda: ticks.append(time.monotonic()))
+    beat.start()
+    t0 = time.monotonic()
+    time.sleep(0.3)  # a blocking request
+    app.processEvents()
+    beat.stop()
+    assert len([t for t in ticks if t < t0 + 0.29]) == 0

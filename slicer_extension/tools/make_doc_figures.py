@@ -299,6 +299,7 @@ def main(argv=None):
             f(QtWidgets.QComboBox, "strategyComboBox").addItem("random")
             f(QtWidgets.QComboBox, "trainModelComboBox").addItem("classify_subtype")
             f(QtWidgets.QProgressBar, "requestProgressBar").setVisible(False)
+            f(QtWidgets.QPushButton, "cancelRequestButton").setVisible(False)  # shown only while a request runs
             f(QtWidgets.QLabel, "statusLabel").setText("Classifying the tumour ... done")
             ui_preview.render(w, str(out / "module_panel.png"), width=460)
             record["module_panel"] = "real .ui, Qt offscreen, plain-Qt stand-ins for Slicer widgets"
@@ -306,6 +307,11 @@ def main(argv=None):
             record["module_panel"] = f"not rendered: {e}"
 
         (out / "figures.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
+        # the extension's screenshots (EXTENSION_SCREENSHOTURLS) are copies of these two figures
+        shots = Path(__file__).resolve().parents[1] / "Screenshots"
+        for name in ("module_panel.png", "gradcam_overlay.png"):
+            if (out / name).exists():
+                shutil.copyfile(out / name, shots / name)
         print(json.dumps({k: record[k] for k in ("study_id", "box", "classifier")}, default=str))
     finally:
         if server:

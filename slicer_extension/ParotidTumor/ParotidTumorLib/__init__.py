@@ -4,6 +4,10 @@ Imports only the standard library, numpy, requests and SimpleITK (all bundled wi
 slicer / vtk / qt / ctk, and never the server-side ``parotid`` package (not installed in Slicer): the
 few pieces of it the client needs (sequence table, study-file assembly) are re-implemented here and
 pinned to the server's behaviour by ``tests/test_slicer_lib*.py``.
+
+One submodule is the exception and is not imported here: ``ParotidTumorLib.mrml``, the MRML-bound
+logic, needs Slicer's MRML classes (the Slicer application or the ``slicer-core`` wheel) and nothing
+else (tested on real MRML by ``tests/test_slicer_mrml*.py``).
 """
 
 from .client import ParotidClient, normalize_url, training_progress  # noqa: F401
@@ -22,6 +26,6 @@ from .sequences import SEQUENCE_KEYS, auto_assign, check_distinct, match_sequenc
 from .models import ModelInfo, models_from_info, models_summary_html  # noqa: F401
 from .labels import roi_from_label, write_label_map  # noqa: F401
 from .study import assemble, make_study_id, read_components, write, write_study_from_volumes  # noqa: F401
-from . import client, geometry, labels, models, responses, results, sequences, study  # noqa: F401,E402
+from . import background, client, geometry, labels, models, responses, results, sampledata, sequences, study, tasks  # noqa: F401,E402
 
 __version__ = "0.1.0"
