@@ -92,7 +92,13 @@ def registerSampleData() -> None:
 
     import SampleData
 
-    paths = sampledata.write_case(sampleDataFolder())
+    try:
+        paths = sampledata.write_case(sampleDataFolder())
+    except OSError as e:  # e.g. read-only cache folder: the module works without its sample case
+        import logging
+
+        logging.warning(f"ParotidTumor: synthetic sample case not registered ({e})")
+        return
     keys = [k for k in paths if k != "label"]
     SampleData.SampleDataLogic.registerCustomSampleDataSource(
         category="Parotid tumour (synthetic)",
@@ -959,8 +965,11 @@ class ParotidTumorTest(ScriptedLoadableModuleTest):
             SampleData = None
         if SampleData is not None:
             registerSampleData()
-            nodes = SampleData.downloadSample(SAMPLE_NAME)
-            nodes = nodes if isinstance(nodes, list) else [nodes]
+            sampleLogic = SampleData.SampleDataLogic()
+            if hasattr(sampleLogic, "downloadSamples"):  # every file of the source
+                nodes = sampleLogic.downloadSamples(SAMPLE_NAME)
+            else:
+                nodes = [sampleLogic.downloadSample(SAMPLE_NAME)]
             return {n.GetName().split()[-1]: n for n in nodes}
         vols, label, m = sampledata.case()
         out = {}
