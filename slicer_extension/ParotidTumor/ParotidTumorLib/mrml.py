@@ -344,8 +344,10 @@ def load_study_volumes(scene, study_id: str, components: dict) -> dict:
     ``"<study> <key>"``, each tagged with the study id (:data:`ATTR_STUDY`): their provenance."""
     nodes = {}
     for key, (array, ijk_to_ras) in components.items():
-        node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", f"{study_id} {key}")
-        node.SetAttribute(ATTR_STUDY, study_id)
+        node = slicer.vtkMRMLScalarVolumeNode()
+        node.SetName(f"{study_id} {key}")
+        node.SetAttribute(ATTR_STUDY, study_id)  # before it enters the scene: observers see it at once
+        node = scene.AddNode(node)
         _set_volume(node, array, ijk_to_ras)
         node.CreateDefaultDisplayNodes()
         nodes[key] = node
