@@ -32,6 +32,7 @@ import ParotidTumorLib as L
 from ParotidTumorLib import background, mrml, sequences
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+MODULE_DIR = Path(__file__).resolve().parents[1] / "slicer_extension" / "ParotidTumor"
 from test_slicer_mrml import INDEX, SAMPLE_IDS, STUDIES, new_scene  # noqa: E402
 
 
@@ -135,6 +136,7 @@ def module(monkeypatch):
     for name, mod in _install_stand_ins(scene).items():
         monkeypatch.setitem(sys.modules, name, mod)
     monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
+    monkeypatch.syspath_prepend(str(MODULE_DIR))  # ParotidTumor.py is not part of the installed package
     monkeypatch.delitem(sys.modules, "ParotidTumor", raising=False)
     import ParotidTumor
 
