@@ -212,6 +212,53 @@ def test_study_without_known_sequence_is_422(pacs_server, pacs, realm, tmp_path)
     assert r.status_code == 422, (r.status_code, r.text[:300])
 
 
+def test_invalid_labels_never_reach_the_pacs(pacs_server, pacs, cohort, realm, tmp_path):
+    """DICOMweb mode checks a label like the study-folder datastore (parotid.label_validation): each bad
+    label is a 422 saying what is wrong and Orthanc's series count is unchanged; the good twin is stored."""
+    out, ids = cohort
+    study_id, uid = next(iter(ids.items()))
+    good = out / "labels" / "final" / f"{study_id}.nii.gz"
+    info = json.loads((out / "datastore_v2.json").read_text())["objects"][study_id]["labels"]["final"]["info"]
+    info = {"tumor_class": info["tumor_class"], "roi": info["roi"]}
+    small = tmp_path / "small.nii.gz"
+    sitk.WriteImage(sitk.Image(10, 10, 10, sitk.sitkUInt8), str(small))
+    seven = sitk.ReadImage(str(good))
+    seven[1, 1, 1] = 7
+    sitk.WriteImage(seven, str(tmp_path / "seven.nii.gz"))
+    cases = [(small, info, "size [10, 10, 10]"), (good, {**info, "tumor_class": "banana"}, "tumor_class 'banana'"),
+             (good, {**info, "roi": [0, 999, 0, 10, 0, 5]}, "roi [0, 999)"), (tmp_path / "seven.nii.gz", info, "[7]")]
+
+    def put(path, params):
+        with open(path, "rb") as f:
+            return requests.put(pacs_server.url + "/datastore/label", params={"image": uid, "tag": "final"},
+                                data={"params": json.dumps(params)}, files={"label": ("label.nii.gz", f)},
+                                headers=hdr(realm, "annotator"), timeout=120)
+
+    def n_series():
+        return len(pacs.client().search_for_series(uid))
+
+    before = n_series()
+    for path, params, words in cases:
+        r = put(path, params)
+        assert r.status_code == 422 and words in r.json()["detail"], (words, r.status_code, r.text[:300])
+        assert n_series() == before, words
+    r = put(good, info)  # the good twin: stored, and written to the PACS as SEG
+    assert r.status_code == 200, r.text[:300]
+    assert n_series() == before + 1
+    # label info of an unknown tag or study: 404
+    for label, tag in ((uid, "no-such-tag"), ("1.2.3.999", "final")):
+        r = requests.get(pacs_server.url + "/datastore/label/info", params={"label": label, "tag": tag},
+                         headers=hdr(realm, "user"), timeout=30)
+        assert r.status_code == 404 and label in r.json()["detail"], r.text[:300]
+    # replacing an existing study: 409 without overwrite; overwrite=true needs the admin role
+    for params, status in (({"image": uid}, 409), ({"image": uid, "overwrite": "true"}, 403)):
+        with open(out / f"{study_id}.nii.gz", "rb") as f:
+            r = requests.put(pacs_server.url + "/datastore/image", params=params, files={"file": ("s.nii.gz", f)},
+                             headers=hdr(realm, "annotator"), timeout=60)
+        assert r.status_code == status and ("overwrite" in r.json()["detail"]), r.text[:300]
+    assert n_series() == before + 1
+
+
 def test_no_phi_in_server_log(pacs_server, cohort):
     """Runs last in this module: nothing the server logged names the (synthetic) patient."""
     out, ids = cohort

@@ -29,6 +29,7 @@ import lib.configs
 from lib import http_api
 from lib.datastore import StudyDatastore
 from lib.errors import http_errors
+from lib.image_upload import install_image_upload
 from lib.model_upload import install_checkpoint_upload_check
 from lib.sessions import StudySessions
 from parotid.pacs.auth import fix_monailabel_jwt
@@ -123,6 +124,7 @@ class ParotidApp(MONAILabelApp):
         from monailabel.app import app as fastapi_app  # the server's FastAPI app (server mode only)
 
         install_checkpoint_upload_check(fastapi_app, self._infers.get)
+        install_image_upload(fastapi_app)
         jobs = {"train": self._trainers, "scoring": self._scoring_methods, "batch/infer": self._infers}
         http_api.install(fastapi_app, lambda kind: jobs[kind].keys())
 

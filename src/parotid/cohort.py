@@ -21,9 +21,22 @@ class CohortItem:
     info: dict
 
 
+# Image file extensions, longest first. Ids keep every other part of a file name: dotted DICOM-style
+# names (1.2.840.113619.2.55.nii.gz) are distinct studies, not all "1".
+IMAGE_EXTENSIONS = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+def split_image_name(name: str) -> tuple[str, str]:
+    """(id, extension) of an image file name: only a known image extension is stripped."""
+    name = os.path.basename(name)
+    for ext in IMAGE_EXTENSIONS:
+        if name.lower().endswith(ext) and len(name) > len(ext):
+            return name[: -len(ext)], name[-len(ext):]
+    return name, ""
+
+
 def study_id_of(path: str) -> str:
-    name = os.path.basename(path)
-    return name[: -len(".nii.gz")] if name.endswith(".nii.gz") else os.path.splitext(name)[0]
+    return split_image_name(path)[0]
 
 
 def open_datastore(folder: str) -> LocalDatastore:

@@ -130,6 +130,21 @@ def same_grid(a: sitk.Image, b: sitk.Image, tol: float = 1e-4) -> bool:
     )
 
 
+def grid_differences(a: sitk.Image, b: sitk.Image, tol: float = 1e-4) -> list[str]:
+    """What differs between `a`'s grid and `b`'s (size, origin, spacing, direction), with both values,
+    e.g. ``["origin [0, 0, 2.5] vs [0, 0, 0]"]``; empty when ``same_grid(a, b, tol)``."""
+    def fmt(v) -> str:
+        return "[" + ", ".join(f"{float(x):.6g}" for x in v) + "]"
+
+    out = [] if a.GetSize() == b.GetSize() else [f"size {list(a.GetSize())} vs {list(b.GetSize())}"]
+    for name, get in (("origin", sitk.Image.GetOrigin), ("spacing", sitk.Image.GetSpacing),
+                      ("direction", sitk.Image.GetDirection)):
+        va, vb = get(a), get(b)
+        if len(va) != len(vb) or not np.allclose(va, vb, atol=tol):
+            out.append(f"{name} {fmt(va)} vs {fmt(vb)}")
+    return out
+
+
 def copy_geometry(img: sitk.Image, reference: sitk.Image) -> sitk.Image:
     img.SetSpacing(reference.GetSpacing())
     img.SetOrigin(reference.GetOrigin())

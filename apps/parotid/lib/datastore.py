@@ -11,8 +11,6 @@ import time
 from contextlib import contextmanager
 from typing import Any, Dict, Iterator
 
-import numpy as np
-import SimpleITK as sitk
 from fastapi import HTTPException
 from monailabel.config import settings
 from filelock import FileLock
@@ -20,11 +18,13 @@ from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastor
 from monailabel.interfaces.datastore import DefaultLabelTag
 
 from lib.errors import http_errors
-from parotid.labels import INFO_ROI, INFO_TUMOR_CLASS, SEGMENTATION_LABELS, get_label_set
-from parotid.study import StudyError, check_roi, read_study, read_volume, same_grid
+from parotid.cohort import split_image_name
+from parotid.label_validation import check_label_info, validate_label
+from parotid.labels import INFO_ROI
+from parotid.study import read_study
 
 logger = logging.getLogger(__name__)
-TUMOR_CLASSES = get_label_set("subtype4")
+ARCHIVE_DIR = ".archive"  # replaced studies, their labels and index entries; the datastore never reads it
 
 
 class StudyDatastore(LocalDatastore):
@@ -58,7 +58,15 @@ class StudyDatastore(LocalDatastore):
         else:
             self.refresh()
 
-    def add_image(self, image_id: str, image_filename: str, image_info: Dict[str, Any]) -> str:
+    def _to_id(self, file: str):
+        """LocalDatastore's version removes every occurrence of the extension; only the suffix goes here."""
+        image_id, ext = split_image_name(file)
+        return (image_id, ext) if ext else super()._to_id(file)
+
+    def add_image(self, image_id: str, image_filename: str, image_info: Dict[str, Any], overwrite: bool = False) -> str:
+        """An existing study id is a 409 unless `overwrite`: then the old study file, every label file of
+        that id and its index entry (label info included) move to `.archive/<id>/<UTC time>/` in the same
+        transaction, and the new study's info says where (`archived`)."""
         with http_errors():
             study = read_study(image_filename, name=image_id or "upload")
         if not image_id or os.path.basename(image_id) != image_id or image_id.startswith("."):
@@ -66,10 +74,46 @@ class StudyDatastore(LocalDatastore):
         _, image_ext = self._to_id(os.path.basename(image_filename))
         name = self._filename(image_id, image_ext)
         info = {**_as_info(image_info), "sequences": list(study.sequences), "ts": int(time.time()), "name": name}
+        info.pop("archived", None)
         with self._index_transaction() as index, open(image_filename, "rb") as src:
+            if image_id in index.objects or self._files_of(image_id, index)[0]:
+                if not overwrite:
+                    raise HTTPException(409, f"study '{image_id}' already exists; to replace it (its labels and label "
+                                             "info are archived) repeat the upload with overwrite=true (admin role)")
+                info["archived"] = self._archive(image_id, index)
             _atomic_write(os.path.join(self._datastore.image_path(), name), src.read())
             index.objects[image_id] = ImageLabelModel(image=DataModel(info=info, ext=image_ext))
         return image_id
+
+    def _files_of(self, image_id: str, index: LocalDatastoreModel) -> tuple[list[str], list[str]]:
+        """The study files and label files (any tag folder, indexed or not) named by `image_id`."""
+        exts = [e.replace("*", "") for e in self._extensions]
+        images = [os.path.join(index.image_path(), image_id + e) for e in exts]
+        root = index.label_path(None)
+        tags = [t for t in os.listdir(root) if os.path.isdir(os.path.join(root, t))] if os.path.isdir(root) else []
+        labels = [os.path.join(root, t, image_id + e) for t in tags for e in exts]
+        return [p for p in images if os.path.exists(p)], [p for p in labels if os.path.exists(p)]
+
+    def _archive(self, image_id: str, index: LocalDatastoreModel) -> str:
+        """Move a study's files and index entry out of the datastore (caller holds the index transaction);
+        returns the archive folder relative to the study folder. The entry is written first, so a crash
+        part-way leaves every moved file next to its info."""
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + f"-{time.time_ns() % 10**9:09d}"
+        rel = os.path.join(ARCHIVE_DIR, image_id, stamp)
+        folder = os.path.join(self._datastore_path, rel)
+        os.makedirs(folder)
+        old = index.objects.pop(image_id, None)
+        entry = old.model_dump() if old else {}
+        _atomic_write(os.path.join(folder, "entry.json"), json.dumps(entry, indent=2, default=str).encode())
+        images, labels = self._files_of(image_id, index)
+        for path in labels:
+            tag = os.path.basename(os.path.dirname(path))
+            os.makedirs(os.path.join(folder, "labels", tag), exist_ok=True)
+            os.replace(path, os.path.join(folder, "labels", tag, os.path.basename(path)))
+        for path in images:
+            os.replace(path, os.path.join(folder, os.path.basename(path)))
+        logger.info(f"study '{image_id}' replaced; previous study, {len(labels)} label(s) and info archived in {rel}")
+        return rel
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: Dict[str, Any]) -> str:
         image_uri = self.get_image_uri(image_id)
@@ -77,20 +121,7 @@ class StudyDatastore(LocalDatastore):
             raise HTTPException(404, f"unknown study '{image_id}'")
         info = _as_info(label_info)
         with http_errors():
-            study = read_study(image_uri, image_id)
-            label = read_volume(label_filename, "label")
-            if label.GetDimension() != 3 or label.GetNumberOfComponentsPerPixel() != 1:
-                raise StudyError(f"label: expected a 3D scalar label map, got {label.GetDimension()}D")
-            if not same_grid(label, study.reference, tol=1e-3):
-                raise StudyError(
-                    f"label geometry {list(label.GetSize())} does not match the study's reference grid "
-                    f"{list(study.shape)}; resample it onto the study first"
-                )
-            values = np.unique(sitk.GetArrayViewFromImage(label))
-            allowed = set(SEGMENTATION_LABELS.values())
-            if not set(values.tolist()) <= allowed:
-                raise StudyError(f"label contains values {sorted(set(values.tolist()) - allowed)}; allowed {sorted(allowed)}")
-            _check_label_info(info, study.shape)
+            validate_label(label_filename, read_study(image_uri, image_id), info)
         return self._save_label_atomically(image_id, label_filename, label_tag or DefaultLabelTag.FINAL, info)
 
     # LocalDatastore leaves the index update after a delete to the file watcher when auto_reload is on;
@@ -102,6 +133,15 @@ class StudyDatastore(LocalDatastore):
             raise HTTPException(404, f"unknown study '{image_id}'")
         super().remove_image(image_id)
         self.refresh()
+
+    def get_label_info(self, label_id: str, label_tag: str) -> Dict[str, Any]:
+        """LocalDatastore answers {} for an unknown study or tag; that is a 404 here."""
+        obj = self._datastore.objects.get(label_id)
+        if not obj:
+            raise HTTPException(404, f"unknown study '{label_id}'")
+        if label_tag not in obj.labels:
+            raise HTTPException(404, f"study '{label_id}' has no label with tag '{label_tag}'")
+        return obj.labels[label_tag].info
 
     def remove_label(self, label_id: str, label_tag: str) -> None:
         obj = self._datastore.objects.get(label_id)
@@ -155,7 +195,7 @@ class StudyDatastore(LocalDatastore):
             raise HTTPException(404, f"study '{label_id}' has no label with tag '{label_tag}'")
         with http_errors():  # the study is read only when there is a box to check against its grid
             shape = read_study(self.get_image_uri(label_id), label_id).shape if info.get(INFO_ROI) is not None else None
-            _check_label_info(info, shape)
+            check_label_info(info, shape)
         with self._index_transaction() as index:
             obj = index.objects.get(label_id)
             if not obj or label_tag not in obj.labels:
@@ -190,15 +230,8 @@ class StudyDatastore(LocalDatastore):
             write()
 
 
-_SERVER_IMAGE_KEYS = {"name", "ts", "sequences"}  # the file name, upload time and the study's sequences
+_SERVER_IMAGE_KEYS = {"name", "ts", "sequences", "archived"}  # file name, upload time, sequences, replaced study
 _SERVER_LABEL_KEYS = {"name", "ts"}
-
-
-def _check_label_info(info: Dict[str, Any], shape) -> None:
-    if info.get(INFO_TUMOR_CLASS) is not None and not TUMOR_CLASSES.accepts(str(info[INFO_TUMOR_CLASS])):
-        raise StudyError(f"tumor_class must be one of {list(TUMOR_CLASSES.classes)}")
-    if info.get(INFO_ROI) is not None:
-        check_roi(info[INFO_ROI], shape)
 
 
 def _as_info(info: Any) -> Dict[str, Any]:

@@ -41,6 +41,7 @@ from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.exception import ImageNotFoundException
 
+from parotid.label_validation import check_label_info, validate_label
 from parotid.pacs.client import make_client, phi_safe_id
 from parotid.pacs.convert import (MIXED_DWI, StudyGrouping, datasets_to_image, group_series, load_patterns,
                                   series_info_from_qido, split_dwi)
@@ -311,7 +312,13 @@ class ParotidDICOMwebDatastore(LocalDatastore):
             self.get_image_uri(image_id)  # labels attach to a cached study ("" if not on the PACS)
         if image_id not in self._datastore.objects:
             raise ImageNotFoundException(f"Image {image_id} not found")
+        if not isinstance(label_info or {}, dict):
+            raise PacsStudyError(f"label info must be a JSON object, got {type(label_info).__name__}")
         label_info = dict(label_info or {})
+        try:  # the same rules as the study-folder datastore, before anything is stored or sent to the PACS
+            validate_label(label_filename, read_study(self.get_image_uri(image_id), image_id), label_info)
+        except StudyError as e:
+            raise PacsStudyError(str(e)) from None
         if label_tag == DefaultLabelTag.FINAL and self._writeback:
             try:
                 headers = self.reference_headers(image_id)
@@ -323,6 +330,23 @@ class ParotidDICOMwebDatastore(LocalDatastore):
                 label_info["pacs_writeback_error"] = f"{type(e).__name__}: {str(e)[:200]}"
                 logger.error("SEG write-back failed for study %s: %s", image_id, label_info["pacs_writeback_error"])
         return super().save_label(image_id, label_filename, label_tag, label_info)
+
+    def get_label_info(self, label_id: str, label_tag: str) -> Dict[str, Any]:
+        label = self._datastore.label(label_id, label_tag)
+        if label is None:
+            raise PacsStudyError(f"study '{label_id}' has no label with tag '{label_tag}'", status_code=404)
+        return label.info
+
+    def update_label_info(self, label_id: str, label_tag: str, info: Dict[str, Any]) -> None:
+        self.get_label_info(label_id, label_tag)  # 404 for an unknown study or tag
+        if not isinstance(info or {}, dict):
+            raise PacsStudyError(f"label info must be a JSON object, got {type(info).__name__}")
+        info = dict(info or {})
+        try:  # the study file is cached: the label exists
+            check_label_info(info, read_study(self._study_path(label_id)).shape if info.get("roi") is not None else None)
+        except StudyError as e:
+            raise PacsStudyError(str(e)) from None
+        super().update_label_info(label_id, label_tag, info)
 
     def write_classification(self, image_id: str, result: Dict[str, Any]) -> str:
         """Store a classification result as a DICOM SR referencing the reference series; returns the SR
