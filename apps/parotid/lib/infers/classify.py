@@ -43,7 +43,8 @@ def tumour_roi_from_segmentation(study: Study, seg_path: str) -> list[int]:
     if not os.path.exists(seg_path):
         raise StudyError("no roi given and no segmentation model is available to find the tumour; "
                          "pass params.roi = [i0, i1, j0, j1, k0, k1]")
-    from parotid.segmentation.inference import segment, study_input, tumour_roi
+    from parotid.model_space import checkpoint_spacing
+    from parotid.segmentation.inference import segment_study, tumour_roi
     from parotid.segmentation.networks import SEGMENTATION, build_network
 
     mtime = os.path.getmtime(seg_path)
@@ -54,8 +55,8 @@ def tumour_roi_from_segmentation(study: Study, seg_path: str) -> list[int]:
             ck = torch.load(seg_path, map_location="cpu")
             net.load_state_dict(ck.get("model", ck))
             net.eval()
-            _SEG_CACHE[seg_path] = cached = (net, mtime)
-    label = segment(cached[0], SEGMENTATION, study_input(study, SEGMENTATION))
+            _SEG_CACHE[seg_path] = cached = (net, mtime, checkpoint_spacing(ck))
+    label, _ = segment_study(cached[0], SEGMENTATION, study, cached[2])  # label on the study grid
     roi = tumour_roi(label)  # largest tumour component: the index tumour
     if roi is None:
         raise StudyError("no roi given and the segmentation model found no tumour in this study; "
