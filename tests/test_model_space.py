@@ -30,11 +30,11 @@ from conftest import APP, SAMPLE
 from parotid.classification.predict import classify
 from parotid.classification.train import load_checkpoint
 from parotid.model_space import (SPACING_RTOL, checkpoint_spacing, map_roi, model_grid, needs_resampling,
-                                 stamp_spacing, to_model_space)
+                                 stamp_spacing)
 from parotid.segmentation.inference import (contour_in_box, contour_study, dice, segment, segment_study,
                                             study_input)
 from parotid.segmentation.networks import CONTOUR_BOX, SEGMENTATION, build_network
-from parotid.study import StudyError, read_study, write_study
+from parotid.study import Study, StudyError, read_study, write_study
 
 SID = "syn7_0000"
 FINE = (0.75, 0.75, 3.0)
@@ -48,8 +48,16 @@ def study():
 
 @pytest.fixture(scope="module")
 def fine(study):
-    """The same anatomy at 0.75 mm in-plane (SimpleITK linear resampling of the sample study)."""
-    return to_model_space(study, FINE).model_study
+    """The same anatomy at 0.75 mm in-plane: SimpleITK linear resampling of the sample study onto a
+    grid with its direction and field of view (built here, independently of parotid.model_space)."""
+    ref = study.reference
+    grid = sitk.Image([2 * ref.GetSize()[0], 2 * ref.GetSize()[1], ref.GetSize()[2]], sitk.sitkUInt8)
+    grid.SetSpacing(FINE)
+    grid.SetDirection(ref.GetDirection())
+    shift = (np.array(FINE) - np.array(ref.GetSpacing())) / 2  # same outer voxel faces
+    grid.SetOrigin(np.array(ref.GetOrigin()) + np.array(ref.GetDirection()).reshape(3, 3) @ shift)
+    img = sitk.Resample(study.image, grid, sitk.Transform(), sitk.sitkLinear, 0.0, study.image.GetPixelID())
+    return Study(img, study.sequences)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,8 @@ model's tumour is used (422 if there is none).
 
 Response ``params`` (JSON): ``prediction`` [{idx, label, score}] (calibrated, sums to 1),
 ``predicted_class``, ``malignancy_probability``, ``undetermined`` (MC dropout), ``uncertainty``,
-``model``, ``version``, ``roi``, ``roi_source``, ``label_set``. Response image: Grad-CAM volume
+``model``, ``version``, ``roi``, ``roi_source``, ``label_set``, ``model_spacing`` / ``resampled`` (and
+``model_roi`` when resampled; parotid.model_space). Response image: Grad-CAM volume
 (float32 0..1, NIfTI, the study's reference grid), normalised jointly over all slices.
 
 MONAI Label's BasicInferTask returns JSON only for classification tasks and runs the inferer under
