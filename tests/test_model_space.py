@@ -211,3 +211,24 @@ def test_same_anatomy_at_two_voxel_sizes_same_class(study, fine, roi, tmp_path):
     net, sp = _net(SEGMENTATION, "segmentation")
     scores = score_study(fine, net, model, cfg, sp)
     assert {"seg_tta_variance", "cls_entropy", "cls_margin", "cls_mc_std"} <= set(scores)
+
+
+def test_trainers_record_the_training_spacing_and_resample_other_grids(fine, tmp_path):
+    from parotid.classification.train import cohort_spacing
+    from parotid.cohort import CohortItem
+    from parotid.segmentation.train import _load, train
+
+    items = [CohortItem(s, str(SAMPLE / f"{s}.nii.gz"), str(SAMPLE / "labels" / "final" / f"{s}.nii.gz"), None, None, {})
+             for s in (SID, "syn7_0001", "syn7_0002")]
+    # the 0.75 mm twin of syn7_0000 with its label on that grid
+    write_study(fine, str(tmp_path / "fine.nii.gz"), as_int16=True)
+    lab = sitk.Resample(sitk.ReadImage(items[0].label), fine.reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    sitk.WriteImage(lab, str(tmp_path / "fine_label.nii.gz"))
+    items.append(CohortItem("fine", str(tmp_path / "fine.nii.gz"), str(tmp_path / "fine_label.nii.gz"), None, None, {}))
+    assert cohort_spacing(it.image for it in items) == TRAINED_AT  # per-axis median: 3 of 4 at 1.5 mm
+    data = _load(items, SEGMENTATION, TRAINED_AT)
+    assert data[3][0].shape == data[0][0].shape  # the fine study was resampled to the training grid
+    assert dice(data[3][1] == 1, data[0][1] == 1) > 0.95 and dice(data[3][1] == 2, data[0][1] == 2) > 0.9
+    out = tmp_path / "segmentation.pt"
+    train(SEGMENTATION, items, str(out), iterations=1, batch_size=1)
+    assert torch.load(out, weights_only=True)["spacing"] == TRAINED_AT
