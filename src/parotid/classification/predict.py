@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from monai.visualize import GradCAM
 
+from parotid.model_space import checkpoint_spacing, to_model_space
 from parotid.study import Study, StudyError, check_roi
 
 from .crops import Crop, extract_crop, paste_heatmap
@@ -92,9 +93,15 @@ def mc_dropout(model: SequenceModel, feats: torch.Tensor, temperature: float, pa
 
 def classify(model: SequenceModel, cfg: dict, study: Study, roi, heatmap: bool = True, clinical=None,
              heatmap_mode: str = "roi") -> tuple[dict, np.ndarray | None]:
-    """Returns (result JSON, heatmap volume (I, J, K) or None)."""
+    """Returns (result JSON, heatmap volume (I, J, K) or None), both on the STUDY grid.
+
+    The study is resampled to the checkpoint's training spacing (``cfg["spacing"]``, see
+    parotid.model_space) and the box mapped onto that grid; the heatmap comes back linearly."""
     roi = [int(v) for v in roi]
-    x, box, crop = prepare(study, roi, cfg)
+    check_roi(roi, study.shape)  # errors name the study's grid, not the model's
+    space = to_model_space(study, checkpoint_spacing(cfg))
+    mroi = space.roi_to_model(roi)
+    x, box, crop = prepare(space.model_study, mroi, cfg)
     model.eval()
     T = float(cfg.get("temperature", 1.0))
     with torch.no_grad():
@@ -129,10 +136,17 @@ def classify(model: SequenceModel, cfg: dict, study: Study, roi, heatmap: bool =
         "missing_sequences": [q for q in cfg["sequences"] if q not in study.sequences],
         "temperature": T,
         "synthetic_training_data": bool(cfg.get("trained", {}).get("synthetic", False)),
+        **space.params,
     }
+    if space.resampled:
+        result["model_roi"] = mroi  # the box on the model's grid (same physical region)
     if heatmap_mode not in ("roi", "gradcam"):
         raise StudyError(f"heatmap must be 'roi' or 'gradcam', got {heatmap_mode!r}")
     result["heatmap"] = {"method": "Grad-CAM layer2" + (" x RoI-Align read-out weight" if heatmap_mode == "roi" else ""),
                          "class": classes[top], "normalisation": "joint (volume maximum)"} if heatmap else None
-    vol = gradcam_volume(model, x, box, crop, study.shape, roi, top, clinical, heatmap_mode) if heatmap else None
+    vol = gradcam_volume(model, x, box, crop, space.model_study.shape, mroi, top, clinical, heatmap_mode) if heatmap else None
+    if vol is not None and space.resampled:
+        vol = space.values_to_study(vol)
+        mx = float(vol.max())
+        vol = vol / mx if mx > 0 else vol  # joint normalisation again, on the study grid
     return result, vol

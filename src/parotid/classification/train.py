@@ -24,8 +24,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from parotid.labels import get_label_set
+from parotid.model_space import SPACING_KEY, file_spacing, training_spacing
 
-from .data import CropSet, build_cropset
+from .data import CropSet, build_cropset, read_cohort
 from .models import ImageNet, SequenceModel, SliceResNet, fit_temperature
 
 VERSION = "0.1.0"
@@ -320,9 +321,10 @@ def load_checkpoint(path: str) -> tuple[SequenceModel, dict]:
 
 def train_task_model(cs: CropSet, label_set_name: str, seqs=DEFAULT_SEQS, fusion: str = "early",
                      epochs1: int = 12, epochs2: int = 60, seed: int = 0, val_frac: float = 0.2, desc="",
-                     required=DEFAULT_REQUIRED) -> tuple[SequenceModel, dict]:
+                     required=DEFAULT_REQUIRED, spacing=None) -> tuple[SequenceModel, dict]:
     """The server model: Liu's sequence model (early fusion of `seqs` as channels by default, or late
-    'add'/'spl' fusion with one branch per sequence) + temperature + MC-dropout settings."""
+    'add'/'spl' fusion with one branch per sequence) + temperature + MC-dropout settings. `spacing`:
+    the training studies' spacing (`cohort_spacing`), recorded so inference resamples to it."""
     ls = get_label_set(label_set_name)
     required = [q for q in required if q in seqs] if fusion == "early" else list(seqs)
     keep = [i for i, c in enumerate(cs.tumor_class) if ls.accepts(c) and all(cs.avail[i, cs.channels(required)])]
@@ -343,7 +345,15 @@ def train_task_model(cs: CropSet, label_set_name: str, seqs=DEFAULT_SEQS, fusion
                        "epochs_stage1": epochs1, "epochs_stage2": epochs2, "seed": seed,
                        "seconds": round(time.time() - t0, 1), "synthetic": True,
                        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}}
+    if spacing is not None:
+        cfg[SPACING_KEY] = [float(v) for v in spacing]
     return model, cfg
+
+
+def cohort_spacing(images) -> list[float]:
+    """Training spacing [sx, sy, sz] mm (I, J, K) of the study files `images`: the per-axis median.
+    Crops are cut on each study's own grid (all synthetic cohorts share one spacing)."""
+    return training_spacing(file_spacing(p) for p in images)
 
 
 def main(argv=None):
@@ -364,10 +374,11 @@ def main(argv=None):
     torch.set_num_threads(a.threads)
     sets = a.label_sets or [TASK_LABEL_SETS.get(t, "subtype4") for t in a.tasks]
     cs = build_cropset(a.cohort, size=a.size)
+    spacing = cohort_spacing(r.image for r in read_cohort(a.cohort))
     os.makedirs(a.out, exist_ok=True)
     for task, ls in zip(a.tasks, sets):
         model, cfg = train_task_model(cs, ls, a.sequences, a.fusion, a.epochs1, a.epochs2, a.seed, desc=task,
-                                      required=a.required)
+                                      required=a.required, spacing=spacing)
         cfg["task"] = task
         cfg["trained"]["cohort"] = os.path.basename(os.path.abspath(a.cohort))
         path = os.path.join(a.out, f"{task}.pt")

@@ -11,6 +11,7 @@ from monai.inferers import SlidingWindowInferer
 from scipy import ndimage
 
 from parotid.labels import GLAND, TUMOR
+from parotid.model_space import ModelSpace, to_model_space
 from parotid.preprocess import normalize_channels
 from parotid.segmentation.networks import SegModelSpec
 from parotid.study import Study, check_roi, roi_from_mask
@@ -30,12 +31,28 @@ def study_input(study: Study, spec: SegModelSpec) -> np.ndarray:
 
 
 @torch.no_grad()
+def _logits(net: torch.nn.Module, spec: SegModelSpec, image: np.ndarray) -> torch.Tensor:
+    inferer = SlidingWindowInferer(roi_size=spec.patch, sw_batch_size=2, overlap=0.25, mode="gaussian")
+    return inferer(torch.from_numpy(image)[None], net)[0]
+
+
 def segment(net: torch.nn.Module, spec: SegModelSpec, image: np.ndarray) -> np.ndarray:
     """Whole-study gland + tumour label map (I, J, K) uint8 from a normalised (C, I, J, K) array."""
-    inferer = SlidingWindowInferer(roi_size=spec.patch, sw_batch_size=2, overlap=0.25, mode="gaussian")
-    logits = inferer(torch.from_numpy(image)[None], net)[0]
-    label = logits.argmax(0).numpy().astype(np.uint8)
+    label = _logits(net, spec, image).argmax(0).numpy().astype(np.uint8)
     return clean_label(label)
+
+
+def segment_study(net: torch.nn.Module, spec: SegModelSpec, study: Study,
+                  spacing: Sequence[float] | None) -> tuple[np.ndarray, ModelSpace]:
+    """Label map on the STUDY grid: the model runs at its training `spacing` (parotid.model_space);
+    class probabilities come back linearly and are argmax-ed on the study grid."""
+    space = to_model_space(study, spacing)
+    image = study_input(space.model_study, spec)
+    if not space.resampled:
+        return segment(net, spec, image), space
+    probs = space.values_to_study(torch.softmax(_logits(net, spec, image), 0).numpy())
+    label = probs.argmax(0).astype(np.uint8)
+    return clean_label(label, min_voxels=max(1, int(round(20 * space.voxel_ratio())))), space
 
 
 def clean_label(label: np.ndarray, min_voxels: int = 20) -> np.ndarray:
@@ -105,15 +122,30 @@ def box_input(image: np.ndarray, roi: Sequence[int], spec: SegModelSpec) -> tupl
 
 
 @torch.no_grad()
-def contour_in_box(net: torch.nn.Module, spec: SegModelSpec, image: np.ndarray, roi: Sequence[int]) -> np.ndarray:
-    """Tumour label map (I, J, K) uint8 (value TUMOR) from the box-prompted model."""
+def box_probability(net: torch.nn.Module, spec: SegModelSpec, image: np.ndarray, roi: Sequence[int]) -> np.ndarray:
+    """Tumour probability (I, J, K) float32 from the box-prompted model (0 outside the box region)."""
     x, region = box_input(image, roi, spec)
     logits = net(x)
     size = tuple(s.stop - s.start for s in region)
     prob = torch.softmax(F.interpolate(logits, size=size, mode="trilinear", align_corners=False), 1)[0, 1]
-    label = np.zeros(image.shape[1:], np.uint8)
-    label[region] = (prob.numpy() > 0.5).astype(np.uint8) * TUMOR
-    return label
+    out = np.zeros(image.shape[1:], np.float32)
+    out[region] = prob.numpy()
+    return out
+
+
+def contour_in_box(net: torch.nn.Module, spec: SegModelSpec, image: np.ndarray, roi: Sequence[int]) -> np.ndarray:
+    """Tumour label map (I, J, K) uint8 (value TUMOR) from the box-prompted model."""
+    return (box_probability(net, spec, image, roi) > 0.5).astype(np.uint8) * TUMOR
+
+
+def contour_study(net: torch.nn.Module, spec: SegModelSpec, study: Study, roi: Sequence[int],
+                  spacing: Sequence[float] | None) -> tuple[np.ndarray, ModelSpace]:
+    """Tumour label map on the STUDY grid for a box on the study grid: the box goes to the model's
+    grid (same physical region), the model runs at its training `spacing`, the probability comes back."""
+    check_roi(roi, study.shape)
+    space = to_model_space(study, spacing)
+    prob = box_probability(net, spec, study_input(space.model_study, spec), space.roi_to_model(roi))
+    return (space.values_to_study(prob) > 0.5).astype(np.uint8) * TUMOR, space
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:

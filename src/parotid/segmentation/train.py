@@ -26,19 +26,31 @@ from tqdm import tqdm
 
 from parotid.cohort import CohortItem, load_cohort
 from parotid.labels import GLAND, TUMOR
+from parotid.model_space import SPACING_KEY, checkpoint_spacing, file_spacing, label_to_model, to_model_space, training_spacing
 from parotid.segmentation.inference import box_input, box_region, contour_in_box, dice, segment, study_input
 from parotid.segmentation.networks import SPECS, SegModelSpec, build_network
 from parotid.study import read_label_map, read_study, roi_from_mask
 
 
-def _load(items: Sequence[CohortItem], spec: SegModelSpec) -> list[tuple[np.ndarray, np.ndarray]]:
+def _load(items: Sequence[CohortItem], spec: SegModelSpec, spacing=None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Inputs and labels at the training `spacing` (studies on another grid are resampled, as at inference)."""
     data = []
     for it in tqdm(items, desc="loading", leave=False):
         study = read_study(it.image, it.study_id)
         if not all(s in study.sequences for s in spec.required):
             continue
-        data.append((study_input(study, spec), read_label_map(it.label)))
+        space = to_model_space(study, spacing)
+        data.append((study_input(space.model_study, spec), label_to_model(read_label_map(it.label), space)))
     return data
+
+
+def _spacing_for(items: Sequence[CohortItem], init_from: str | None) -> list[float]:
+    """The training spacing: the fine-tuned checkpoint's, else the median of the training studies'."""
+    if init_from and os.path.exists(init_from):
+        sp = checkpoint_spacing(torch.load(init_from, map_location="cpu", weights_only=True))
+        if sp is not None:
+            return list(sp)
+    return training_spacing(file_spacing(it.image) for it in items)
 
 
 def _random_patch(img: np.ndarray, lab: np.ndarray, patch, rng: np.random.Generator, p_fg: float = 0.67):
@@ -149,7 +161,8 @@ def train(
     """Train `spec` on `items`; write the checkpoint atomically to `out_path`; return the stats."""
     set_determinism(seed)
     rng = np.random.default_rng(seed)
-    data = _load(items, spec)
+    spacing = _spacing_for(items, init_from)
+    data = _load(items, spec, spacing)
     if len(data) < 2:
         raise ValueError(f"need at least 2 labelled studies with {list(spec.sequences)}, got {len(data)}")
     n_val = max(1, int(round(val_fraction * len(data))))
@@ -182,16 +195,20 @@ def train(
     stats = evaluate(net, spec, val)
     stats.update(
         model=spec.name, train_studies=len(trn), val_studies=len(val), iterations=iterations,
-        train_seconds=round(time.time() - start, 1), version=time.strftime("%Y%m%d-%H%M%S"),
+        train_seconds=round(time.time() - start, 1), version=time.strftime("%Y%m%d-%H%M%S"), spacing=spacing,
     )
-    save_checkpoint(net, spec, stats, out_path)
+    save_checkpoint(net, spec, stats, out_path, spacing)
     return stats
 
 
-def save_checkpoint(net, spec: SegModelSpec, stats: dict, out_path: str) -> None:
+def save_checkpoint(net, spec: SegModelSpec, stats: dict, out_path: str, spacing=None) -> None:
+    """`spacing`: the training spacing [sx, sy, sz] mm (I, J, K), what inference resamples studies to."""
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     tmp = out_path + ".tmp"
-    torch.save({"model": net.state_dict(), "spec": spec.name, "sequences": list(spec.sequences), "stats": stats}, tmp)
+    ck = {"model": net.state_dict(), "spec": spec.name, "sequences": list(spec.sequences), "stats": stats}
+    if spacing is not None:
+        ck[SPACING_KEY] = [float(v) for v in spacing]
+    torch.save(ck, tmp)
     os.replace(tmp, out_path)  # atomic: the server's hot reload never sees a partial file
     with open(os.path.splitext(out_path)[0] + ".json", "w") as f:
         json.dump(stats, f, indent=2)

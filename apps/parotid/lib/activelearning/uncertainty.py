@@ -29,6 +29,7 @@ from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.tasks.activelearning.epistemic import Epistemic
 
+from parotid.model_space import checkpoint_spacing, to_model_space
 from parotid.segmentation.inference import segment_with_uncertainty, study_input, tumour_roi
 from parotid.segmentation.networks import SEGMENTATION, build_network
 from parotid.study import StudyError, read_study
@@ -37,11 +38,14 @@ logger = logging.getLogger(__name__)
 SCORE_KEYS = ("seg_tta_variance", "cls_entropy", "cls_margin", "cls_mc_std")
 
 
-def score_study(study, seg_net, cls_model=None, cls_cfg=None) -> Dict[str, float]:
-    """All uncertainty scores of one study (classification scores need a tumour and a model)."""
-    label, seg_var = segment_with_uncertainty(seg_net, SEGMENTATION, study_input(study, SEGMENTATION))
+def score_study(study, seg_net, cls_model=None, cls_cfg=None, seg_spacing=None) -> Dict[str, float]:
+    """All uncertainty scores of one study (classification scores need a tumour and a model). The
+    segmentation model runs at its training spacing (parotid.model_space); the box goes back to the
+    study grid for the classifier, which resamples on its own."""
+    space = to_model_space(study, seg_spacing)
+    label, seg_var = segment_with_uncertainty(seg_net, SEGMENTATION, study_input(space.model_study, SEGMENTATION))
     scores: Dict[str, float] = {"seg_tta_variance": seg_var}
-    roi = tumour_roi(label)
+    roi = space.roi_to_study(tumour_roi(label))
     if cls_model is None or roi is None:
         return scores
     from parotid.classification.predict import classify
@@ -65,8 +69,10 @@ class StudyUncertaintyScoring(ScoringMethod):
 
     def _models(self):
         seg = build_network(SEGMENTATION)
-        seg.load_state_dict(torch.load(self.seg_path, map_location="cpu")["model"])
+        ck = torch.load(self.seg_path, map_location="cpu")
+        seg.load_state_dict(ck["model"])
         seg.eval()
+        self.seg_spacing = checkpoint_spacing(ck)
         cls_model = cls_cfg = None
         if os.path.exists(self.cls_path):
             from parotid.classification.train import load_checkpoint
@@ -89,7 +95,7 @@ class StudyUncertaintyScoring(ScoringMethod):
                 continue  # already scored with these checkpoints
             try:
                 study = read_study(datastore.get_image_uri(image_id), image_id)
-                scores = score_study(study, seg, cls_model, cls_cfg)
+                scores = score_study(study, seg, cls_model, cls_cfg, self.seg_spacing)
             except StudyError as e:
                 logger.warning(f"cannot score study {image_id}: {e}")
                 continue

@@ -6,7 +6,8 @@ model's tumour is used (422 if there is none).
 
 Response ``params`` (JSON): ``prediction`` [{idx, label, score}] (calibrated, sums to 1),
 ``predicted_class``, ``malignancy_probability``, ``undetermined`` (MC dropout), ``uncertainty``,
-``model``, ``version``, ``roi``, ``roi_source``, ``label_set``. Response image: Grad-CAM volume
+``model``, ``version``, ``roi``, ``roi_source``, ``label_set``, ``model_spacing`` / ``resampled`` (and
+``model_roi`` when resampled; parotid.model_space). Response image: Grad-CAM volume
 (float32 0..1, NIfTI, the study's reference grid), normalised jointly over all slices.
 
 MONAI Label's BasicInferTask returns JSON only for classification tasks and runs the inferer under
@@ -43,7 +44,8 @@ def tumour_roi_from_segmentation(study: Study, seg_path: str) -> list[int]:
     if not os.path.exists(seg_path):
         raise StudyError("no roi given and no segmentation model is available to find the tumour; "
                          "pass params.roi = [i0, i1, j0, j1, k0, k1]")
-    from parotid.segmentation.inference import segment, study_input, tumour_roi
+    from parotid.model_space import checkpoint_spacing
+    from parotid.segmentation.inference import segment_study, tumour_roi
     from parotid.segmentation.networks import SEGMENTATION, build_network
 
     mtime = os.path.getmtime(seg_path)
@@ -54,8 +56,8 @@ def tumour_roi_from_segmentation(study: Study, seg_path: str) -> list[int]:
             ck = torch.load(seg_path, map_location="cpu")
             net.load_state_dict(ck.get("model", ck))
             net.eval()
-            _SEG_CACHE[seg_path] = cached = (net, mtime)
-    label = segment(cached[0], SEGMENTATION, study_input(study, SEGMENTATION))
+            _SEG_CACHE[seg_path] = cached = (net, mtime, checkpoint_spacing(ck))
+    label, _ = segment_study(cached[0], SEGMENTATION, study, cached[2])  # label on the study grid
     roi = tumour_roi(label)  # largest tumour component: the index tumour
     if roi is None:
         raise StudyError("no roi given and the segmentation model found no tumour in this study; "

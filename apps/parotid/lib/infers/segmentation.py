@@ -9,7 +9,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 
 from lib.infers.study_task import StudyInferTask
 from parotid.labels import INFO_ROI
-from parotid.segmentation.inference import contour_in_box, segment, study_input, tumour_roi
+from parotid.segmentation.inference import contour_study, segment_study, tumour_roi
 from parotid.segmentation.networks import SegModelSpec
 from parotid.study import Study, StudyError
 
@@ -31,8 +31,8 @@ class SegmentStudy(StudyInferTask):
         self.spec, self.version = spec, version
 
     def predict(self, network, study: Study, data: Dict[str, Any]):
-        label = segment(network, self.spec, study_input(study, self.spec))
-        return label, {"model": self.spec.name, **_summary(label, study)}
+        label, space = segment_study(network, self.spec, study, self.model_spacing())
+        return label, {"model": self.spec.name, **_summary(label, study), **space.params}
 
 
 class ContourInBox(StudyInferTask):
@@ -46,5 +46,6 @@ class ContourInBox(StudyInferTask):
         roi = data.get(INFO_ROI)
         if roi is None or roi == []:
             raise StudyError("this model needs a box: params.roi = [i0, i1, j0, j1, k0, k1]")
-        label = contour_in_box(network, self.spec, study_input(study, self.spec), roi)
-        return label, {"model": self.spec.name, INFO_ROI: [int(v) for v in roi], **_summary(label, study)}
+        label, space = contour_study(network, self.spec, study, roi, self.model_spacing())
+        return label, {"model": self.spec.name, INFO_ROI: [int(v) for v in roi], **_summary(label, study),
+                       **space.params}

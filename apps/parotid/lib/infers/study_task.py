@@ -24,6 +24,7 @@ from monailabel.tasks.infer.basic_infer import BasicInferTask
 from monailabel.utils.others.generic import file_checksum
 
 from lib.errors import http_errors
+from parotid.model_space import checkpoint_spacing
 from parotid.study import Study, StudyError, copy_geometry, read_study
 
 logger = logging.getLogger(__name__)
@@ -113,6 +114,19 @@ class StudyInferTask(BasicInferTask):
         if key not in self._identities:
             self._identities[key] = {"checksum": file_checksum(path), "modified_time": int(key[1])}
         return self._identities[key]
+
+    _spacings: Dict[tuple, Any] = {}
+
+    def model_spacing(self):
+        """The served checkpoint's training spacing (parotid.model_space), None if it records none."""
+        path = self.get_path()
+        if not path:
+            return None
+        key = (path, os.stat(path).st_mtime)
+        if key not in self._spacings:
+            ck = torch.load(path, map_location="cpu", weights_only=True)
+            self._spacings[key] = checkpoint_spacing(ck if isinstance(ck, dict) else None)
+        return self._spacings[key]
 
     def predict(self, network, study: Study, data: Dict[str, Any]):
         raise NotImplementedError

@@ -19,7 +19,7 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 
 from parotid.classification.data import Record, cropset_from_records
-from parotid.classification.train import DEFAULT_SEQS, save_checkpoint, train_task_model
+from parotid.classification.train import DEFAULT_SEQS, cohort_spacing, save_checkpoint, train_task_model
 from parotid.cohort import cohort_items
 from parotid.labels import get_label_set
 
@@ -59,7 +59,8 @@ class TrainClassify(TrainTask):
         t0 = time.time()
         cs = cropset_from_records(recs, size=48, cache_dir=None, name=self.name)
         model, cfg = train_task_model(cs, ls.name, seqs, conf["fusion"], int(conf["epochs1"]), int(conf["epochs2"]),
-                                      int(conf["seed"]), float(conf["val_frac"]), desc=self.name)
+                                      int(conf["seed"]), float(conf["val_frac"]), desc=self.name,
+                                      spacing=cohort_spacing(r.image for r in recs))
         cfg["task"] = self.name
         cfg["trained"]["source"] = "datastore"
         cfg["trained"]["seconds_total"] = round(time.time() - t0, 1)
