@@ -19,7 +19,9 @@ from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore, LocalDatastoreModel
 from monailabel.interfaces.datastore import DefaultLabelTag
 
+from lib.activelearning.strategies import check_strategy_info
 from lib.errors import http_errors
+from lib.study_support import FLAG_KEYS, study_flags
 from parotid.labels import INFO_ROI, INFO_TUMOR_CLASS, SEGMENTATION_LABELS, get_label_set
 from parotid.study import StudyError, check_roi, read_study, read_volume, same_grid
 
@@ -65,7 +67,8 @@ class StudyDatastore(LocalDatastore):
             raise HTTPException(422, f"invalid study id {image_id!r}")
         _, image_ext = self._to_id(os.path.basename(image_filename))
         name = self._filename(image_id, image_ext)
-        info = {**_as_info(image_info), "sequences": list(study.sequences), "ts": int(time.time()), "name": name}
+        info = {**_as_info(image_info), "sequences": list(study.sequences), "ts": int(time.time()), "name": name,
+                **study_flags(study.sequences)}  # models that cannot process this study (lib/study_support.py)
         with self._index_transaction() as index, open(image_filename, "rb") as src:
             _atomic_write(os.path.join(self._datastore.image_path(), name), src.read())
             index.objects[image_id] = ImageLabelModel(image=DataModel(info=info, ext=image_ext))
@@ -139,6 +142,8 @@ class StudyDatastore(LocalDatastore):
         info = _as_info(info)
         if set(info) & _SERVER_IMAGE_KEYS:
             raise HTTPException(422, f"image info keys {sorted(set(info) & _SERVER_IMAGE_KEYS)} are set by the server")
+        with http_errors():
+            check_strategy_info(info)  # active learning's served-time record must stay readable
         with self._index_transaction() as index:
             obj = index.objects.get(image_id)
             if not obj:
@@ -190,7 +195,7 @@ class StudyDatastore(LocalDatastore):
             write()
 
 
-_SERVER_IMAGE_KEYS = {"name", "ts", "sequences"}  # the file name, upload time and the study's sequences
+_SERVER_IMAGE_KEYS = {"name", "ts", "sequences", *FLAG_KEYS}  # file name, upload time, sequences, model flags
 _SERVER_LABEL_KEYS = {"name", "ts"}
 
 
