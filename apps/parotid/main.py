@@ -1,8 +1,9 @@
 """MONAI Label app: parotid gland + tumour contouring and tumour classification on multi-sequence MRI.
 
-    monailabel start_server --app apps/parotid --studies sample-data/studies --conf models all
+    monailabel start_server --app apps/parotid --studies /data/studies --conf models all --host 127.0.0.1
 
-`--conf models` takes a comma-separated list of config names (see `lib/configs`), or `all`.
+`--conf models` takes a comma-separated list of config names (see `lib/configs`), or `all`;
+`--conf model_dir DIR` reads and trains checkpoints in DIR instead of `<app>/model`.
 """
 
 from __future__ import annotations
@@ -27,11 +28,13 @@ from monailabel.interfaces.tasks.train import TrainTask
 
 import lib.configs
 from lib import http_api
+from lib.cors import restrict_cors
 from lib.datastore import StudyDatastore
 from lib.errors import http_errors
 from lib.image_upload import install_image_upload
 from lib.model_upload import install_checkpoint_upload_check
 from lib.sessions import StudySessions
+from lib.study_support import report_flags_on_upload, skipping_unprocessable
 from parotid.pacs.auth import fix_monailabel_jwt
 
 fix_monailabel_jwt()  # MONAI Label 0.8.5 + PyJWT 2.x: tokens are decoded without `algorithms` (see docs/pacs.md)
@@ -52,7 +55,7 @@ def discover_configs() -> Dict[str, type]:
 
 class ParotidApp(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: Dict[str, str]):
-        self.model_dir = os.path.join(app_dir, "model")
+        self.model_dir = os.path.abspath(conf.get("model_dir") or os.path.join(app_dir, "model"))  # serve.sh: a copy
         configs = discover_configs()
         wanted = conf.get("models", "all")
         names = sorted(configs) if wanted == "all" else [n.strip().lower() for n in wanted.split(",") if n.strip()]
@@ -127,6 +130,8 @@ class ParotidApp(MONAILabelApp):
         install_image_upload(fastapi_app)
         jobs = {"train": self._trainers, "scoring": self._scoring_methods, "batch/infer": self._infers}
         http_api.install(fastapi_app, lambda kind: jobs[kind].keys())
+        restrict_cors(fastapi_app)  # MONAI Label allows every origin
+        report_flags_on_upload()  # PUT /datastore/image answers with the models that cannot process the study
 
     def infer_wsi(self, request: Dict[str, Any], datastore=None):
         raise HTTPException(404, "whole-slide (pathology) inference is not offered by this MRI app; use /infer/{model}")
@@ -147,7 +152,14 @@ class ParotidApp(MONAILabelApp):
                 raise HTTPException(422, f"{key} must be a non-negative integer")
         if not torch.cuda.is_available():
             request.update(multi_gpu=False, device="cpu")
-        return super().batch_infer(request, datastore)
+        # a study the model cannot process is reported in the result and skipped, not fatal to the batch
+        return self._batch_infer(request, datastore or self.datastore(), skipping_unprocessable(self.infer))
+
+    def next_sample(self, request: Dict[str, Any]):
+        """A `strategy` in the request body must be a name (MONAI Label looks it up in a dict: 500)."""
+        if not isinstance(request.get("strategy"), (str, type(None))):
+            raise HTTPException(422, "strategy must be the name of a strategy listed under 'strategies' in /info")
+        return super().next_sample(request)
 
     def infer(self, request: Dict[str, Any], datastore=None):
         """Check the model and study first so that bad requests get 4xx JSON, not a 500."""

@@ -17,7 +17,9 @@ from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore, LocalDatastoreModel
 from monailabel.interfaces.datastore import DefaultLabelTag
 
+from lib.activelearning.strategies import check_strategy_info
 from lib.errors import http_errors
+from lib.study_support import FLAG_KEYS, study_flags
 from parotid.cohort import split_image_name
 from parotid.label_validation import check_label_info, validate_label
 from parotid.labels import INFO_ROI
@@ -73,7 +75,8 @@ class StudyDatastore(LocalDatastore):
             raise HTTPException(422, f"invalid study id {image_id!r}")
         _, image_ext = self._to_id(os.path.basename(image_filename))
         name = self._filename(image_id, image_ext)
-        info = {**_as_info(image_info), "sequences": list(study.sequences), "ts": int(time.time()), "name": name}
+        info = {**_as_info(image_info), "sequences": list(study.sequences), "ts": int(time.time()), "name": name,
+                **study_flags(study.sequences)}  # models that cannot process this study (lib/study_support.py)
         info.pop("archived", None)
         with self._index_transaction() as index, open(image_filename, "rb") as src:
             if image_id in index.objects or self._files_of(image_id, index)[0]:
@@ -179,6 +182,8 @@ class StudyDatastore(LocalDatastore):
         info = _as_info(info)
         if set(info) & _SERVER_IMAGE_KEYS:
             raise HTTPException(422, f"image info keys {sorted(set(info) & _SERVER_IMAGE_KEYS)} are set by the server")
+        with http_errors():
+            check_strategy_info(info)  # active learning's served-time record must stay readable
         with self._index_transaction() as index:
             obj = index.objects.get(image_id)
             if not obj:
@@ -230,7 +235,7 @@ class StudyDatastore(LocalDatastore):
             write()
 
 
-_SERVER_IMAGE_KEYS = {"name", "ts", "sequences", "archived"}  # file name, upload time, sequences, replaced study
+_SERVER_IMAGE_KEYS = {"name", "ts", "sequences", "archived", *FLAG_KEYS}  # file name, upload time, sequences, replaced study, model flags
 _SERVER_LABEL_KEYS = {"name", "ts"}
 
 

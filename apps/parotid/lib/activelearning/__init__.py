@@ -1,15 +1,15 @@
-"""Active-learning strategies that rank studies."""
+"""Active-learning strategies that rank studies (see strategies.py: they never answer HTTP 500)."""
 
 from __future__ import annotations
 
 from typing import Dict
 
 from monailabel.interfaces.tasks.strategy import Strategy
-from monailabel.tasks.activelearning.first import First
-from monailabel.tasks.activelearning.random import Random
+
+from lib.activelearning.strategies import FirstStudy, RandomStudy
 
 
 def default_strategies() -> Dict[str, Strategy]:
     from lib.activelearning.uncertainty import uncertainty_strategies
 
-    return {"random": Random(), "first": First(), **uncertainty_strategies()}
+    return {"random": RandomStudy(), "first": FirstStudy(), **uncertainty_strategies()}

@@ -11,8 +11,8 @@ label and stores the scores in the study's image info:
 - ``cls_margin``        1 - (p_top1 - p_top2): high when the two best classes are close;
 - ``cls_mc_std``        std of the malignancy probability over MC-dropout passes.
 
-The strategies are MONAI Label's `Epistemic` strategy keyed on each score (highest first, studies
-served recently are rotated), plus `random` and `first`.
+The strategies rank by each score, highest first, studies served recently rotated (MONAI Label's
+`Epistemic` rule, `strategies.ScoreRanked`), plus `random` and `first`.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ import torch
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
-from monailabel.tasks.activelearning.epistemic import Epistemic
 
+from lib.activelearning.strategies import ScoreRanked
 from parotid.model_space import checkpoint_spacing, to_model_space
 from parotid.segmentation.inference import segment_with_uncertainty, study_input, tumour_roi
 from parotid.segmentation.networks import SEGMENTATION, build_network
@@ -107,8 +107,8 @@ class StudyUncertaintyScoring(ScoringMethod):
 
 def uncertainty_strategies() -> Dict[str, Strategy]:
     return {
-        "seg_uncertainty": Epistemic(key="seg_tta_variance", desc="Study whose segmentation is least stable under flips"),
-        "cls_entropy": Epistemic(key="cls_entropy", desc="Study with the highest classification entropy"),
-        "cls_margin": Epistemic(key="cls_margin", desc="Study whose two most likely classes are closest"),
-        "cls_mc_dropout": Epistemic(key="cls_mc_std", desc="Study with the most unstable malignancy probability (MC dropout)"),
+        "seg_uncertainty": ScoreRanked("seg_tta_variance", "Study whose segmentation is least stable under flips"),
+        "cls_entropy": ScoreRanked("cls_entropy", "Study with the highest classification entropy"),
+        "cls_margin": ScoreRanked("cls_margin", "Study whose two most likely classes are closest"),
+        "cls_mc_dropout": ScoreRanked("cls_mc_std", "Study with the most unstable malignancy probability (MC dropout)"),
     }
