@@ -20,6 +20,7 @@ from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastor
 from monailabel.interfaces.datastore import DefaultLabelTag
 
 from lib.errors import http_errors
+from parotid import safe_read
 from parotid.labels import INFO_ROI, INFO_TUMOR_CLASS, SEGMENTATION_LABELS, get_label_set
 from parotid.study import StudyError, check_roi, read_study, read_volume, same_grid
 
@@ -59,13 +60,13 @@ class StudyDatastore(LocalDatastore):
             self.refresh()
 
     def add_image(self, image_id: str, image_filename: str, image_info: Dict[str, Any]) -> str:
-        with http_errors():
-            study = read_study(image_filename, name=image_id or "upload")
+        with http_errors():  # read in a contained child process: a reader crash is a 422, not a dead server
+            checked = safe_read.check_file(image_filename, "study", name=image_id or "upload")
         if not image_id or os.path.basename(image_id) != image_id or image_id.startswith("."):
             raise HTTPException(422, f"invalid study id {image_id!r}")
         _, image_ext = self._to_id(os.path.basename(image_filename))
         name = self._filename(image_id, image_ext)
-        info = {**_as_info(image_info), "sequences": list(study.sequences), "ts": int(time.time()), "name": name}
+        info = {**_as_info(image_info), "sequences": list(checked["sequences"]), "ts": int(time.time()), "name": name}
         with self._index_transaction() as index, open(image_filename, "rb") as src:
             _atomic_write(os.path.join(self._datastore.image_path(), name), src.read())
             index.objects[image_id] = ImageLabelModel(image=DataModel(info=info, ext=image_ext))
@@ -78,6 +79,7 @@ class StudyDatastore(LocalDatastore):
         info = _as_info(label_info)
         with http_errors():
             study = read_study(image_uri, image_id)
+            safe_read.check_file(label_filename, "volume", name="label")  # contained first, as for studies
             label = read_volume(label_filename, "label")
             if label.GetDimension() != 3 or label.GetNumberOfComponentsPerPixel() != 1:
                 raise StudyError(f"label: expected a 3D scalar label map, got {label.GetDimension()}D")
