@@ -248,6 +248,18 @@ def test_a_reader_crash_is_contained(tmp_path):
     small = safe_read.Limits(max_file_bytes=2**30, max_voxels=1000, memory_bytes=2**32, timeout_s=60)
     with pytest.raises(StudyError, match="larger than the server accepts"):
         safe_read.check_file(str(STUDY), "study", "upload", limits=small)
+    # memory: a small gzip file that decompresses to 64 MB, with 32 MB of address space above the reader's own
+    bomb = tmp_path / "bomb.nii.gz"
+    big = nib.Nifti1Image(np.zeros((128, 128, 128, 1, 8), np.float32), np.eye(4))
+    big.header.set_intent(1007)
+    big.header["descrip"] = b"parotid:T1,T2,CET1,DWI_B0,DWI_B1000,ADC,T1,T2"
+    nib.save(big, bomb)
+    with open(f"/proc/{safe_read._WORKER._proc.pid}/status") as f:
+        vm = int(next(ln for ln in f if ln.startswith("VmSize")).split()[1]) * 1024
+    tight = safe_read.Limits(max_file_bytes=2**30, max_voxels=2**30, memory_bytes=vm + 2**25, timeout_s=60)
+    assert safe_read.check_file(str(STUDY), "study", "upload", limits=tight)["ok"]  # good twin fits
+    with pytest.raises(StudyError, match="needs more memory than the server allows"):
+        safe_read.check_file(str(bomb), "study", "upload", limits=tight)
     mha = tmp_path / "x.mha"
     sitk.WriteImage(sitk.Image(4, 4, 4, sitk.sitkUInt8), str(mha))
     with pytest.raises(StudyError, match="must be NIfTI"):
@@ -281,3 +293,27 @@ def test_server_survives_a_crashing_upload(server, sample_ids, tmp_path):
     finally:
         for sid in uploads:
             requests.delete(f"{server.url}/datastore/", params={"id": sid}, timeout=60)
+
+
+# ----------------------------------------------------------------------------- Enhanced MR over DICOMweb
+def test_enhanced_mr_served_over_dicomweb(tmp_path):
+    """A real Orthanc holding a classic CE-T1 series and an Enhanced (multi-frame) T2: the DICOMweb
+    datastore assembles the study with the T2 placed by its per-frame geometry."""
+    from parotid.pacs.datastore import ParotidDICOMwebDatastore
+    from parotid.pacs.orthanc import OrthancProcess, orthanc_available
+
+    if not orthanc_available() and os.environ.get("PAROTID_REQUIRE_ORTHANC") != "1":
+        pytest.skip("Orthanc + DICOMweb plugin not installed (run deploy/orthanc/install.sh)")
+    t2, ce = _volume(1), _volume(2)
+    uid = generate_uid()
+    classic_ce = volume_to_mr_series(ce, "T1 post gad", uid)
+    enh_t2 = enhanced_mr(volume_to_mr_series(t2, "t2_tse_fs", uid))
+    paths = save_series(classic_ce, str(tmp_path / "ce"))
+    enh_t2.save_as(str(tmp_path / "t2.dcm"), write_like_original=False)
+    with OrthancProcess(str(tmp_path / "orthanc")) as pacs:
+        assert pacs.upload_files(paths + [str(tmp_path / "t2.dcm")]) == len(paths) + 1
+        store = ParotidDICOMwebDatastore(pacs.client(), str(tmp_path / "cache"))
+        study = read_study(store.get_image_uri(uid))
+    assert study.sequences == ("T2", "CET1")
+    for key, vol in (("T2", t2), ("CET1", ce)):
+        assert np.allclose(study.array([key])[0], sitk.GetArrayFromImage(vol).transpose(2, 1, 0), atol=1e-2), key

@@ -124,8 +124,7 @@ class _Worker:
                "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
                "PYTHONPATH": os.pathsep.join(p for p in (_PACKAGE_ROOT, os.environ.get("PYTHONPATH", "")) if p)}
         return subprocess.Popen([sys.executable, "-m", "parotid.safe_read"], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
-                                start_new_session=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
 
     def request(self, req: dict, timeout_s: float) -> dict:
         with self._lock:

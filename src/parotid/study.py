@@ -81,7 +81,8 @@ def _read_nifti(path: str, name: str) -> sitk.Image:
         what = "truncated NIfTI" if first.startswith("Expected") else "corrupt or truncated file"
         raise StudyError(f"{name}: {what} ({first})") from None
     except MemoryError:
-        raise StudyError(f"{name}: image too large to read ({list(img.shape)})") from None
+        raise StudyError(f"{name}: image of size {list(img.shape)} needs more memory than the server allows "
+                         "for one file") from None
     if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
         raise StudyError(f"{name}: contains NaN or infinite voxels")
     slope, inter = getattr(img.dataobj, "slope", 1.0), getattr(img.dataobj, "inter", 0.0)

@@ -1,4 +1,6 @@
-"""Series grouping (SeriesDescription -> sequence key) and DICOM series -> SimpleITK conversion."""
+"""Series grouping (SeriesDescription -> sequence key) and DICOM series -> SimpleITK conversion with checked
+geometry: classic single-frame MR and Enhanced (multi-frame) MR, used by ``parotid-import`` and the DICOMweb
+datastore alike."""
 
 from __future__ import annotations
 
@@ -240,7 +242,7 @@ def stack_geometry(geoms: Sequence[tuple], name: str = "series") -> StackGeometr
         raise StudyError(f"{name}: {bad} of {n} images lack {', '.join(missing)}: the series has no usable "
                          "geometry and is refused (no grid is invented)")
     if n < 2:
-        raise StudyError(f"{name}: a single slice, not a 3D series (not 3D)")
+        raise StudyError(f"{name}: a single slice, not a 3D series")
     pos = np.array([g[0] for g in geoms])
     iop = np.array([g[1] for g in geoms])
     sp = np.array([g[2] for g in geoms])
