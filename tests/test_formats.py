@@ -282,6 +282,9 @@ def test_server_survives_a_crashing_upload(server, sample_ids, tmp_path):
                              files={"label": ("label.nii.gz", f)}, timeout=120)
         assert r.status_code == 422 and "crashed the image reader" in r.json()["detail"], r.text
         assert requests.get(f"{server.url}/info/", timeout=30).status_code == 200
+        r = requests.put(url, params={"image": "fmt_garbage"}, files={"file": ("g.nii.gz", b"\x1f\x8b\x08garbage")},
+                         timeout=120)
+        assert r.status_code == 422 and "/tmp" not in r.json()["detail"], r.text  # no server paths
         for kind, path in _variants(tmp_path).items():
             sid = f"fmt_{kind}"
             with open(path, "rb") as f:

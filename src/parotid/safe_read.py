@@ -156,8 +156,12 @@ def read_dicom_folder(folder: str, name: str = "series", key: str | None = None)
 
     with tempfile.TemporaryDirectory(prefix="parotid-safe-") as tmp:
         out = os.path.join(tmp, "series.nii.gz")
-        check_file(folder, "dicom", name if key is None else f"{name}|{key}", out=out)
-        return sitk.ReadImage(out)
+        v = check_file(folder, "dicom", name if key is None else f"{name}|{key}", out=out)
+        img = sitk.ReadImage(out)
+    img.SetOrigin(v["origin"])  # NIfTI stores geometry as float32: the exact values come in the verdict
+    img.SetSpacing(v["spacing"])
+    img.SetDirection(v["direction"])
+    return img
 
 
 # ---------------------------------------------------------------------- child
@@ -186,7 +190,8 @@ def _child(kind: str, path: str, name: str, memory_bytes: int, out: str) -> dict
 
         img = convert(path, name, key=key)
         sitk.WriteImage(img, out, useCompression=True)
-        return {"ok": True, "size": list(img.GetSize())}
+        return {"ok": True, "size": list(img.GetSize()), "origin": list(img.GetOrigin()),
+                "spacing": list(img.GetSpacing()), "direction": list(img.GetDirection())}
     except StudyError as e:
         return {"error": str(e)}
     except MemoryError:

@@ -262,8 +262,8 @@ def parse_descrip(text: str) -> tuple[str, ...] | None:
 
 
 def read_study(path: str, name: str = "study") -> Study:
-    """Read a study file. A plain 3D volume is accepted as a one-sequence study named by its descrip
-    or, failing that, by the reference order's first key is NOT guessed: it must say which sequence it is."""
+    """Read a study file (NIfTI-1 or NIfTI-2). Its descrip must list the sequences: a plain volume's
+    sequence is never guessed."""
     img = read_volume(path, name)
     notes = img.GetMetaData("descrip") if img.HasMetaDataKey("descrip") else ""
     keys = parse_descrip(notes)
