@@ -80,7 +80,7 @@ def _precheck(path: str, name: str, limits: Limits) -> None:
 
 
 def check_file(path: str, kind: str = "study", name: str = "upload", out: str | None = None,
-               limits: Limits | None = None) -> dict:
+               limits: Limits | None = None, key: str | None = None) -> dict:
     """Read `path` as `kind` in a contained child process; return its summary or raise StudyError.
 
     kind "study": a study file (``read_study``); "volume": one image / label map (``read_volume``);
@@ -96,7 +96,7 @@ def check_file(path: str, kind: str = "study", name: str = "upload", out: str | 
                          "formats and DICOM with the `parotid-import` command")
     _precheck(path, name, limits)
     req = {"kind": kind, "path": os.path.abspath(path), "name": name, "memory": limits.memory_bytes,
-           "timeout": limits.timeout_s, "out": out or ""}
+           "timeout": limits.timeout_s, "out": out or "", "key": key}
     verdict = _WORKER.request(req, limits.timeout_s)
     if "signal" in verdict:
         num = int(verdict["signal"])
@@ -128,10 +128,11 @@ class _Worker:
 
     def request(self, req: dict, timeout_s: float) -> dict:
         with self._lock:
-            for attempt in (0, 1):
+            for _ in range(2):  # a worker that died between requests is restarted once
                 if self._proc is None or self._proc.poll() is not None:
                     self._proc = self._start()
                 proc = self._proc
+                ready: list = [proc.stdout]
                 try:
                     proc.stdin.write(json.dumps(req) + "\n")
                     proc.stdin.flush()
@@ -150,13 +151,15 @@ class _Worker:
 
 
 _WORKER = _Worker()
+
+
 def read_dicom_folder(folder: str, name: str = "series", key: str | None = None):
     """Convert a folder of (untrusted) DICOM files in the child; return the SimpleITK image."""
     import SimpleITK as sitk
 
     with tempfile.TemporaryDirectory(prefix="parotid-safe-") as tmp:
         out = os.path.join(tmp, "series.nii.gz")
-        v = check_file(folder, "dicom", name if key is None else f"{name}|{key}", out=out)
+        v = check_file(folder, "dicom", name, out=out, key=key)
         img = sitk.ReadImage(out)
     img.SetOrigin(v["origin"])  # NIfTI stores geometry as float32: the exact values come in the verdict
     img.SetSpacing(v["spacing"])
@@ -165,14 +168,11 @@ def read_dicom_folder(folder: str, name: str = "series", key: str | None = None)
 
 
 # ---------------------------------------------------------------------- child
-def _child(kind: str, path: str, name: str, memory_bytes: int, out: str) -> dict:
+def _child(kind: str, path: str, name: str, memory_bytes: int, out: str, key: str | None = None) -> dict:
     import resource
 
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
-    key = None
-    if "|" in name:
-        name, key = name.split("|", 1)
     try:
         if kind == "study":
             from parotid.study import read_study
@@ -222,7 +222,7 @@ def _serve() -> None:
             os.close(r)
             try:
                 signal.alarm(max(1, int(req["timeout"])))
-                verdict = _child(req["kind"], req["path"], req["name"], int(req["memory"]), req["out"])
+                verdict = _child(req["kind"], req["path"], req["name"], int(req["memory"]), req["out"], req.get("key"))
             except BaseException as e:  # noqa: BLE001 - any Python-level failure is a verdict too
                 verdict = {"error": f"{req['name']}: the image reader failed ({type(e).__name__})"}
             os.write(w, json.dumps(verdict).encode())
