@@ -4,7 +4,8 @@
 
 Input (see docs/data-format.md):
 
-    my_cohort/<study_id>/<anything naming the sequence>.nii.gz   (or .nii/.nrrd/.mha, or a DICOM series folder)
+    my_cohort/<study_id>/<anything naming the sequence>.nii.gz   (NIfTI-1/-2, .nrrd, .mha, or a DICOM folder:
+                                                                  classic or Enhanced MR, geometry checked)
     my_cohort/<study_id>/label.nii.gz                            optional: 1 gland, 2 tumour, any geometry
     labels.csv: study_id, tumor_class[, i0, i1, j0, j1, k0, k1][, age, sex, smoker]
 
@@ -27,6 +28,7 @@ import SimpleITK as sitk
 from tqdm import tqdm
 
 from parotid.cohort import open_datastore
+from parotid.pacs.convert import read_dicom_folder
 from parotid.labels import INFO_ROI, INFO_TUMOR_CLASS, SEGMENTATION_LABELS, TUMOR, get_label_set
 from parotid.sequences import match_sequence
 from parotid.study import StudyError, assemble_study, check_roi, read_volume, roi_from_mask, write_study
@@ -65,6 +67,15 @@ def find_inputs(folder: str) -> tuple[dict[str, str], str | None]:
     return seqs, label
 
 
+def read_input(path: str, key: str) -> sitk.Image:
+    """One sequence: an image file, or a folder of DICOM files whose geometry is checked (classic or
+    Enhanced multi-frame MR); of several series in one folder the one whose SeriesDescription matches
+    `key` is read, else the folder is refused with the list of series."""
+    if os.path.isdir(path):
+        return read_dicom_folder(path, key, key=key)
+    return read_volume(path, key)
+
+
 def read_table(path: str) -> dict[str, dict]:
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
@@ -75,7 +86,7 @@ def read_table(path: str) -> dict[str, dict]:
 
 def import_study(src: str, study_id: str, row: dict, datastore) -> dict:
     seq_paths, label_path = find_inputs(src)
-    study = assemble_study({k: read_volume(p, k) for k, p in seq_paths.items()})
+    study = assemble_study({k: read_input(p, k) for k, p in seq_paths.items()})
     info: dict = {"sequences": list(study.sequences)}
     cls = (row.get(INFO_TUMOR_CLASS) or "").strip()
     if cls:

@@ -18,9 +18,9 @@ convention of MONAI Label's scribbles/ROI transforms).
 
 from __future__ import annotations
 
-import gzip
-import io
 import os
+import re
+import tempfile
 import zlib
 from dataclasses import dataclass
 from typing import Mapping, Sequence as Seq
@@ -40,63 +40,87 @@ class StudyError(ValueError):
 
 
 # --------------------------------------------------------------------------- volumes
+NIFTI_EXT = (".nii", ".nii.gz")
+IMPORT_HINT = "make studies with the `parotid-import` command (docs/data-format.md)"
+
+
 def read_volume(path: str, name: str = "image") -> sitk.Image:
-    """Read an image file (NIfTI, NRRD, MHA or a DICOM series folder) with clear errors."""
+    """Read an image file (NIfTI-1/-2 with or without header extensions, NRRD, MHA, or a DICOM series
+    folder) with clear errors that never show server paths."""
     if not os.path.exists(path):
         raise StudyError(f"{name}: file not found: {os.path.basename(path)}")
     try:
         if os.path.isdir(path):
-            reader = sitk.ImageSeriesReader()
-            files = reader.GetGDCMSeriesFileNames(path)
-            if not files:
-                raise StudyError(f"{name}: no DICOM series in folder")
-            reader.SetFileNames(files)
-            return reader.Execute()
-        _check_complete(path, name)
+            from parotid.pacs.convert import read_dicom_folder  # DICOM geometry checks live there
+
+            return read_dicom_folder(path, name)
+        if path.lower().endswith(NIFTI_EXT):
+            return _read_nifti(path, name)
         return sitk.ReadImage(path)
     except RuntimeError as e:
-        raise StudyError(f"{name}: corrupt or unreadable image ({_first_line(e)})") from None
+        raise StudyError(f"{name}: corrupt or unreadable image ({scrub_paths(_first_line(e), path)})") from None
 
 
-def _check_complete(path: str, name: str) -> None:
-    """ITK silently zero-fills a truncated .nii.gz and drops NaN from vector NIfTI: check the gzip
-    stream, the NIfTI payload size and (float data) the values' finiteness before ITK reads it."""
-    if path.endswith(".gz"):
-        try:
-            with gzip.open(path, "rb") as f:
-                head = f.read(352)
-                total = len(head)
-                while chunk := f.read(1 << 20):
-                    total += len(chunk)
-        except (OSError, EOFError, zlib.error) as e:
-            raise StudyError(f"{name}: corrupt or truncated file ({e})") from None
-    elif path.endswith(".nii"):
-        with open(path, "rb") as f:
-            head = f.read(352)
-        total = os.path.getsize(path)
-    else:
-        return
-    if len(head) < 348 or not path.endswith((".nii", ".nii.gz")):
-        return  # too short for NIfTI-1: ITK's reader reports it
+def _read_nifti(path: str, name: str) -> sitk.Image:
+    """nibabel parses the header (NIfTI-1 or NIfTI-2, extensions included) and reads the whole payload, so
+    a truncated gzip stream or payload and NaN voxels are refused here: ITK silently zero-fills a truncated
+    file and drops NaN from vector images. ITK then reads the image for its geometry conventions (the
+    study files are written by ITK); SimpleITK has no NIfTI-2 reader, so NIfTI-2 is handed to it as the
+    equivalent NIfTI-1 written by nibabel."""
     try:
-        hdr = nib.Nifti1Header.from_fileobj(io.BytesIO(head), check=False)
-        if int(hdr["sizeof_hdr"]) != 348:
-            return  # not NIfTI-1 (or byte-swapped garbage): ITK's reader decides
-        expected = int(hdr["vox_offset"]) + int(np.prod(hdr.get_data_shape())) * hdr.get_data_dtype().itemsize
+        img = nib.load(path)
     except Exception as e:  # nibabel raises several types on nonsense headers
-        raise StudyError(f"{name}: corrupt NIfTI header ({type(e).__name__})") from None
-    if total < expected:
-        raise StudyError(f"{name}: truncated NIfTI ({total} of {expected} bytes)")
-    if np.issubdtype(hdr.get_data_dtype(), np.floating):
-        # ITK's NIfTI reader drops NaN in vector images: check the stored values themselves
-        if not np.isfinite(np.asanyarray(nib.load(path).dataobj)).all():
-            raise StudyError(f"{name}: contains NaN or infinite voxels")
+        raise StudyError(f"{name}: corrupt or unreadable NIfTI file ({type(e).__name__}: "
+                         f"{scrub_paths(_first_line(e), path)})") from None
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise StudyError(f"{name}: not a NIfTI-1/NIfTI-2 image (nibabel reads it as {type(img).__name__})")
+    try:
+        data = np.asanyarray(img.dataobj)
+    except (OSError, EOFError, zlib.error, ValueError) as e:
+        first = scrub_paths(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__, path)[:200]
+        what = "truncated NIfTI" if first.startswith("Expected") else "corrupt or truncated file"
+        raise StudyError(f"{name}: {what} ({first})") from None
+    except MemoryError:
+        raise StudyError(f"{name}: image of size {list(img.shape)} needs more memory than the server allows "
+                         "for one file") from None
+    if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
+        raise StudyError(f"{name}: contains NaN or infinite voxels")
+    slope, inter = getattr(img.dataobj, "slope", 1.0), getattr(img.dataobj, "inter", 0.0)
+    scaled_vector = len(img.shape) > 3 and (slope != 1.0 or inter != 0.0)
+    if isinstance(img, nib.Nifti2Image) or scaled_vector:
+        # SimpleITK 2.5 cannot read NIfTI-2, and its NIfTI reader corrupts the heap on a multi-component
+        # image with scl_slope/scl_inter (a study re-saved as scaled int16 by nibabel): ITK gets the same
+        # image as a NIfTI-1 written by nibabel, the scaling applied (float32).
+        try:
+            hdr = nib.Nifti1Header.from_header(img.header)
+            if scaled_vector:
+                data = data.astype(np.float32)
+                hdr.set_data_dtype(np.float32)
+            as_n1 = nib.Nifti1Image(data, img.affine, header=hdr)
+            as_n1.header.set_slope_inter(1.0, 0.0)
+        except Exception as e:  # noqa: BLE001 - e.g. a dimension beyond NIfTI-1's int16 range
+            raise StudyError(f"{name}: NIfTI image cannot be read ({type(e).__name__}: {_first_line(e)})") from None
+        with tempfile.TemporaryDirectory(prefix="parotid-nifti-") as tmp:
+            n1_path = os.path.join(tmp, "image.nii")
+            nib.save(as_n1, n1_path)
+            return sitk.ReadImage(n1_path)
+    return sitk.ReadImage(path)
 
 
 def _first_line(e: Exception) -> str:
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     msg = lines[-1] if lines else type(e).__name__
     return msg[:200]
+
+
+_ABS_PATH = re.compile(r"(?:[A-Za-z]:)?[/\\](?:[^\s\"'/\\]+[/\\])+([^\s\"'/\\]*)")
+
+
+def scrub_paths(msg: str, path: str = "") -> str:
+    """Reader messages name the file by its full (server-side, often temporary) path: keep the base name."""
+    if path:
+        msg = msg.replace(os.path.abspath(path), os.path.basename(path)).replace(path, os.path.basename(path))
+    return _ABS_PATH.sub(lambda m: m.group(1) or "<folder>", msg)
 
 
 def validate_volume(img: sitk.Image, name: str) -> sitk.Image:
@@ -253,8 +277,8 @@ def parse_descrip(text: str) -> tuple[str, ...] | None:
 
 
 def read_study(path: str, name: str = "study") -> Study:
-    """Read a study file. A plain 3D volume is accepted as a one-sequence study named by its descrip
-    or, failing that, by the reference order's first key is NOT guessed: it must say which sequence it is."""
+    """Read a study file (NIfTI-1 or NIfTI-2). Its descrip must list the sequences: a plain volume's
+    sequence is never guessed."""
     img = read_volume(path, name)
     notes = img.GetMetaData("descrip") if img.HasMetaDataKey("descrip") else ""
     keys = parse_descrip(notes)
@@ -266,7 +290,7 @@ def read_study(path: str, name: str = "study") -> Study:
     if keys is None:
         raise StudyError(
             f"{name}: not a parotid study file (its NIfTI descrip must list the sequences, e.g. "
-            f"'{DESCRIP_PREFIX}CET1,T2,ADC'); assemble studies with parotid.study.assemble_study"
+            f"'{DESCRIP_PREFIX}CET1,T2,ADC'); {IMPORT_HINT}"
         )
     if len(keys) != ncomp:
         raise StudyError(f"{name}: header lists {len(keys)} sequences but the image has {ncomp} components")

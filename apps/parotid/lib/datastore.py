@@ -20,6 +20,7 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 from lib.activelearning.strategies import check_strategy_info
 from lib.errors import http_errors
 from lib.study_support import FLAG_KEYS, study_flags
+from parotid import safe_read
 from parotid.cohort import split_image_name
 from parotid.label_validation import check_label_info, validate_label
 from parotid.labels import INFO_ROI
@@ -69,14 +70,15 @@ class StudyDatastore(LocalDatastore):
         """An existing study id is a 409 unless `overwrite`: then the old study file, every label file of
         that id and its index entry (label info included) move to `.archive/<id>/<UTC time>/` in the same
         transaction, and the new study's info says where (`archived`)."""
-        with http_errors():
-            study = read_study(image_filename, name=image_id or "upload")
+        with http_errors():  # read in a contained child process: a reader crash is a 422, not a dead server
+            checked = safe_read.check_file(image_filename, "study", name=image_id or "upload")
         if not image_id or os.path.basename(image_id) != image_id or image_id.startswith("."):
             raise HTTPException(422, f"invalid study id {image_id!r}")
         _, image_ext = self._to_id(os.path.basename(image_filename))
         name = self._filename(image_id, image_ext)
-        info = {**_as_info(image_info), "sequences": list(study.sequences), "ts": int(time.time()), "name": name,
-                **study_flags(study.sequences)}  # models that cannot process this study (lib/study_support.py)
+        sequences = list(checked["sequences"])
+        info = {**_as_info(image_info), "sequences": sequences, "ts": int(time.time()), "name": name,
+                **study_flags(sequences)}  # models that cannot process this study (lib/study_support.py)
         info.pop("archived", None)
         with self._index_transaction() as index, open(image_filename, "rb") as src:
             if image_id in index.objects or self._files_of(image_id, index)[0]:
@@ -124,7 +126,9 @@ class StudyDatastore(LocalDatastore):
             raise HTTPException(404, f"unknown study '{image_id}'")
         info = _as_info(label_info)
         with http_errors():
-            validate_label(label_filename, read_study(image_uri, image_id), info)
+            study = read_study(image_uri, image_id)
+            safe_read.check_file(label_filename, "volume", name="label")  # contained first, as for studies
+            validate_label(label_filename, study, info)
         return self._save_label_atomically(image_id, label_filename, label_tag or DefaultLabelTag.FINAL, info)
 
     # LocalDatastore leaves the index update after a delete to the file watcher when auto_reload is on;

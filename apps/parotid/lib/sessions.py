@@ -15,7 +15,7 @@ from fastapi import HTTPException
 from monailabel.utils.sessions import Sessions
 
 from lib.errors import http_errors
-from parotid.study import read_study
+from parotid import safe_read
 
 
 class StudySessions(Sessions):
@@ -24,8 +24,8 @@ class StudySessions(Sessions):
             if uncompress or os.path.isdir(data_file):
                 raise HTTPException(422, "a session holds one study file (.nii.gz); upload the study itself, "
                                          "not an archive or several files")
-            with http_errors():
-                read_study(data_file, name="session upload")
+            with http_errors():  # read in a contained child process (parotid.safe_read)
+                safe_read.check_file(data_file, "study", name="session upload")
         except HTTPException:
             shutil.rmtree(data_file, ignore_errors=True) if os.path.isdir(data_file) else os.remove(data_file)
             raise

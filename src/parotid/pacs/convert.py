@@ -1,4 +1,6 @@
-"""Series grouping (SeriesDescription -> sequence key) and DICOM series -> SimpleITK conversion."""
+"""Series grouping (SeriesDescription -> sequence key) and DICOM series -> SimpleITK conversion with checked
+geometry: classic single-frame MR and Enhanced (multi-frame) MR, used by ``parotid-import`` and the DICOMweb
+datastore alike."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import SimpleITK as sitk
 from pydicom.dataset import Dataset
 
 from parotid.sequences import SEQUENCE_KEYS, match_sequence
-from parotid.study import StudyError
+from parotid.study import StudyError, scrub_paths
 
 logger = logging.getLogger(__name__)
 
@@ -171,15 +173,224 @@ def split_dwi(datasets: Sequence[Dataset], name: str = "DWI series") -> dict[str
 
 
 # --------------------------------------------------------------------------- conversion
-def datasets_to_image(datasets: Sequence[Dataset], name: str = "series") -> sitk.Image:
-    """Convert the instances of one series to a 3D SimpleITK image (GDCM sorts slices by position).
+# Geometry is taken from the DICOM attributes and checked, never invented: GDCM (and so SimpleITK's series
+# reader) silently makes a 1 mm grid at origin 0 for images without ImagePositionPatient /
+# ImageOrientationPatient / PixelSpacing, stacks copies of one slice as a volume, and reads an Enhanced
+# (multi-frame) MR file as a 4D image ignoring its per-frame geometry. Frame geometry is read with pydicom
+# from the classic attributes or from the functional groups of Enhanced MR (PlanePositionSequence,
+# PlaneOrientationSequence, PixelMeasuresSequence; a per-frame item overrides the shared one). highdicom
+# 0.22 (the version compatible with pydicom 2.4) has no volume reader, hence the small code below.
+POSITION_TOL_MM = 0.01  # slices closer than this along the normal are duplicates
+SPACING_TOL = 0.01  # relative deviation of a slice gap from the median gap that makes a stack uneven
+NON_IMAGE_MODALITIES = ("SEG", "SR", "RTSTRUCT", "PR", "KO", "REG")
 
-    The instances are written to a temporary folder and read with ``sitk.ImageSeriesReader``, which
-    handles rescale slope/intercept, compressed transfer syntaxes and multi-frame files. Failures become
-    ``StudyError`` with a user-facing message."""
+
+def is_multiframe(ds: Dataset) -> bool:
+    return "PerFrameFunctionalGroupsSequence" in ds or int(ds.get("NumberOfFrames", 1) or 1) > 1
+
+
+def _fg_item(ds: Dataset, frame: int, macro: str):
+    """One frame's functional-group macro item: the per-frame item wins over the shared one."""
+    per = ds.get("PerFrameFunctionalGroupsSequence")
+    if per is not None and frame < len(per) and macro in per[frame] and per[frame][macro].value:
+        return per[frame][macro].value[0]
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    if shared and macro in shared[0] and shared[0][macro].value:
+        return shared[0][macro].value[0]
+    return None
+
+
+def _floats(item, keyword: str, n: int):
+    v = item.get(keyword) if item is not None else None
+    if v is None or v == "":
+        return None
+    if isinstance(v, (str, bytes)) or not hasattr(v, "__iter__"):
+        v = [v]
+    try:
+        vals = [float(x) for x in v]
+    except (TypeError, ValueError):
+        return None
+    return vals if len(vals) == n and np.isfinite(vals).all() else None
+
+
+def frame_geometry(ds: Dataset) -> list[tuple]:
+    """(position, orientation, pixel spacing) of every frame; None where an attribute is missing."""
+    if not is_multiframe(ds):
+        return [(_floats(ds, "ImagePositionPatient", 3), _floats(ds, "ImageOrientationPatient", 6),
+                 _floats(ds, "PixelSpacing", 2))]
+    n = int(ds.get("NumberOfFrames", 1) or 1)
+    return [(_floats(_fg_item(ds, f, "PlanePositionSequence"), "ImagePositionPatient", 3),
+             _floats(_fg_item(ds, f, "PlaneOrientationSequence"), "ImageOrientationPatient", 6),
+             _floats(_fg_item(ds, f, "PixelMeasuresSequence"), "PixelSpacing", 2)) for f in range(n)]
+
+
+@dataclass
+class StackGeometry:
+    order: np.ndarray  # frame indices sorted along the slice normal
+    origin: tuple
+    spacing: tuple  # (column spacing, row spacing, slice gap): ITK's (i, j, k)
+    direction: tuple  # row-major 3x3, columns = row direction, column direction, normal
+
+
+def stack_geometry(geoms: Sequence[tuple], name: str = "series") -> StackGeometry:
+    """Check that frames form one regular 3D stack and return its geometry; StudyError says what is wrong."""
+    n = len(geoms)
+    missing = sorted({attr for g in geoms for attr, v in zip(("ImagePositionPatient", "ImageOrientationPatient",
+                                                                "PixelSpacing"), g) if v is None})
+    if missing:
+        bad = sum(1 for g in geoms if any(v is None for v in g))
+        raise StudyError(f"{name}: {bad} of {n} images lack {', '.join(missing)}: the series has no usable "
+                         "geometry and is refused (no grid is invented)")
+    if n < 2:
+        raise StudyError(f"{name}: a single slice, not a 3D series")
+    pos = np.array([g[0] for g in geoms])
+    iop = np.array([g[1] for g in geoms])
+    sp = np.array([g[2] for g in geoms])
+    if not np.allclose(iop, iop[0], atol=1e-4):
+        raise StudyError(f"{name}: the slices have different orientations (ImageOrientationPatient); "
+                         "a 3D series has one")
+    if not np.allclose(sp, sp[0], rtol=1e-4, atol=1e-5):
+        raise StudyError(f"{name}: the slices have different pixel spacings {sorted({tuple(r) for r in sp.tolist()})[:3]}")
+    row, col = iop[0, :3], iop[0, 3:]
+    if abs(np.linalg.norm(row) - 1) > 1e-3 or abs(np.linalg.norm(col) - 1) > 1e-3 or abs(row @ col) > 1e-3:
+        raise StudyError(f"{name}: ImageOrientationPatient {iop[0].tolist()} is not two orthogonal unit vectors")
+    normal = np.cross(row, col)
+    along = pos @ normal
+    order = np.argsort(along, kind="stable")
+    gaps = np.diff(along[order])
+    dup = int((gaps < POSITION_TOL_MM).sum())
+    if dup:
+        at = float(along[order][1:][gaps < POSITION_TOL_MM][0])
+        raise StudyError(f"{name}: duplicate slice positions: {dup} of {n} images repeat the "
+                         f"position of another (e.g. at {at:.2f} mm along the slice normal); a series holding "
+                         "several echoes, b-values or time points must be split into one series each")
+    gap = float(np.median(gaps))
+    if np.abs(gaps - gap).max() > SPACING_TOL * gap + 1e-3:
+        raise StudyError(f"{name}: uneven slice spacing: gaps between neighbouring slices range from "
+                         f"{gaps.min():.3f} to {gaps.max():.3f} mm (missing or extra slices?); a 3D series "
+                         "has one slice spacing")
+    lateral = pos[order] - pos[order[0]] - np.outer(along[order] - along[order[0]], normal)
+    if np.abs(lateral).max() > max(POSITION_TOL_MM, SPACING_TOL * gap):
+        raise StudyError(f"{name}: the slice positions do not lie on one line along the slice normal "
+                         f"(shifted by up to {np.abs(lateral).max():.2f} mm; tilted or mixed stacks)")
+    direction = np.column_stack([row, col, normal])
+    return StackGeometry(order, tuple(float(v) for v in pos[order[0]]), (float(sp[0][1]), float(sp[0][0]), gap),
+                         tuple(float(v) for v in direction.ravel()))
+
+
+def _set_geometry(img: sitk.Image, g: StackGeometry) -> sitk.Image:
+    img.SetOrigin(g.origin)
+    img.SetSpacing(g.spacing)
+    img.SetDirection(g.direction)
+    return img
+
+
+def _rescale(ds: Dataset, frame: int | None) -> tuple[float, float]:
+    item = _fg_item(ds, frame, "PixelValueTransformationSequence") if frame is not None else None
+    src = item if item is not None and "RescaleSlope" in item else ds
+    slope, inter = src.get("RescaleSlope", 1), src.get("RescaleIntercept", 0)
+    return float(slope if slope not in (None, "") else 1), float(inter if inter not in (None, "") else 0)
+
+
+def multiframe_image(datasets: Sequence[Dataset], name: str = "series") -> sitk.Image:
+    """Enhanced / multi-frame MR (one or several files) -> 3D image, frames placed by their own geometry."""
+    geoms, frames = [], []
+    for ds in datasets:
+        if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+            raise StudyError(f"{name}: colour/multi-component images are not MR sequences")
+        try:
+            arr = ds.pixel_array
+        except Exception as e:  # noqa: BLE001 - pydicom's decoders raise many types
+            raise StudyError(f"{name}: pixel data cannot be decoded ({type(e).__name__}: {str(e)[:120]})") from None
+        arr = arr.reshape((-1,) + arr.shape[-2:])
+        g = frame_geometry(ds)
+        if len(g) != arr.shape[0]:
+            raise StudyError(f"{name}: {arr.shape[0]} frames but {len(g)} frame geometries")
+        for f in range(arr.shape[0]):
+            slope, inter = _rescale(ds, f)
+            frames.append(arr[f].astype(np.float32) * slope + inter)
+        geoms += g
+    g = stack_geometry(geoms, name)
+    if len({f.shape for f in frames}) != 1:
+        raise StudyError(f"{name}: frames of different sizes")
+    vol = np.stack([frames[i] for i in g.order])  # (K, rows=J, columns=I)
+    return _set_geometry(sitk.GetImageFromArray(vol), g)
+
+
+def read_dicom_series(files: Sequence[str], name: str = "series") -> sitk.Image:
+    """Instances of ONE series (file paths) -> a checked 3D image."""
+    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    if any(is_multiframe(h) for h in headers):
+        return _checked(multiframe_image([pydicom.dcmread(f) for f in files], name), name)
+    g = stack_geometry([frame_geometry(h)[0] for h in headers], name)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames([str(files[i]) for i in g.order])
+    try:
+        img = reader.Execute()
+    except RuntimeError as e:
+        msg = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        raise StudyError(f"{name}: DICOM series could not be converted "
+                         f"({scrub_paths(msg[-1] if msg else 'unknown error')[:160]})") from None
+    if img.GetDimension() != 3 or img.GetSize()[2] != len(files):
+        raise StudyError(f"{name}: DICOM series read as size {list(img.GetSize())}, expected {len(files)} slices")
+    if img.GetNumberOfComponentsPerPixel() != 1:
+        raise StudyError(f"{name}: colour/multi-component images are not MR sequences")
+    return _checked(_set_geometry(img, g), name)
+
+
+def _checked(img: sitk.Image, name: str) -> sitk.Image:
+    if min(img.GetSize()) < 2:
+        raise StudyError(f"{name}: volume of size {list(img.GetSize())} is not 3D (a single slice?)")
+    if not np.isfinite(sitk.GetArrayViewFromImage(img)).all():
+        raise StudyError(f"{name}: contains NaN or infinite voxels")
+    return img
+
+
+def read_dicom_folder(folder: str, name: str = "series", key: str | None = None, patterns=None) -> sitk.Image:
+    """A folder of DICOM files (any names, sub-folders included) -> one checked 3D image.
+
+    A folder with several image series is read only if exactly one series' SeriesDescription matches
+    the sequence `key` (``classify_series``); otherwise it is refused with the list of series."""
+    series: dict[str, list[tuple[str, Dataset]]] = {}
+    for root, _, names in sorted(os.walk(folder)):
+        for fn in sorted(names):
+            path = os.path.join(root, fn)
+            try:
+                ds = pydicom.dcmread(path, stop_before_pixels=True)
+            except Exception:  # noqa: BLE001 - not a DICOM file (notes, DICOMDIR helpers): skipped
+                continue
+            if "Rows" not in ds or str(ds.get("Modality", "")) in NON_IMAGE_MODALITIES:
+                continue
+            series.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append((path, ds))
+    if not series:
+        raise StudyError(f"{name}: no DICOM image in the folder")
+    uid = next(iter(series))
+    if len(series) > 1:
+        def desc(u):
+            return str(series[u][0][1].get("SeriesDescription", "") or "")
+
+        match = [u for u in series if key and classify_series(desc(u), patterns) == key]
+        if len(match) != 1:
+            listing = "; ".join(f"{u} '{desc(u) or '<no SeriesDescription>'}' ({len(v)} files)" for u, v in series.items())
+            why = (f"{'none' if not match else len(match)} of them match{'es' if len(match) == 1 else ''} "
+                   f"{key}" if key else "which one to read is ambiguous")
+            raise StudyError(f"{name}: the folder holds {len(series)} DICOM series ({why}): {listing}; "
+                             "keep one series per sequence folder")
+        uid = match[0]
+    return read_dicom_series([p for p, _ in series[uid]], name)
+
+
+def datasets_to_image(datasets: Sequence[Dataset], name: str = "series") -> sitk.Image:
+    """Convert the instances of one series (e.g. from WADO-RS) to a checked 3D SimpleITK image.
+
+    The instances are written to a temporary folder and converted by ``read_dicom_folder`` in a
+    contained child process (``parotid.safe_read``): classic series by SimpleITK/GDCM after the geometry
+    checks (rescale, compressed transfer syntaxes), Enhanced (multi-frame) MR by pydicom with per-frame
+    geometry. Failures become ``StudyError`` with a user-facing message."""
+    from parotid import safe_read
+
     if not datasets:
         raise StudyError(f"{name}: the series has no instances")
-    series_uid = str(datasets[0].get("SeriesInstanceUID", ""))
     with tempfile.TemporaryDirectory(prefix="parotid-series-") as tmp:
         for i, ds in enumerate(datasets):
             if "PixelData" not in ds and "FloatPixelData" not in ds:
@@ -194,28 +405,4 @@ def datasets_to_image(datasets: Sequence[Dataset], name: str = "series") -> sitk
                 ds.save_as(path, write_like_original=False)
             except Exception as e:  # noqa: BLE001 - anything pydicom raises on malformed input
                 raise StudyError(f"{name}: cannot write instance {i} ({type(e).__name__}: {str(e)[:120]})") from None
-        return read_series_folder(tmp, series_uid, name)
-
-
-def read_series_folder(folder: str, series_uid: str = "", name: str = "series") -> sitk.Image:
-    reader = sitk.ImageSeriesReader()
-    try:
-        files = reader.GetGDCMSeriesFileNames(folder, series_uid) if series_uid else reader.GetGDCMSeriesFileNames(folder)
-        if not files:
-            files = reader.GetGDCMSeriesFileNames(folder)
-        if not files:
-            raise StudyError(f"{name}: no readable DICOM image in the series")
-        reader.SetFileNames(files)
-        img = reader.Execute()
-    except RuntimeError as e:
-        msg = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        raise StudyError(f"{name}: DICOM series could not be converted ({(msg[-1] if msg else 'unknown error')[:160]})") from None
-    if img.GetDimension() == 2:
-        raise StudyError(f"{name}: a single 2D image of size {list(img.GetSize())}, not a 3D series")
-    if img.GetNumberOfComponentsPerPixel() != 1:
-        raise StudyError(f"{name}: colour/multi-component images are not MR sequences")
-    if min(img.GetSize()) < 2:
-        raise StudyError(f"{name}: volume of size {list(img.GetSize())} is not 3D (a single slice?)")
-    if not np.isfinite(sitk.GetArrayViewFromImage(img)).all():
-        raise StudyError(f"{name}: contains NaN or infinite voxels")
-    return img
+        return safe_read.read_dicom_folder(tmp, name)

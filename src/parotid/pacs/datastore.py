@@ -6,7 +6,9 @@ and filters CT. This datastore serves one *study* per image:
 * image id = StudyInstanceUID; ``list_images`` is a QIDO-RS study search (default: MR studies);
 * the study's series are mapped to sequence keys by SeriesDescription (deployment patterns, then
   ``parotid.sequences.match_sequence``); duplicates -> latest SeriesNumber; unknown series are ignored;
-* ``get_image_uri`` fetches each chosen series (WADO-RS), converts it with SimpleITK, assembles the
+* ``get_image_uri`` fetches each chosen series (WADO-RS), converts it in a contained child process
+  (``parotid.safe_read``: a reader crash is a 422; geometry checked, Enhanced MR by its per-frame
+  geometry, see ``parotid.pacs.convert``), assembles the
   study on the reference grid (``parotid.study.assemble_study``) and caches the study file under
   ``<cache>/<hash(url)>/studies/<StudyInstanceUID>.nii.gz``; the cache entry is keyed by the
   StudyInstanceUID and the chosen series UIDs + instance counts, so a new/changed series refetches;
