@@ -30,8 +30,18 @@ def _upload_new_studies(server, tmp_path, n=3):
     return ids
 
 
+def _wait_scoring_idle(server, timeout: float = 300) -> None:
+    """Label saves by earlier tests start MONAI Label's background scoring (auto update); a second
+    scoring job is refused with 429 while it runs, so wait (bounded) until none is running."""
+    deadline = time.time() + timeout
+    while requests.get(server.url + "/scoring/", params={"check_if_running": "true"}, timeout=30).status_code == 200:
+        assert time.time() < deadline, "a background scoring job did not finish in time"
+        time.sleep(1)
+
+
 def test_uncertainty_scores_drive_next_sample(server, tmp_path):
     ids = _upload_new_studies(server, tmp_path)
+    _wait_scoring_idle(server)
     r = requests.post(f"{server.url}/scoring/study_uncertainty", params={"run_sync": "true"}, json={}, timeout=600)
     assert r.status_code == 200, r.text
     deadline = time.time() + 60
