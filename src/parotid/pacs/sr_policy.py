@@ -63,7 +63,7 @@ def write_back(datastore, image_id: str, result: Dict[str, Any], write_sr: Any =
 
 def install_infer_caller(app) -> None:
     """Replace MONAI Label's ``POST /infer/{model}`` by the same endpoint that records the caller's roles
-    (see the module docstring). Raises if the stock route is not there (another MONAI Label version).
+    (see the module docstring), as lib/model_upload.py replaces ``PUT /model/{model}``.
     (No ``from __future__ import annotations`` in this module: FastAPI reads the endpoint's annotations.)"""
     import json
     from typing import Optional as Opt
@@ -74,10 +74,6 @@ def install_infer_caller(app) -> None:
     from monailabel.endpoints.user.auth import RBAC, User
 
     path = f"{settings.MONAI_LABEL_API_STR}/infer/{{model}}"
-    routes = app.router.routes
-    stock = [i for i, r in enumerate(routes) if getattr(r, "path", None) == path and "POST" in getattr(r, "methods", ())]
-    if not stock:
-        raise RuntimeError(f"MONAI Label route POST {path} not found; cannot record the caller's role for SR write-back")
 
     async def api_run_inference(
         background_tasks: BackgroundTasks,
@@ -104,7 +100,13 @@ def install_infer_caller(app) -> None:
 
     app.router.add_api_route(path, api_run_inference, methods=["POST"], tags=["Infer"],
                              summary=f"{RBAC_USER}Run Inference for supported model")
-    routes[stock[0]] = routes.pop()  # in place: same order, same OpenAPI entry
+    ours = app.router.routes.pop()
+    routes = app.router.routes
+    stock = [i for i, r in enumerate(routes) if getattr(r, "path", None) == path and "POST" in getattr(r, "methods", ())]
+    if stock:
+        routes[stock[0]] = ours  # in place: same order, same OpenAPI entry
+    else:  # FastAPI keeps included routers as one entry each: first match wins, so ours goes first
+        routes.insert(0, ours)
     app.openapi_schema = None
 
 
