@@ -253,7 +253,9 @@ def test_classification_sr_roundtrip(pacs, store, synth, uploaded):
     result = {"prediction": [{"idx": i, "label": k, "score": float(v)} for i, (k, v) in enumerate(probs.items())],
               "predicted_class": max(probs, key=probs.get), "malignancy_probability": 0.37,
               "undetermined": True, "roi": roi, "model": "parotid-cls-resnet", "version": "0.1.0"}
-    sr_uid = store.write_classification(uid, result)
+    out = store.write_classification(uid, result, write_sr="always")  # undetermined: stored only when asked
+    assert out["status"] == "written"
+    sr_uid = out["series_uid"]
     client = pacs.client()
     found = [pydicom.Dataset.from_json(s) for s in client.search_for_series(uid, search_filters={"Modality": "SR"})]
     assert sr_uid in [str(s.SeriesInstanceUID) for s in found]
@@ -274,6 +276,118 @@ def test_classification_sr_roundtrip(pacs, store, synth, uploaded):
     assert back["predicted_class"] == max(probs, key=probs.get)
     assert back["roi"] == roi
     assert (back["model_name"], back["model_version"]) == ("parotid-cls-resnet", "0.1.0")
+
+
+def sr_series(pacs, uid: str) -> dict[str, int]:
+    """SR series of study `uid` on the PACS: SeriesInstanceUID -> number of instances."""
+    out = {}
+    for s in pacs.client().search_for_series(uid, search_filters={"Modality": "SR"},
+                                             fields=["NumberOfSeriesRelatedInstances"]):
+        d = pydicom.Dataset.from_json(s)
+        out[str(d.SeriesInstanceUID)] = int(d.get("NumberOfSeriesRelatedInstances", 0) or 0)
+    return out
+
+
+def new_sr_series(pacs, uid: str, before: dict) -> dict[str, int]:
+    return {k: v for k, v in sr_series(pacs, uid).items() if k not in before}
+
+
+def cls_result(roi, model: str, checksum: str, **kw) -> dict:
+    """A classify_malignancy answer as the app returns it (checkpoint identity included)."""
+    out = {"prediction": [{"idx": 0, "label": "benign", "score": 0.8}, {"idx": 1, "label": "malignant", "score": 0.2}],
+           "predicted_class": "benign", "malignancy_probability": 0.2, "undetermined": False, "roi": list(roi),
+           "model": model, "version": "0.1.0", "checkpoint": {"checksum": checksum, "modified_time": 1764000000}}
+    out.update(kw)
+    return out
+
+
+@pytest.fixture(scope="module")
+def sr_study(synth, uploaded):
+    """(StudyInstanceUID, roi) of the study the SR write-back tests classify."""
+    study_id, uid = sorted(uploaded.items())[0]
+    index = json.loads((synth / "datastore_v2.json").read_text())
+    return uid, index["objects"][study_id]["labels"]["final"]["info"]["roi"]
+
+
+def test_sr_write_policy():
+    """Which normalised results are stored: write_sr auto / always / never (no PACS involved)."""
+    r = lambda **kw: writeback.normalise_result(cls_result([0, 2, 0, 2, 0, 2], "m", "SHA256:" + "0" * 64, **kw))  # noqa: E731
+    out_of_dist = {"in_distribution": False, "score": 5.0, "threshold": 2.0, "reasons": ["not a parotid study"]}
+    assert writeback.sr_skip_reason(r()) is None
+    assert writeback.sr_skip_reason(r(input_check={**out_of_dist, "in_distribution": True})) is None
+    assert "undetermined" in writeback.sr_skip_reason(r(undetermined=True))
+    assert "not a parotid study" in writeback.sr_skip_reason(r(input_check=out_of_dist))
+    assert writeback.sr_skip_reason(r(undetermined=True, input_check=out_of_dist), "always") is None
+    assert "never" in writeback.sr_skip_reason(r(), "never")
+    with pytest.raises(StudyError, match="write_sr must be one of"):
+        writeback.sr_skip_reason(r(), "sometimes")
+
+
+@needs_orthanc
+def test_classification_sr_once_per_checkpoint(pacs, store, sr_study):
+    uid, roi = sr_study
+    before = sr_series(pacs, uid)
+    result = cls_result(roi, "idem-model", "SHA256:" + "11" * 32)
+    first = store.write_classification(uid, result)
+    assert first["status"] == "written" and first["reason"] is None
+    for _ in range(2):  # repeated classification: found on the PACS, not written again
+        again = store.write_classification(uid, result)
+        assert again["status"] == "reused" and again["series_uid"] == first["series_uid"]
+        assert again["sop_instance_uid"] == first["sop_instance_uid"]
+    assert new_sr_series(pacs, uid, before) == {first["series_uid"]: 1}
+    # another checkpoint of the model: its own SR series, with its own version
+    other = store.write_classification(uid, cls_result(roi, "idem-model", "SHA256:" + "22" * 32))
+    assert other["status"] == "written" and other["series_uid"] != first["series_uid"]
+    # another box classified by the first checkpoint: a second instance in the first series
+    box = store.write_classification(uid, cls_result([roi[0] + 1, *roi[1:]], "idem-model", "SHA256:" + "11" * 32))
+    assert box["status"] == "written" and box["series_uid"] == first["series_uid"]
+    assert new_sr_series(pacs, uid, before) == {first["series_uid"]: 2, other["series_uid"]: 1}
+    sr = pacs.client().retrieve_instance(uid, other["series_uid"], other["sop_instance_uid"])
+    back = writeback.read_classification_sr(sr)
+    assert back["model_version"] == "0.1.0+" + "22" * 6 and back["checkpoint_checksum"] == "SHA256:" + "22" * 32
+
+
+@needs_orthanc
+def test_server_replicas_store_one_sr(pacs, store, sr_study, tmp_path):
+    """Replicas share nothing but the PACS: racing to store the same result, they store one instance."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    uid, roi = sr_study
+    replicas = [store, ParotidDICOMwebDatastore(pacs.client(), str(tmp_path / "replica"))]
+    for rep in replicas:
+        rep.reference_headers(uid)  # fetched beforehand: the race is on the write
+    before = sr_series(pacs, uid)
+    result = cls_result(roi, "race-model", "SHA256:" + "33" * 32)
+    with ThreadPoolExecutor(len(replicas)) as ex:
+        outs = list(ex.map(lambda rep: rep.write_classification(uid, result), replicas))
+    assert len({o["series_uid"] for o in outs}) == 1 and len({o["sop_instance_uid"] for o in outs}) == 1
+    assert {o["status"] for o in outs} <= {"written", "reused"} and "written" in {o["status"] for o in outs}
+    assert new_sr_series(pacs, uid, before) == {outs[0]["series_uid"]: 1}
+
+
+@needs_orthanc
+def test_undetermined_or_unfamiliar_input_is_stored_only_when_asked(pacs, store, sr_study):
+    uid, roi = sr_study
+    ck = "SHA256:" + "44" * 32
+    out_of_dist = {"in_distribution": False, "score": 5.0, "threshold": 2.0, "reasons": ["not a parotid study"]}
+    before = sr_series(pacs, uid)
+    for kw, mode, why in [({"undetermined": True}, "auto", "undetermined"),
+                          ({"input_check": out_of_dist}, "auto", "not a parotid study"),
+                          ({}, "never", "never")]:
+        out = store.write_classification(uid, cls_result(roi, "policy-model", ck, **kw), write_sr=mode)
+        assert out["status"] == "skipped" and why in out["reason"] and out["series_uid"] is None, out
+    assert sr_series(pacs, uid) == before  # nothing reached the PACS
+    # the good twins: in distribution, or asked explicitly
+    ok = store.write_classification(uid, cls_result(roi, "policy-model", ck,
+                                                    input_check={**out_of_dist, "in_distribution": True}))
+    assert ok["status"] == "written"
+    forced = store.write_classification(uid, cls_result([roi[0] + 1, *roi[1:]], "policy-model", ck, undetermined=True,
+                                                        input_check=out_of_dist), write_sr="always")
+    assert forced["status"] == "written"
+    back = writeback.read_classification_sr(pacs.client().retrieve_instance(uid, forced["series_uid"],
+                                                                            forced["sop_instance_uid"]))
+    assert back["undetermined"] is True and back["input_check"]["in_distribution"] is False
+    assert back["input_check"]["reasons"] == ["not a parotid study"]
 
 
 @needs_orthanc

@@ -26,7 +26,8 @@ import pytest
 import requests
 import SimpleITK as sitk
 
-from conftest import Server, copy_app
+from conftest import APP, Server, copy_app
+from parotid.pacs import writeback
 from parotid.pacs.orthanc import OrthancProcess, orthanc_available
 from parotid.study import read_study, same_grid
 
@@ -117,7 +118,7 @@ def pacs_server(pacs, cohort, realm, tmp_path_factory):
     env = {**pacs.env(), "MONAI_LABEL_AUTH_ENABLE": "true", "MONAI_LABEL_AUTH_REALM_URI": realm.url,
            "PAROTID_DICOMWEB_CACHE": str(tmp_path_factory.mktemp("dicomweb-cache")),
            "MONAI_LABEL_DATASTORE_AUTO_RELOAD": "false"}
-    srv = AuthServer(pacs.dicomweb_url, tmp_path_factory.mktemp("logs") / "server.log", models="segmentation",
+    srv = AuthServer(pacs.dicomweb_url, tmp_path_factory.mktemp("logs") / "server.log", models="segmentation,classify_malignancy",
                      env=env, app=app).start()
     yield srv
     srv.stop()
@@ -194,6 +195,71 @@ def test_roles_and_label_writeback(pacs_server, pacs, cohort, realm):
     assert "pacs_writeback_error" not in linfo, linfo
     segs = pacs.client().search_for_series(uid, search_filters={"Modality": "SEG"})
     assert linfo["seg_series_uid"] in [pydicom.Dataset.from_json(s).SeriesInstanceUID for s in segs]
+
+
+def classify(pacs_server, realm, role, uid, roi, **params):
+    return requests.post(pacs_server.url + "/infer/classify_malignancy", params={"image": uid, "output": "json"},
+                         data={"params": json.dumps({"roi": roi, "no_heatmap": True, **params})},
+                         headers=hdr(realm, role), timeout=300)
+
+
+def sr_series(pacs, uid) -> dict:
+    out = {}
+    for s in pacs.client().search_for_series(uid, search_filters={"Modality": "SR"},
+                                             fields=["NumberOfSeriesRelatedInstances"]):
+        d = pydicom.Dataset.from_json(s)
+        out[str(d.SeriesInstanceUID)] = int(d.get("NumberOfSeriesRelatedInstances", 0) or 0)
+    return out
+
+
+def test_classification_sr_roles_idempotence_and_model_version(pacs_server, pacs, cohort, realm, tmp_path):
+    """A read-only user gets the classification but writes nothing; an annotator's repeated
+    classification is one SR; a new checkpoint is a new SR carrying its version and checksum."""
+    import torch
+
+    out, ids = cohort
+    study_id, uid = next(iter(ids.items()))
+    roi = json.loads((out / "datastore_v2.json").read_text())["objects"][study_id]["labels"]["final"]["info"]["roi"]
+    before = sr_series(pacs, uid)
+    r = classify(pacs_server, realm, "user", uid, roi, write_sr="always")  # may not write, even when asking
+    assert r.status_code == 200, r.text[:300]
+    assert r.json()["pacs_sr"]["status"] == "skipped" and "role" in r.json()["pacs_sr"]["reason"]
+    assert r.json()["pacs_sr_series_uid"] is None
+    assert sr_series(pacs, uid) == before
+    r = classify(pacs_server, realm, "annotator", uid, roi, write_sr="sometimes")
+    assert r.status_code == 422 and "write_sr" in r.json()["detail"], r.text[:300]
+    answers = []
+    for _ in range(3):
+        r = classify(pacs_server, realm, "annotator", uid, roi, write_sr="always")
+        assert r.status_code == 200, r.text[:300]
+        answers.append(r.json())
+    assert [a["pacs_sr"]["status"] for a in answers] == ["written", "reused", "reused"]
+    first = answers[0]["pacs_sr_series_uid"]
+    assert {a["pacs_sr_series_uid"] for a in answers} == {first}
+    assert {k: v for k, v in sr_series(pacs, uid).items() if k not in before} == {first: 1}
+    # auto (the default): stored unless undetermined or outside the training distribution
+    a = classify(pacs_server, realm, "annotator", uid, roi).json()
+    unsure = a["undetermined"] or (a.get("input_check") or {}).get("in_distribution") is False
+    assert a["pacs_sr"]["status"] == ("skipped" if unsure else "reused"), a["pacs_sr"]
+    # the SR names the served checkpoint
+    ck = answers[0]["checkpoint"]["checksum"]
+    sr = pacs.client().retrieve_instance(uid, first, answers[0]["pacs_sr"]["sop_instance_uid"])
+    back = writeback.read_classification_sr(sr)
+    assert back["checkpoint_checksum"] == ck
+    assert back["model_version"] == f"{answers[0]['version']}+{ck.split(':')[-1][:12]}"
+    # an admin uploads a new checkpoint: the next classification is a new SR with a new version
+    new = torch.load(APP / "model" / "classify_malignancy.pt", map_location="cpu", weights_only=True)
+    new["config"]["note"] = "re-uploaded by test_pacs_server"
+    torch.save(new, tmp_path / "new.pt")
+    with open(tmp_path / "new.pt", "rb") as f:
+        up = requests.put(pacs_server.url + "/model/classify_malignancy", files={"file": ("new.pt", f)},
+                          headers=hdr(realm, "admin"), timeout=120)
+    assert up.status_code == 200, up.text[:300]
+    b = classify(pacs_server, realm, "annotator", uid, roi, write_sr="always").json()
+    assert b["checkpoint"]["checksum"] == up.json()["checksum"] != ck
+    assert b["pacs_sr"]["status"] == "written" and b["pacs_sr_series_uid"] != first
+    sr = pacs.client().retrieve_instance(uid, b["pacs_sr_series_uid"], b["pacs_sr"]["sop_instance_uid"])
+    assert writeback.read_classification_sr(sr)["model_version"].endswith("+" + up.json()["checksum"].split(":")[-1][:12])
 
 
 def test_study_without_known_sequence_is_422(pacs_server, pacs, realm, tmp_path):

@@ -36,6 +36,7 @@ from lib.model_upload import install_checkpoint_upload_check
 from lib.sessions import StudySessions
 from lib.study_support import report_flags_on_upload, skipping_unprocessable
 from parotid.pacs.auth import fix_monailabel_jwt
+from parotid.pacs.sr_policy import install_infer_caller, sr_params, write_back
 
 fix_monailabel_jwt()  # MONAI Label 0.8.5 + PyJWT 2.x: tokens are decoded without `algorithms` (see docs/pacs.md)
 
@@ -128,6 +129,7 @@ class ParotidApp(MONAILabelApp):
 
         install_checkpoint_upload_check(fastapi_app, self._infers.get)
         install_image_upload(fastapi_app)
+        install_infer_caller(fastapi_app)  # the caller's role decides whether a classification SR is stored
         jobs = {"train": self._trainers, "scoring": self._scoring_methods, "batch/infer": self._infers}
         http_api.install(fastapi_app, lambda kind: jobs[kind].keys())
         restrict_cors(fastapi_app)  # MONAI Label allows every origin
@@ -175,21 +177,26 @@ class ParotidApp(MONAILabelApp):
                 raise HTTPException(404, f"unknown study '{image}'")
         with http_errors():
             result = super().infer(request, datastore)
-        self._write_back_classification(model, image, result)
+        self._write_back_classification(model, image, result, request.get("write_sr"))
         return result
 
-    def _write_back_classification(self, model: str, image: Any, result: Dict[str, Any]) -> None:
-        """PACS datastores get each classification of a study as a DICOM SR (highdicom)."""
+    def _write_back_classification(self, model: str, image: Any, result: Dict[str, Any], write_sr: Any = None) -> None:
+        """PACS datastores store a classification of a study as a DICOM SR (highdicom): once per study and
+        model checkpoint, only for callers that may write, by default only when determined and in
+        distribution (``params.write_sr``: auto / always / never). The answer's ``pacs_sr`` says what
+        happened (parotid.pacs.sr_policy, docs/pacs.md)."""
         ds = self.datastore()
         task = self._infers[model]
         if not (hasattr(ds, "write_classification") and task.type == "classification" and isinstance(image, str)
                 and not os.path.exists(image) and result and result.get("params")):
             return
         try:
-            result["params"]["pacs_sr_series_uid"] = ds.write_classification(image, result["params"])
+            pacs_sr = write_back(ds, image, result["params"], write_sr)
         except Exception as e:  # the answer still reaches the radiologist; the write-back failure is reported
             logger.warning(f"classification SR write-back failed: {e}")
-            result["params"]["pacs_writeback_error"] = str(e)
+            reason = result["params"]["pacs_writeback_error"] = str(getattr(e, "detail", e))
+            pacs_sr = {"series_uid": None, "sop_instance_uid": None, "status": "failed", "reason": reason}
+        result["params"].update(sr_params(pacs_sr))
 
 
 def _refuse_final_tag(request: Dict[str, Any]) -> None:

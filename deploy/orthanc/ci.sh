@@ -5,4 +5,4 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 bash "$root/deploy/orthanc/install.sh"
 cd "$root"
-PAROTID_REQUIRE_ORTHANC=1 "${PYTHON:-$root/.venv/bin/python}" -m pytest -q tests/test_pacs.py tests/test_pacs_server.py "$@"
+PAROTID_REQUIRE_ORTHANC=1 "${PYTHON:-$root/.venv/bin/python}" -m pytest -q tests/test_pacs.py tests/test_pacs_server.py tests/test_dicom_conformance.py "$@"

@@ -15,7 +15,8 @@ and filters CT. This datastore serves one *study* per image:
 * labels are kept in a LocalDatastore index in the cache folder (``datastore_v2.json``), so
   ``save_label``, ``next_sample``, ``datalist`` and ``/datastore`` work as with a local folder; final
   labels are also written back to the PACS as DICOM SEG referencing the reference series (optional);
-* ``write_classification(study_uid, result)`` stores a classification result as a DICOM SR.
+* ``write_classification(study_uid, result, write_sr)`` stores a classification result as a DICOM SR, once
+  per (study, model checkpoint, source series, box).
 
 No patient attributes are stored in the index or written to logs.
 """
@@ -350,15 +351,40 @@ class ParotidDICOMwebDatastore(LocalDatastore):
             raise PacsStudyError(str(e)) from None
         super().update_label_info(label_id, label_tag, info)
 
-    def write_classification(self, image_id: str, result: Dict[str, Any]) -> str:
-        """Store a classification result as a DICOM SR referencing the reference series; returns the SR
-        SeriesInstanceUID."""
+    def write_classification(self, image_id: str, result: Dict[str, Any], write_sr: str = "auto") -> Dict[str, Any]:
+        """Store a classification result as a DICOM SR referencing the reference series, at most once per
+        (study, model checkpoint, source series, box): the SR's UIDs are derived from those
+        (``writeback.sr_uids``) and looked up on the PACS first. ``write_sr`` (``auto``, ``always``,
+        ``never``): see ``writeback.sr_skip_reason``. Returns ``{"series_uid", "sop_instance_uid",
+        "status": "written" | "reused" | "skipped", "reason"}``."""
+        r = writeback.normalise_result(result)
+        reason = writeback.sr_skip_reason(r, write_sr)
+        if reason:
+            return {"series_uid": None, "sop_instance_uid": None, "status": "skipped", "reason": reason}
         headers = self.reference_headers(image_id)
-        grid = read_study(self._study_path(image_id)).reference
-        sr = writeback.write_classification_sr(result, headers, reference_grid=grid)
-        writeback.store(self._client, sr)
+        series_uid, sop_uid = writeback.sr_uids(image_id, r, str(headers[0].SeriesInstanceUID))
+        out = {"series_uid": series_uid, "sop_instance_uid": sop_uid}
+        reused = dict(out, status="reused", reason="the PACS already holds this model checkpoint's SR of this study "
+                                                   "(same source series and box)")
+        with FileLock(os.path.join(self._cache_dir, f".{phi_safe_id(image_id)}.sr.lock")):  # one replica: one STOW
+            if self._sr_stored(image_id, series_uid, sop_uid):
+                return reused
+            grid = read_study(self._study_path(image_id)).reference
+            sr = writeback.write_classification_sr(result, headers, reference_grid=grid)
+            try:
+                writeback.store(self._client, sr)
+            except (RuntimeError, requests.HTTPError):
+                if self._sr_stored(image_id, series_uid, sop_uid):  # another replica stored it first
+                    return reused
+                raise
         logger.info("classification of study %s written to the PACS as SR", image_id)
-        return str(sr.SeriesInstanceUID)
+        return dict(out, status="written", reason=None)
+
+    def _sr_stored(self, study_uid: str, series_uid: str, sop_uid: str) -> bool:
+        found = self._client.search_for_instances(study_instance_uid=study_uid, series_instance_uid=series_uid,
+                                                  search_filters={"SOPInstanceUID": sop_uid},
+                                                  fields=["SOPInstanceUID"])
+        return any(str(Dataset.from_json(f).get("SOPInstanceUID", "")) == sop_uid for f in found or [])
 
     # ------------------------------------------------------------------ listing
     def status(self) -> Dict[str, Any]:

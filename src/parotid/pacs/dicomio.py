@@ -51,6 +51,7 @@ def volume_to_mr_series(
         ds.StudyTime = ds.SeriesTime = ds.ContentTime = now.strftime("%H%M%S")
         ds.AccessionNumber, ds.ReferringPhysicianName, ds.StudyID = "", "", "1"
         ds.Modality, ds.Manufacturer = "MR", "synthetic"
+        ds.BodyPartExamined, ds.PatientPosition = "HEADNECK", "HFS"  # unpaired part: no Laterality (2C) needed
         ds.SeriesDescription, ds.SeriesNumber, ds.InstanceNumber = description, series_number, k + 1
         ds.ImageType = ["ORIGINAL", "PRIMARY", "OTHER"]
         ds.ScanningSequence, ds.SequenceVariant, ds.ScanOptions, ds.MRAcquisitionType = "SE", "NONE", "", "2D"

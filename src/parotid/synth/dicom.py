@@ -20,6 +20,12 @@ from parotid.synth.phantom import SERIES_DESCRIPTION, Rendered
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 SERIES_NUMBER = {"T1": 1, "T2": 2, "CET1": 5, "DWI_B0": 3, "DWI_B1000": 4, "ADC": 6}
 B_VALUE = {"DWI_B0": 0, "DWI_B1000": 1000}
+# Nominal acquisition parameters of a 3 T head-and-neck protocol (ms; echo train length), stated so the
+# MR Image module is complete (EchoTime, EchoTrainLength are Type 2, RepetitionTime 2C). The phantom's
+# contrast does not depend on them. ADC is derived from the diffusion series and repeats their values.
+TIMING = {"T1": (600.0, 10.0, 3), "T2": (4000.0, 90.0, 15), "CET1": (6.5, 2.4, 1),
+          "DWI_B0": (5000.0, 70.0, 1), "DWI_B1000": (5000.0, 70.0, 1), "ADC": (5000.0, 70.0, 1)}
+DEIDENTIFICATION_METHOD = "SYNTHETIC phantom (parotid-synth), never patient data"  # LO: <= 64 chars
 
 
 def _uid(*parts) -> str:
@@ -56,7 +62,8 @@ def write_series(img: sitk.Image, folder: str, key: str, study: dict) -> list[st
         ds = FileDataset(path, Dataset(), file_meta=meta, preamble=b"\0" * 128)
         ds.is_little_endian, ds.is_implicit_VR = True, False
         ds.SpecificCharacterSet = "ISO_IR 100"
-        ds.ImageType = ["DERIVED", "SECONDARY", "ADC"] if key == "ADC" else ["ORIGINAL", "PRIMARY", "M"]
+        # value 3: MR defined terms (PS3.3 C.8.3.1.1.1)
+        ds.ImageType = ["DERIVED", "PRIMARY", "DIFFUSION MAP"] if key == "ADC" else ["ORIGINAL", "PRIMARY", "OTHER"]
         ds.SOPClassUID = MR_IMAGE_STORAGE
         ds.SOPInstanceUID = sop
         ds.StudyDate = ds.SeriesDate = ds.ContentDate = study["date"]
@@ -74,12 +81,16 @@ def write_series(img: sitk.Image, folder: str, key: str, study: dict) -> list[st
         ds.PatientSex = study["sex"]
         ds.PatientAge = f"{int(study['age']):03d}Y"
         ds.PatientIdentityRemoved = "YES"
+        ds.DeidentificationMethod = DEIDENTIFICATION_METHOD  # Type 1C with PatientIdentityRemoved YES
         ds.BodyPartExamined = "HEADNECK"
         ds.ScanningSequence = "EP" if key.startswith("DWI") or key == "ADC" else ("GR" if key == "CET1" else "SE")
         ds.SequenceVariant = "NONE"
         ds.ScanOptions = ""
         ds.MRAcquisitionType = "3D" if key == "CET1" else "2D"
         ds.MagneticFieldStrength = "3"
+        tr, te, etl = TIMING[key]
+        ds.RepetitionTime, ds.EchoTime, ds.EchoTrainLength = _ds(tr), _ds(te), etl
+        ds.PatientPosition = "HFS"  # Type 2C (required for MR): head first supine
         ds.SliceThickness = _ds(sp[2])
         ds.SpacingBetweenSlices = _ds(sp[2])
         if key in B_VALUE:
