@@ -34,7 +34,7 @@ from lib.errors import http_errors
 from lib.image_upload import install_image_upload
 from lib.model_upload import install_checkpoint_upload_check
 from lib.sessions import StudySessions
-from lib.study_support import report_flags_on_upload, skipping_unprocessable
+from lib.study_support import skipping_unprocessable
 from parotid.pacs.auth import fix_monailabel_jwt
 from parotid.pacs.sr_policy import install_infer_caller, sr_params, write_back
 
@@ -133,7 +133,6 @@ class ParotidApp(MONAILabelApp):
         jobs = {"train": self._trainers, "scoring": self._scoring_methods, "batch/infer": self._infers}
         http_api.install(fastapi_app, lambda kind: jobs[kind].keys())
         restrict_cors(fastapi_app)  # MONAI Label allows every origin
-        report_flags_on_upload()  # PUT /datastore/image answers with the models that cannot process the study
 
     def infer_wsi(self, request: Dict[str, Any], datastore=None):
         raise HTTPException(404, "whole-slide (pathology) inference is not offered by this MRI app; use /infer/{model}")

@@ -24,6 +24,7 @@ from monailabel.interfaces.utils.app import app_instance
 from monailabel.utils.others.generic import remove_file
 
 from lib.datastore import StudyDatastore
+from lib.study_support import FLAG_KEYS
 from parotid.cohort import split_image_name
 
 OVERWRITE_HELP = ("replace the study that has this id; its labels and label info are archived in the study "
@@ -55,8 +56,10 @@ async def api_add_image(
     ds = app_instance().datastore()
     if isinstance(ds, StudyDatastore):  # archives the replaced study in the same index transaction
         image_id = ds.add_image(image_id, path, info, overwrite=overwrite)
-        archived = ds.get_image_info(image_id).get("archived")
-        return {"image": image_id, **({"archived": archived} if archived else {})}
+        stored = ds.get_image_info(image_id)  # the upload answer carries the flags lib/study_support.py set
+        archived = stored.get("archived")
+        return {"image": image_id, **{k: stored[k] for k in FLAG_KEYS if k in stored},
+                **({"archived": archived} if archived else {})}
     if not overwrite and image_id in ds.list_images():
         raise HTTPException(409, f"study '{image_id}' already exists; repeat the upload with overwrite=true to replace it")
     return {"image": ds.add_image(image_id, path, info)}

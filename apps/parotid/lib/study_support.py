@@ -7,7 +7,7 @@ use it), but a study that lacks a model's required sequences is flagged in its i
     models_unavailable: {model: [missing sequences]}   ({} when every served model can run)
     warnings: ["..."]                                   ([] when none)
 
-and the `PUT /datastore/image` answer carries the same two keys. The flags are computed against the
+and the `PUT /datastore/image` answer (lib/image_upload.py) carries the same two keys. The flags are computed against the
 models served at upload time (`required_sequences` in `/info`).
 """
 
@@ -50,29 +50,6 @@ def study_flags(sequences: Sequence[str], requirements: Dict[str, List[str]] | N
         warnings.insert(0, "no model served here can process this study; it is stored (it can be annotated) "
                            "and skipped by batch inference")
     return {"models_unavailable": missing, "warnings": warnings}
-
-
-def report_flags_on_upload() -> None:
-    """Make `PUT /datastore/image` answer with the study's flags next to its id. MONAI Label's endpoint
-    returns only `{"image": id}` and looks its `add_image` helper up at call time, so the helper is
-    wrapped here (idempotent)."""
-    import monailabel.endpoints.datastore as endpoint
-
-    if getattr(endpoint.add_image, "_reports_flags", False):
-        return
-    original = endpoint.add_image
-
-    def add_image(*args, **kwargs):
-        result = original(*args, **kwargs)
-        try:
-            info = _served_app().datastore().get_image_info(result["image"]) or {}
-            result.update({k: info[k] for k in FLAG_KEYS if k in info})
-        except Exception as e:  # the study is stored; the flags stay readable in /datastore
-            logger.warning(f"upload flags not reported: {e}")
-        return result
-
-    add_image._reports_flags = True
-    endpoint.add_image = add_image
 
 
 def skipping_unprocessable(infer: Callable[..., Dict[str, Any]]) -> Callable[..., Dict[str, Any]]:
