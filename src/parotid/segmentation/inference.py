@@ -106,13 +106,17 @@ def box_input(image: np.ndarray, roi: Sequence[int], spec: SegModelSpec) -> tupl
 
 @torch.no_grad()
 def contour_in_box(net: torch.nn.Module, spec: SegModelSpec, image: np.ndarray, roi: Sequence[int]) -> np.ndarray:
-    """Tumour label map (I, J, K) uint8 (value TUMOR) from the box-prompted model."""
+    """Tumour label map (I, J, K) uint8 (value TUMOR) from the box-prompted model, inside the box only:
+    the model sees the box grown by a margin, but a contour never extends past the box it was given."""
     x, region = box_input(image, roi, spec)
     logits = net(x)
     size = tuple(s.stop - s.start for s in region)
     prob = torch.softmax(F.interpolate(logits, size=size, mode="trilinear", align_corners=False), 1)[0, 1]
-    label = np.zeros(image.shape[1:], np.uint8)
-    label[region] = (prob.numpy() > 0.5).astype(np.uint8) * TUMOR
+    inside = np.zeros(image.shape[1:], np.uint8)
+    inside[region] = (prob.numpy() > 0.5).astype(np.uint8) * TUMOR
+    box = check_roi(roi, image.shape[1:])
+    label = np.zeros_like(inside)
+    label[box] = inside[box]
     return label
 
 

@@ -8,6 +8,7 @@ import numpy as np
 from monailabel.interfaces.tasks.infer_v2 import InferType
 
 from lib.infers.study_task import StudyInferTask
+from parotid import input_check
 from parotid.labels import INFO_ROI
 from parotid.segmentation.inference import contour_in_box, segment, study_input, tumour_roi
 from parotid.segmentation.networks import SegModelSpec
@@ -32,7 +33,8 @@ class SegmentStudy(StudyInferTask):
 
     def predict(self, network, study: Study, data: Dict[str, Any]):
         label = segment(network, self.spec, study_input(study, self.spec))
-        return label, {"model": self.spec.name, **_summary(label, study)}
+        comps, _ = input_check.study_components(study, self.model_dir, label=label)
+        return label, {"model": self.spec.name, **_summary(label, study), "input_check": input_check.combine(comps)}
 
 
 class ContourInBox(StudyInferTask):
@@ -46,5 +48,12 @@ class ContourInBox(StudyInferTask):
         roi = data.get(INFO_ROI)
         if roi is None or roi == []:
             raise StudyError("this model needs a box: params.roi = [i0, i1, j0, j1, k0, k1]")
-        label = contour_in_box(network, self.spec, study_input(study, self.spec), roi)
-        return label, {"model": self.spec.name, INFO_ROI: [int(v) for v in roi], **_summary(label, study)}
+        comps = input_check.box_components(study, roi, self.model_dir)  # 422 for a too small box
+        box = comps.pop("tumour_in_box", None)
+        label = np.zeros(study.shape, np.uint8)
+        if box is None or box["tumor_found"]:
+            label = contour_in_box(network, self.spec, study_input(study, self.spec), roi)
+        found = bool((label == 2).any())
+        return label, {"model": self.spec.name, INFO_ROI: [int(v) for v in roi], **_summary(label, study),
+                       "tumor_found": found, "message": None if found else input_check.NO_TUMOUR,
+                       "tumour_in_box": box, "input_check": input_check.combine(comps)}
