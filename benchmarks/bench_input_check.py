@@ -168,6 +168,8 @@ def main(argv=None) -> int:
         rows = []
         for r in read_cohort(a.heldout):
             s = read_study(r.image, r.study_id)
+            if not all(q in s.sequences for q in ("T2", "CET1")):
+                continue  # every model refuses it (422 "lacks sequence"): no result to check
             row = evaluate(s, r.roi, classifiers, a.models)
             lab = np.transpose(sitk.GetArrayFromImage(sitk.ReadImage(r.label)), (2, 1, 0)) if r.label else None
             neg = {}
