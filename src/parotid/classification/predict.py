@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from monai.visualize import GradCAM
 
+from parotid.input_check import combine, feature_density_check, mark_classification
 from parotid.model_space import checkpoint_spacing, to_model_space
 from parotid.study import Study, StudyError, check_roi
 
@@ -92,11 +93,13 @@ def mc_dropout(model: SequenceModel, feats: torch.Tensor, temperature: float, pa
 
 
 def classify(model: SequenceModel, cfg: dict, study: Study, roi, heatmap: bool = True, clinical=None,
-             heatmap_mode: str = "roi") -> tuple[dict, np.ndarray | None]:
+             heatmap_mode: str = "roi", input_components: dict | None = None) -> tuple[dict, np.ndarray | None]:
     """Returns (result JSON, heatmap volume (I, J, K) or None), both on the STUDY grid.
 
     The study is resampled to the checkpoint's training spacing (``cfg["spacing"]``, see
-    parotid.model_space) and the box mapped onto that grid; the heatmap comes back linearly."""
+    parotid.model_space) and the box mapped onto that grid; the heatmap comes back linearly. The result's
+    ``input_check`` combines `input_components` (study and box checks of parotid.input_check, computed by
+    the caller) with the classifier-feature density check; a failed check makes the result undetermined."""
     roi = [int(v) for v in roi]
     check_roi(roi, study.shape)  # errors name the study's grid, not the model's
     space = to_model_space(study, checkpoint_spacing(cfg))
@@ -118,11 +121,13 @@ def classify(model: SequenceModel, cfg: dict, study: Study, roi, heatmap: bool =
     mc_mean = mc.mean(0)
     mal_std = float(mc[:, mal_idx].sum(1).std()) if mal_idx else 0.0
     undetermined = bool(mc_mean.max() < unc.get("max_top_prob_below", 0.6) or mal_std > unc.get("max_std_above", 0.15))
+    reasons = [f"uncertain (MC dropout: top-class probability {mc_mean.max():.2f}, malignancy std {mal_std:.2f})"] if undetermined else []
     result = {
         "prediction": [{"idx": i, "label": c, "score": float(p)} for i, (c, p) in enumerate(zip(classes, prob))],
         "predicted_class": classes[top],
         "malignancy_probability": float(prob[mal_idx].sum()) if mal_idx else None,
         "undetermined": undetermined,
+        "undetermined_reasons": reasons,
         "uncertainty": {"method": "mc_dropout", "passes": passes, "mc_top_probability": float(mc_mean.max()),
                         "malignancy_std": mal_std,
                         "thresholds": {"max_top_prob_below": unc.get("max_top_prob_below", 0.6),
@@ -140,6 +145,7 @@ def classify(model: SequenceModel, cfg: dict, study: Study, roi, heatmap: bool =
     }
     if space.resampled:
         result["model_roi"] = mroi  # the box on the model's grid (same physical region)
+    mark_classification(result, combine({**(input_components or {}), "feature_density": feature_density_check(model, feats)}))
     if heatmap_mode not in ("roi", "gradcam"):
         raise StudyError(f"heatmap must be 'roi' or 'gradcam', got {heatmap_mode!r}")
     result["heatmap"] = {"method": "Grad-CAM layer2" + (" x RoI-Align read-out weight" if heatmap_mode == "roi" else ""),

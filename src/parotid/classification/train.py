@@ -303,7 +303,10 @@ def lof_scores(net: ImageNet, cs: CropSet, train_idx, test_idx, channels, label_
 def save_checkpoint(path: str, model: SequenceModel, config: dict) -> None:
     sd = {k: (v.half() if v.is_floating_point() else v) for k, v in model.state_dict().items()}
     tmp = path + ".part"
-    torch.save({"config": config, "state_dict": sd}, tmp)
+    ck = {"config": config, "state_dict": sd}
+    if getattr(model, "input_check", None):  # feature density of parotid.input_check (plain tensors)
+        ck["input_check"] = model.input_check
+    torch.save(ck, tmp)
     os.replace(tmp, path)  # atomic: the server reloads on mtime change
 
 
@@ -316,6 +319,7 @@ def load_checkpoint(path: str) -> tuple[SequenceModel, dict]:
                           n_clinical=cfg.get("n_clinical", 0))
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ck["state_dict"].items()})
     model.eval()
+    model.input_check = ck.get("input_check")  # None for checkpoints from before the input check
     return model, cfg
 
 
@@ -336,6 +340,12 @@ def train_task_model(cs: CropSet, label_set_name: str, seqs=DEFAULT_SEQS, fusion
                                      seed, val_frac=val_frac, desc=desc, optional=tuple(q for q in seqs if q not in required))
     y = cs.labels(ls)
     counts = {c: int(np.sum(y[keep] == i)) for i, c in enumerate(ls.classes)}
+    # input check: Local Outlier Factor on the training studies' pooled features, saved with the weights;
+    # threshold in-sample here, recalibrated on a held-out cohort by `python -m parotid.input_check fit`
+    from parotid.input_check import classifier_features_cropset, fit_feature_density
+
+    density = fit_feature_density(classifier_features_cropset(model, {"groups": groups}, cs, keep))
+    model.input_check = density.to_checkpoint()
     cfg = {"kind": "sequence", "label_set": ls.name, "classes": list(ls.classes), "malignant": list(ls.malignant),
            "sequences": list(seqs), "required": list(required), "groups": groups, "fusion": model.fusion, "fusion_mode": fusion,
            "size": int(cs.slices.shape[-1]), "n_slices": int(cs.slices.shape[1]), "margin": 0.25, "n_clinical": 0,

@@ -123,29 +123,38 @@ def box_input(image: np.ndarray, roi: Sequence[int], spec: SegModelSpec) -> tupl
 
 @torch.no_grad()
 def box_probability(net: torch.nn.Module, spec: SegModelSpec, image: np.ndarray, roi: Sequence[int]) -> np.ndarray:
-    """Tumour probability (I, J, K) float32 from the box-prompted model (0 outside the box region)."""
+    """Tumour probability (I, J, K) float32 from the box-prompted model, inside the box only: the model
+    sees the box grown by a margin, but a contour never extends past the box it was given."""
     x, region = box_input(image, roi, spec)
     logits = net(x)
     size = tuple(s.stop - s.start for s in region)
     prob = torch.softmax(F.interpolate(logits, size=size, mode="trilinear", align_corners=False), 1)[0, 1]
-    out = np.zeros(image.shape[1:], np.float32)
-    out[region] = prob.numpy()
+    region_prob = np.zeros(image.shape[1:], np.float32)
+    region_prob[region] = prob.numpy()
+    return _inside_box(region_prob, roi)
+
+
+def _inside_box(values: np.ndarray, roi: Sequence[int]) -> np.ndarray:
+    out = np.zeros_like(values)
+    box = check_roi(roi, values.shape)
+    out[box] = values[box]
     return out
 
 
 def contour_in_box(net: torch.nn.Module, spec: SegModelSpec, image: np.ndarray, roi: Sequence[int]) -> np.ndarray:
-    """Tumour label map (I, J, K) uint8 (value TUMOR) from the box-prompted model."""
+    """Tumour label map (I, J, K) uint8 (value TUMOR) from the box-prompted model, inside the box only."""
     return (box_probability(net, spec, image, roi) > 0.5).astype(np.uint8) * TUMOR
 
 
 def contour_study(net: torch.nn.Module, spec: SegModelSpec, study: Study, roi: Sequence[int],
                   spacing: Sequence[float] | None) -> tuple[np.ndarray, ModelSpace]:
     """Tumour label map on the STUDY grid for a box on the study grid: the box goes to the model's
-    grid (same physical region), the model runs at its training `spacing`, the probability comes back."""
+    grid (same physical region), the model runs at its training `spacing`, the probability comes back
+    and is cut at the study-grid box (interpolation must not carry it past the box)."""
     check_roi(roi, study.shape)
     space = to_model_space(study, spacing)
     prob = box_probability(net, spec, study_input(space.model_study, spec), space.roi_to_model(roi))
-    return (space.values_to_study(prob) > 0.5).astype(np.uint8) * TUMOR, space
+    return (_inside_box(space.values_to_study(prob), roi) > 0.5).astype(np.uint8) * TUMOR, space
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:

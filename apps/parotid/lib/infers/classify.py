@@ -20,23 +20,20 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-import threading
 from typing import Any, Dict
 
-import torch
 from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferType
 
 from lib.errors import http_errors
 from lib.infers.study_task import StudyInferTask
+from parotid import input_check
 from parotid.classification.predict import classify
 from parotid.classification.train import DEFAULT_REQUIRED, load_checkpoint
 from parotid.labels import INFO_ROI, classification_label_sets, get_label_set
 from parotid.study import Study, StudyError
 
 logger = logging.getLogger(__name__)
-_SEG_CACHE: Dict[str, Any] = {}
-_SEG_LOCK = threading.Lock()
 
 
 def tumour_roi_from_segmentation(study: Study, seg_path: str) -> list[int]:
@@ -44,20 +41,9 @@ def tumour_roi_from_segmentation(study: Study, seg_path: str) -> list[int]:
     if not os.path.exists(seg_path):
         raise StudyError("no roi given and no segmentation model is available to find the tumour; "
                          "pass params.roi = [i0, i1, j0, j1, k0, k1]")
-    from parotid.model_space import checkpoint_spacing
-    from parotid.segmentation.inference import segment_study, tumour_roi
-    from parotid.segmentation.networks import SEGMENTATION, build_network
+    from parotid.segmentation.inference import tumour_roi
 
-    mtime = os.path.getmtime(seg_path)
-    with _SEG_LOCK:
-        cached = _SEG_CACHE.get(seg_path)
-        if not cached or cached[1] != mtime:
-            net = build_network(SEGMENTATION)
-            ck = torch.load(seg_path, map_location="cpu")
-            net.load_state_dict(ck.get("model", ck))
-            net.eval()
-            _SEG_CACHE[seg_path] = cached = (net, mtime, checkpoint_spacing(ck))
-    label, _ = segment_study(cached[0], SEGMENTATION, study, cached[2])  # label on the study grid
+    label = input_check.segment_study(study, seg_path)  # cached: the input check reuses it
     roi = tumour_roi(label)  # largest tumour component: the index tumour
     if roi is None:
         raise StudyError("no roi given and the segmentation model found no tumour in this study; "
@@ -154,7 +140,8 @@ class ClassifyStudy(StudyInferTask):
             except ValueError:
                 raise StudyError(f"roi must be a list of 6 voxel indices, got {roi!r}") from None
         with http_errors():
+            comps = input_check.box_components(study, roi, self.model_dir, self.seg_path)  # 422: bad or tiny box
             result, heat = classify(model, cfg, study, roi, heatmap=not data.get("no_heatmap", False),
-                                    heatmap_mode=str(data.get("heatmap", "roi")))
+                                    heatmap_mode=str(data.get("heatmap", "roi")), input_components=comps)
         result["roi_source"] = source
         return heat, result

@@ -8,6 +8,7 @@ import numpy as np
 from monailabel.interfaces.tasks.infer_v2 import InferType
 
 from lib.infers.study_task import StudyInferTask
+from parotid import input_check
 from parotid.labels import INFO_ROI
 from parotid.segmentation.inference import contour_study, segment_study, tumour_roi
 from parotid.segmentation.networks import SegModelSpec
@@ -32,7 +33,9 @@ class SegmentStudy(StudyInferTask):
 
     def predict(self, network, study: Study, data: Dict[str, Any]):
         label, space = segment_study(network, self.spec, study, self.model_spacing())
-        return label, {"model": self.spec.name, **_summary(label, study), **space.params}
+        comps, _ = input_check.study_components(study, self.model_dir, label=label)
+        return label, {"model": self.spec.name, **_summary(label, study), **space.params,
+                       "input_check": input_check.combine(comps)}
 
 
 class ContourInBox(StudyInferTask):
@@ -46,6 +49,13 @@ class ContourInBox(StudyInferTask):
         roi = data.get(INFO_ROI)
         if roi is None or roi == []:
             raise StudyError("this model needs a box: params.roi = [i0, i1, j0, j1, k0, k1]")
-        label, space = contour_study(network, self.spec, study, roi, self.model_spacing())
+        comps = input_check.box_components(study, roi, self.model_dir)  # 422 for a too small box
+        box = comps.pop("tumour_in_box", None)
+        label, space = np.zeros(study.shape, np.uint8), None
+        if box is None or box["tumor_found"]:
+            label, space = contour_study(network, self.spec, study, roi, self.model_spacing())
+        found = bool((label == 2).any())
+        space_params = space.params if space else {"model_spacing": self.model_spacing(), "resampled": False}
         return label, {"model": self.spec.name, INFO_ROI: [int(v) for v in roi], **_summary(label, study),
-                       **space.params}
+                       **space_params, "tumor_found": found, "message": None if found else input_check.NO_TUMOUR,
+                       "tumour_in_box": box, "input_check": input_check.combine(comps)}

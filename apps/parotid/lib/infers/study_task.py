@@ -62,6 +62,11 @@ class StudyInferTask(BasicInferTask):
         # sequences: what the model uses; required_sequences: a study lacking one of these gets a 422
         return {**super().info(), "sequences": list(self.sequences), "required_sequences": list(self.required)}
 
+    @property
+    def model_dir(self) -> str:
+        """The app's model folder (checkpoints and the input check's input_check.json)."""
+        return os.path.dirname(self.path[0]) if self.path else ""
+
     def pre_transforms(self, data=None) -> Sequence[Callable]:
         return [LoadStudyd()]
 

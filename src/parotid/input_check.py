@@ -1,0 +1,601 @@
+"""Input check (out-of-distribution detection) for every inference result.
+
+The models were trained on one kind of input (multi-sequence head-and-neck MRI of the parotid
+region; here: SYNTHETIC phantoms). This module says, for each request, whether the input looks like
+that, so that a result on anything else is marked instead of being given with confidence.
+
+Components (each a ``score`` against a ``threshold``; it passes when ``score <= threshold``):
+
+* ``physical`` — physical plausibility: voxel spacing and field of view of the study's reference
+  grid inside fixed ranges for head-and-neck MRI (rules, not fitted; see PHYSICAL_RANGES). Score:
+  the largest ratio by which a value lies outside its range (<= 1 inside).
+* ``intensity`` — per-sequence intensity statistics against the training cohort: for every sequence
+  a vector (share of non-zero voxels, quantiles of the p1..p99-normalised histogram; ADC also its
+  absolute median and p95 in 1e-6 mm2/s) and, for each pair of sequences, the correlation of their
+  voxel values (one series imported as two sequences correlates at 1.0). Mahalanobis distance with
+  a Ledoit-Wolf shrunk covariance (scikit-learn) fitted on the training cohort, per entry.
+* ``anatomy`` — the whole-study segmentation model must find two parotid regions (gland + tumour,
+  connected components) of plausible volume, on the two sides of the neck: robust z-scores of
+  log volume of the larger and the smaller region and of their left-right distance (mm) against
+  the model's own output on the training cohort.
+* ``feature_density`` (classification) — Local Outlier Factor (scikit-learn, novelty mode; seed 003)
+  on the classifier's pooled sequence feature (the input of its last layer), fitted on the
+  training cohort at training time and stored in the classifier checkpoint (``input_check`` entry:
+  the training features, so the checkpoint stays loadable with ``weights_only=True``).
+* ``tumour_in_box`` (box requests) — the segmentation model's tumour inside the box; none: "no
+  tumour found in the box".
+
+Thresholds are calibrated on a held-out SYNTHETIC cohort (seeds never used for training):
+``threshold = MARGIN x the 99th percentile`` of that cohort's scores, per entry. ``python -m
+parotid.input_check fit`` (re)fits everything for the shipped models; docs/input-check.md has what
+it does and does not catch, with measured rates.
+
+Result contract: ``{"in_distribution", "score", "threshold", "reasons", "components"}`` where
+``score`` = max over components of score / threshold and ``threshold`` = 1.0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import threading
+from collections import OrderedDict
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from parotid.study import Study, StudyError
+
+REFERENCE_FILE = "input_check.json"
+NO_TUMOUR = "no tumour found in the box"
+# Box size: the smallest tumour the models were trained on is 11 mm (parotid-synth, docs/model cards);
+# a box shorter than MIN_BOX_MM along any axis cannot hold one, so it is refused (422) rather than
+# answered: the user drew a wrong box and should know it, an "undetermined" would hide that.
+MIN_BOX_MM = 5.0
+# Physical plausibility of the reference grid for head-and-neck MRI (mm). Clinical parotid protocols:
+# pixel 0.4-1.0 mm, slices 1.5-10 mm (docs/model cards, seeds 000/001/003); the neck in-plane field of
+# view is ~140-260 mm and both glands (~45 mm cranio-caudal) need >= 30 mm coverage.
+PHYSICAL_RANGES = {
+    "spacing_in_plane_mm": (0.2, 3.0),
+    "spacing_through_plane_mm": (0.5, 10.0),
+    "fov_in_plane_mm": (100.0, 350.0),
+    "fov_through_plane_mm": (30.0, 300.0),
+}
+MARGIN = 1.25  # calibrated threshold = MARGIN x 99th percentile of held-out in-distribution scores
+QUANTILES = (5, 25, 50, 75, 95)
+MAX_SCORE = 1e3  # scores are capped (JSON has no infinity)
+TUMOUR_IN_BOX_ML = 0.1  # segmentation tumour inside the box below this volume: no tumour found
+
+
+# ------------------------------------------------------------------------------------ helpers
+def _component(score: float, threshold: float, reasons: list[str], **details) -> dict:
+    score = float(min(score, MAX_SCORE)) if np.isfinite(score) else MAX_SCORE
+    return {"passed": bool(score <= threshold), "score": round(score, 4), "threshold": round(float(threshold), 4),
+            "reasons": reasons if score > threshold else [], **details}
+
+
+def combine(components: Mapping[str, dict | None]) -> dict:
+    """The result's ``input_check``: in distribution when every component passes."""
+    comps = {k: v for k, v in components.items() if v is not None}
+    ratios = [c["score"] / c["threshold"] if c["threshold"] > 0 else MAX_SCORE for c in comps.values()]
+    reasons = [r for c in comps.values() for r in c.get("reasons", [])]
+    return {"in_distribution": all(c["passed"] for c in comps.values()),
+            "score": round(float(max(ratios, default=0.0)), 4), "threshold": 1.0, "reasons": reasons,
+            "components": comps}
+
+
+def mark_classification(result: dict, input_check: dict) -> dict:
+    """Attach `input_check` to a classification result; a failed check makes it undetermined (the
+    predicted class and probabilities are kept: clients parse them, the flag says "I don't know")."""
+    result["input_check"] = input_check
+    reasons = list(result.get("undetermined_reasons") or [])
+    if not input_check["in_distribution"]:
+        result["undetermined"] = True
+        reasons += [r for r in input_check["reasons"] if r not in reasons]
+    result["undetermined_reasons"] = reasons
+    return result
+
+
+# ------------------------------------------------------------------------------------ physical
+def check_box_size(roi: Sequence[int], study: Study) -> None:
+    """StudyError (422) for a box shorter than MIN_BOX_MM along any axis."""
+    spacing = study.image.GetSpacing()
+    ext = [(int(roi[2 * a + 1]) - int(roi[2 * a])) * spacing[a] for a in range(3)]
+    if min(ext) < MIN_BOX_MM:
+        raise StudyError(f"the box is {' x '.join(f'{e:.1f}' for e in ext)} mm; it must be at least {MIN_BOX_MM:g} mm "
+                         f"along each axis to hold a tumour (the smallest tumour the models know is 11 mm): "
+                         f"draw the box around the whole tumour")
+
+
+def physical_check(study: Study) -> dict:
+    sp = np.asarray(study.image.GetSpacing(), float)
+    fov = sp * np.asarray(study.shape, float)
+    values = {"spacing_in_plane_mm": sp[:2], "spacing_through_plane_mm": sp[2:],
+              "fov_in_plane_mm": fov[:2], "fov_through_plane_mm": fov[2:]}
+    score, reasons = 0.0, []
+    for key, vals in values.items():
+        lo, hi = PHYSICAL_RANGES[key]
+        for v in vals:
+            r = max(lo / max(v, 1e-9), v / hi)
+            score = max(score, r)
+            if r > 1.0:
+                what = ("voxel spacing" if key.startswith("spacing") else "field of view") + \
+                    (" in-plane" if "in_plane" in key else " through-plane")
+                reasons.append(f"{what} {v:.3g} mm outside {lo:g}-{hi:g} mm (head-and-neck MRI)")
+    return _component(score, 1.0, reasons, spacing_mm=[round(float(v), 4) for v in sp],
+                      fov_mm=[round(float(v), 1) for v in fov])
+
+
+# ------------------------------------------------------------------------------------ intensity
+def _pairs(seqs: Iterable[str]) -> list[str]:
+    s = list(seqs)
+    return [f"{a}~{b}" for i, a in enumerate(s) for b in s[i + 1:]]
+
+
+def intensity_features(study: Study) -> dict[str, list[float]]:
+    """Per sequence: [share of non-zero voxels, normalised quantiles (+ ADC: log10 median, log10 p95)];
+    per pair of sequences: [Pearson correlation over the voxels both cover]."""
+    arr = study.array()
+    out: dict[str, list[float]] = {}
+    support = arr != 0
+    for c, seq in enumerate(study.sequences):
+        x = arr[c][support[c]]
+        if x.size < 100:
+            out[seq] = [float(support[c].mean())] + [0.0] * len(QUANTILES) + ([0.0, 0.0] if seq == "ADC" else [])
+            continue
+        lo, hi = np.percentile(x, (1, 99))
+        q = (np.percentile(x, QUANTILES) - lo) / max(float(hi - lo), 1e-6)
+        f = [float(support[c].mean())] + [float(v) for v in q]
+        if seq == "ADC":  # quantitative (1e-6 mm2/s): the absolute level is part of what the model knows
+            f += [float(np.log10(max(np.median(x), 1e-3))), float(np.log10(max(np.percentile(x, 95), 1e-3)))]
+        out[seq] = f
+    for i, a in enumerate(study.sequences):
+        for b in study.sequences[i + 1:]:
+            m = support[i] & support[study.sequences.index(b)]
+            xa, xb = arr[i][m], arr[study.sequences.index(b)][m]
+            corr = float(np.corrcoef(xa, xb)[0, 1]) if m.sum() > 100 and xa.std() > 0 and xb.std() > 0 else 1.0
+            out[f"{a}~{b}"] = [corr]
+    return out
+
+
+def _mahalanobis(x: np.ndarray, mean: np.ndarray, precision: np.ndarray) -> float:
+    d = np.asarray(x, float) - mean
+    return float(np.sqrt(max(d @ precision @ d, 0.0)))
+
+
+def intensity_check(study: Study, ref: dict) -> dict:
+    feats = intensity_features(study)
+    entries, worst, seq_out, pair_out = {}, 0.0, [], []
+    for key, f in feats.items():
+        r = ref.get(key)
+        if r is None:  # a sequence the training cohort did not have: nothing to compare with
+            continue
+        d = _mahalanobis(f, np.asarray(r["mean"]), np.asarray(r["precision"]))
+        ratio = d / r["threshold"]
+        entries[key] = round(min(d, MAX_SCORE), 3)
+        worst = max(worst, ratio)
+        if ratio > 1.0 and "~" in key:
+            pair_out.append(f"{key.replace('~', '/')} {f[0]:.2f}")
+        elif ratio > 1.0:
+            seq_out.append(f"{key} ({d:.1f} > {r['threshold']:.1f})")
+    reasons = [f"intensity statistics unlike the training cohort (Mahalanobis distance): {', '.join(seq_out)}"] if seq_out else []
+    if pair_out:
+        reasons.append(f"sequences correlate unlike the training cohort (one series imported as several?): "
+                       f"{', '.join(pair_out)}")
+    return _component(worst, 1.0, reasons, distances=entries)
+
+
+# ------------------------------------------------------------------------------------ anatomy
+ANATOMY_FEATURES = ("larger_region_log_ml", "smaller_region_log_ml", "left_right_distance_mm")
+
+
+def anatomy_features(label: np.ndarray, study: Study) -> dict[str, float]:
+    """The two largest parotid regions (gland + tumour voxels, connected components) of a label map:
+    log(1 + volume in ml) of each, and the distance of their centroids along the patient's left-right
+    axis (LPS x) in mm (0 when fewer than two regions)."""
+    from scipy import ndimage
+
+    comps, n = ndimage.label(label > 0)
+    vox_ml = float(np.prod(study.image.GetSpacing())) / 1000.0
+    if n == 0:
+        return {ANATOMY_FEATURES[0]: 0.0, ANATOMY_FEATURES[1]: 0.0, ANATOMY_FEATURES[2]: 0.0}
+    sizes = ndimage.sum_labels(np.ones_like(comps), comps, index=np.arange(1, n + 1))
+    order = np.argsort(sizes)[::-1][:2]
+    cents = ndimage.center_of_mass(np.ones_like(comps), comps, index=[int(i) + 1 for i in order])
+    xs = [study.image.TransformContinuousIndexToPhysicalPoint([float(v) for v in c])[0] for c in cents]
+    vols = [float(sizes[i]) * vox_ml for i in order] + [0.0]
+    return {ANATOMY_FEATURES[0]: float(np.log1p(vols[0])), ANATOMY_FEATURES[1]: float(np.log1p(vols[1])),
+            ANATOMY_FEATURES[2]: float(abs(xs[0] - xs[1])) if len(xs) == 2 else 0.0}
+
+
+def anatomy_check(label: np.ndarray, study: Study, ref: dict) -> dict:
+    f = anatomy_features(label, study)
+    zs = {k: abs(f[k] - ref[k]["median"]) / ref[k]["scale"] for k in ANATOMY_FEATURES}
+    worst = max(zs, key=zs.get)
+    reasons = []
+    if zs[worst] > ref["threshold"]:
+        lo, hi = ref[worst]["range"]
+        if worst.endswith("_log_ml"):
+            reasons.append(f"anatomy: {'larger' if worst.startswith('larger') else 'second'} parotid region "
+                           f"{np.expm1(f[worst]):.1f} ml (training {np.expm1(lo):.0f}-{np.expm1(hi):.0f} ml); "
+                           "two parotid glands are not found")
+        else:
+            reasons.append(f"anatomy: parotid regions {f[worst]:.0f} mm apart left-right "
+                           f"(training {lo:.0f}-{hi:.0f} mm); two parotid glands are not found")
+    volumes = [round(float(np.expm1(f[k])), 2) for k in ANATOMY_FEATURES[:2]]
+    return _component(zs[worst], ref["threshold"], reasons, z=dict((k, round(float(v), 3)) for k, v in zs.items()),
+                      region_volumes_ml=volumes, left_right_distance_mm=round(f[ANATOMY_FEATURES[2]], 1))
+
+
+# ------------------------------------------------------------------------------------ boxes
+def tumour_in_box(label: np.ndarray, roi: Sequence[int], study: Study) -> dict:
+    """Does the segmentation model's tumour reach into the box (>= TUMOUR_IN_BOX_ML)?"""
+    i0, i1, j0, j1, k0, k1 = (int(v) for v in roi)
+    ml = float((label[i0:i1, j0:j1, k0:k1] == 2).sum()) * float(np.prod(study.image.GetSpacing())) / 1000.0
+    found = ml >= TUMOUR_IN_BOX_ML
+    return {"passed": found, "score": 0.0 if found else 1.0, "threshold": 0.5, "reasons": [] if found else [NO_TUMOUR],
+            "tumor_found": found, "segmented_tumour_in_box_ml": round(ml, 3)}
+
+
+# ------------------------------------------------------------------------------------ classifier features
+def pooled_features(model, slice_feats) -> np.ndarray:
+    """(B, D) input of the classifier's last layer: transformer over the slice features, max over
+    slices (SequenceModel.forward_features without its head)."""
+    import torch
+
+    with torch.no_grad():
+        z = model.encoder(slice_feats + model.pos[:, : slice_feats.shape[1]]).max(dim=1).values
+    return z.numpy().astype(np.float64)
+
+
+class FeatureDensity:
+    """Local Outlier Factor (novelty) on L2-normalised pooled classifier features. Stored as the
+    training features (plain tensors) and refitted on load: milliseconds for a few hundred rows."""
+
+    def __init__(self, features: np.ndarray, n_neighbors: int = 10, threshold: float | None = None,
+                 calibration: str = ""):
+        from sklearn.neighbors import LocalOutlierFactor
+
+        self.features = np.asarray(features, np.float32)
+        self.n_neighbors = int(min(n_neighbors, len(self.features) - 1))
+        self.lof = LocalOutlierFactor(n_neighbors=self.n_neighbors, novelty=True).fit(_l2(self.features))
+        self.threshold = threshold
+        self.calibration = calibration
+
+    def score(self, feats: np.ndarray) -> np.ndarray:
+        """LOF (about 1 for inliers, larger for outliers)."""
+        return -self.lof.score_samples(_l2(np.atleast_2d(feats)))
+
+    def in_sample_scores(self) -> np.ndarray:
+        """Each training row's LOF among the others (LocalOutlierFactor's negative_outlier_factor_)."""
+        from sklearn.neighbors import LocalOutlierFactor
+
+        lof = LocalOutlierFactor(n_neighbors=self.n_neighbors).fit(_l2(self.features))
+        return -lof.negative_outlier_factor_
+
+    def to_checkpoint(self) -> dict:
+        import torch
+
+        return {"method": "local_outlier_factor", "feature": "pooled sequence feature, L2-normalised",
+                "features": torch.from_numpy(self.features.astype(np.float16)), "n_neighbors": self.n_neighbors,
+                "threshold": float(self.threshold), "calibration": self.calibration}
+
+    @classmethod
+    def from_checkpoint(cls, block: dict) -> "FeatureDensity":
+        return cls(block["features"].float().numpy(), block["n_neighbors"], block["threshold"],
+                   block.get("calibration", ""))
+
+
+def _l2(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def fit_feature_density(features: np.ndarray, n_neighbors: int = 10, calibration: np.ndarray | None = None) -> FeatureDensity:
+    """Fit on training features; the threshold from held-out `calibration` features when given, else
+    from the training rows' own LOF among each other (in-sample)."""
+    d = FeatureDensity(features, n_neighbors)
+    if calibration is not None and len(calibration):
+        d.threshold, d.calibration = _threshold(d.score(calibration)), f"held-out, n={len(calibration)}"
+    else:
+        d.threshold, d.calibration = _threshold(d.in_sample_scores()), f"in-sample, n={len(features)}"
+    return d
+
+
+def density_of(model) -> FeatureDensity | None:
+    """The model's feature density (from its checkpoint), built once per loaded model."""
+    block = getattr(model, "input_check", None)
+    if not block:
+        return None
+    if getattr(model, "_density", None) is None:
+        model._density = FeatureDensity.from_checkpoint(block)
+    return model._density
+
+
+def feature_density_check(model, slice_feats) -> dict | None:
+    d = density_of(model)
+    if d is None:
+        return None
+    s = float(d.score(pooled_features(model, slice_feats))[0])
+    reasons = [f"the tumour's image features are unlike the training cohort's (Local Outlier Factor {s:.2f} > "
+               f"{d.threshold:.2f})"]
+    return _component(s, d.threshold, reasons, method="local_outlier_factor")
+
+
+def _threshold(scores: np.ndarray) -> float:
+    return float(MARGIN * np.percentile(np.asarray(scores, float), 99))
+
+
+# ------------------------------------------------------------------------------------ study level
+_SEG: "OrderedDict[tuple, np.ndarray]" = OrderedDict()
+_NETS: dict[str, tuple] = {}
+_LOCK = threading.Lock()
+_REFS: dict[str, tuple] = {}
+
+
+def study_key(study: Study) -> str:
+    """Content hash of a study (voxel values, grid, sequence names): the segmentation cache key."""
+    import SimpleITK as sitk
+
+    h = hashlib.blake2b(digest_size=16)
+    h.update(np.ascontiguousarray(sitk.GetArrayViewFromImage(study.image)).tobytes())
+    h.update(repr((study.sequences, study.image.GetSpacing(), study.image.GetOrigin(), study.image.GetDirection())).encode())
+    return h.hexdigest()
+
+
+def segment_study(study: Study, seg_path: str) -> np.ndarray:
+    """The whole-study segmentation model's label map (I, J, K) on the study grid (the model runs at its
+    training spacing, parotid.model_space), cached per study content and checkpoint."""
+    import torch
+
+    from parotid.model_space import checkpoint_spacing
+    from parotid.segmentation.inference import segment_study as segment_at_model_spacing
+    from parotid.segmentation.networks import SEGMENTATION, build_network
+
+    if not os.path.exists(seg_path):
+        raise StudyError("no segmentation model is available for the input check and the tumour search "
+                         "(train or upload the 'segmentation' model)")
+    mtime = os.path.getmtime(seg_path)
+    key = (seg_path, mtime, study_key(study))
+    with _LOCK:
+        if key in _SEG:
+            _SEG.move_to_end(key)
+            return _SEG[key]
+        cached = _NETS.get(seg_path)
+        if not cached or cached[1] != mtime:
+            net = build_network(SEGMENTATION)
+            ck = torch.load(seg_path, map_location="cpu", weights_only=True)
+            net.load_state_dict(ck.get("model", ck))
+            net.eval()
+            _NETS[seg_path] = cached = (net, mtime, checkpoint_spacing(ck))
+    label, _ = segment_at_model_spacing(cached[0], SEGMENTATION, study, cached[2])
+    with _LOCK:
+        _SEG[key] = label
+        while len(_SEG) > 16:
+            _SEG.popitem(last=False)
+    return label
+
+
+def load_reference(model_dir: str) -> dict | None:
+    path = os.path.join(model_dir, REFERENCE_FILE)
+    if not os.path.exists(path):
+        return None
+    mtime = os.path.getmtime(path)
+    hit = _REFS.get(path)
+    if not hit or hit[0] != mtime:
+        with open(path) as f:
+            hit = _REFS[path] = (mtime, json.load(f))
+    return hit[1]
+
+
+def study_components(study: Study, model_dir: str, label: np.ndarray | None = None,
+                     seg_path: str | None = None) -> tuple[dict, np.ndarray | None]:
+    """Physical, intensity and anatomy components for a study (+ the segmentation label used).
+    `label`: the whole-study segmentation when the caller has it; else it is computed (cached)."""
+    ref = load_reference(model_dir)
+    comps: dict[str, Any] = {"physical": physical_check(study)}
+    if ref is None:
+        comps["reference"] = {"passed": True, "score": 0.0, "threshold": 1.0, "reasons": [],
+                              "note": f"no {REFERENCE_FILE} next to the models: intensity and anatomy not checked"}
+        return comps, label
+    comps["intensity"] = intensity_check(study, ref["intensity"])
+    if label is None:
+        seg_path = seg_path or os.path.join(model_dir, "segmentation.pt")
+        if os.path.exists(seg_path):
+            label = segment_study(study, seg_path)
+    if label is not None:
+        comps["anatomy"] = anatomy_check(label, study, ref["anatomy"])
+    return comps, label
+
+
+def box_components(study: Study, roi: Sequence[int], model_dir: str, seg_path: str | None = None) -> dict:
+    """Study components + ``tumour_in_box`` for a box request (box checked first: 422 if invalid or too small)."""
+    from parotid.study import check_roi
+
+    check_roi(roi, study.shape)
+    roi = [int(v) for v in roi]
+    check_box_size(roi, study)
+    comps, label = study_components(study, model_dir, seg_path=seg_path)
+    if label is not None:
+        comps["tumour_in_box"] = tumour_in_box(label, roi, study)
+    return comps
+
+
+# ------------------------------------------------------------------------------------ fitting
+def _cohort(folder: str) -> list:
+    from parotid.classification.data import read_cohort
+
+    return read_cohort(folder)
+
+
+def study_rows(folder: str, seg_path: str, progress: bool = True) -> list[dict]:
+    """Intensity and anatomy features of every labelled study of a cohort folder."""
+    from tqdm import tqdm
+
+    from parotid.study import read_study
+
+    rows = []
+    for r in tqdm(_cohort(folder), desc=f"input check {os.path.basename(folder)}", disable=not progress, mininterval=10):
+        s = read_study(r.image, r.study_id)
+        try:
+            anatomy = anatomy_features(segment_study(s, seg_path), s)
+        except StudyError:  # lacks a sequence the segmentation model needs: no anatomy row
+            anatomy = None
+        rows.append({"study_id": r.study_id, "intensity": intensity_features(s), "anatomy": anatomy})
+    return rows
+
+
+def fit_reference(train: list[dict], calibration: list[dict]) -> dict:
+    """Reference statistics from training rows; thresholds from held-out calibration rows."""
+    from sklearn.covariance import LedoitWolf
+
+    intensity = {}
+    keys = sorted({k for r in train for k in r["intensity"]})
+    for key in keys:
+        x = np.array([r["intensity"][key] for r in train if key in r["intensity"]], float)
+        if len(x) < 10:
+            continue
+        lw = LedoitWolf().fit(x)
+        cal = [_mahalanobis(r["intensity"][key], lw.location_, lw.precision_) for r in calibration if key in r["intensity"]]
+        own = [_mahalanobis(v, lw.location_, lw.precision_) for v in x]
+        intensity[key] = {"mean": lw.location_.tolist(), "precision": lw.precision_.tolist(), "n_train": len(x),
+                          "threshold": _threshold(cal if len(cal) >= 10 else own), "n_calibration": len(cal)}
+    anatomy: dict[str, Any] = {}
+    train = [r for r in train if r["anatomy"] is not None]
+    calibration = [r for r in calibration if r["anatomy"] is not None]
+    for key in ANATOMY_FEATURES:
+        x = np.array([r["anatomy"][key] for r in train], float)
+        q25, q75 = np.percentile(x, (25, 75))
+        anatomy[key] = {"median": float(np.median(x)), "scale": float(max((q75 - q25) / 1.349, 1e-3 + 0.02 * abs(np.median(x)))),
+                        "range": [float(v) for v in np.percentile(x, (1, 99))]}
+    zmax = [max(abs(r["anatomy"][k] - anatomy[k]["median"]) / anatomy[k]["scale"] for k in ANATOMY_FEATURES)
+            for r in calibration]
+    anatomy["threshold"] = _threshold(zmax)
+    anatomy["n_train"], anatomy["n_calibration"] = len(train), len(calibration)
+    return {"intensity": intensity, "anatomy": anatomy}
+
+
+def classifier_features_cropset(model, cfg: dict, cs, idx) -> np.ndarray:
+    """Pooled features of cohort crops (the training path: `CropSet` of parotid.classification.data)."""
+    import torch
+
+    chans = cs.channels([s for g in cfg["groups"] for s in g])
+    out = []
+    for b in range(0, len(idx), 16):
+        ii = np.asarray(idx)[b:b + 16]
+        x = torch.from_numpy(cs.slices[ii][:, :, chans].astype(np.float32))
+        with torch.no_grad():
+            out.append(pooled_features(model, model.slice_features(x, torch.from_numpy(cs.box[ii]))))
+    return np.concatenate(out)
+
+
+def classifier_features_study(model, cfg: dict, study: Study, roi) -> np.ndarray:
+    """Pooled feature of one study and box (the inference path: parotid.classification.predict.prepare)."""
+    import torch
+
+    from parotid.classification.predict import prepare
+
+    x, box, _ = prepare(study, [int(v) for v in roi], cfg)
+    with torch.no_grad():
+        return pooled_features(model, model.slice_features(x, box))[0]
+
+
+def stamp_checkpoint(path: str, density: FeatureDensity) -> None:
+    """Write the density into a classifier checkpoint; every other entry (weights, config, keys added by
+    other tools) is kept as loaded, so the weights stay bit-identical."""
+    import torch
+
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    ck["input_check"] = density.to_checkpoint()
+    tmp = path + ".part"
+    torch.save(ck, tmp)
+    os.replace(tmp, path)
+
+
+def _ensure_cohort(folder: str, seed: int, n: int) -> str:
+    if not os.path.exists(os.path.join(folder, "datastore_v2.json")):
+        from parotid.synth.cohort import write_cohort
+
+        print(f"generating SYNTHETIC cohort seed {seed} n {n} in {folder}", flush=True)
+        write_cohort(folder, n, seed, raw=False, progress=False)
+    return folder
+
+
+def fit_command(models: str, work: str, train_seed: int = 101, train_n: int = 240, cal_seed: int = 202,
+                cal_n: int = 60, n_neighbors: int = 10) -> dict:
+    """Fit the reference file and the classifier densities for the models in `models` (idempotent)."""
+    import glob
+
+    import torch
+
+    from parotid.classification.data import build_cropset
+    from parotid.classification.train import load_checkpoint
+    from parotid.study import read_study
+
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    train_dir = _ensure_cohort(os.path.join(work, f"c{train_seed}"), train_seed, train_n)
+    cal_dir = _ensure_cohort(os.path.join(work, f"cal{cal_seed}"), cal_seed, cal_n)
+    seg_path = os.path.join(models, "segmentation.pt")
+    ref = fit_reference(study_rows(train_dir, seg_path), study_rows(cal_dir, seg_path))
+    ref["fitted"] = {"command": "python -m parotid.input_check fit", "train_cohort": f"parotid-synth --seed {train_seed} --n {train_n}",
+                     "calibration_cohort": f"parotid-synth --seed {cal_seed} --n {cal_n}", "margin": MARGIN,
+                     "segmentation_checkpoint_sha256": _sha256(seg_path), "synthetic": True}
+    tmp = os.path.join(models, REFERENCE_FILE + ".part")
+    with open(tmp, "w") as f:
+        json.dump(ref, f, indent=1)
+    os.replace(tmp, os.path.join(models, REFERENCE_FILE))
+    summary = {"reference": os.path.join(models, REFERENCE_FILE), "classifiers": {}}
+    cal_recs = _cohort(cal_dir)
+    cal_studies = [read_study(r.image, r.study_id) for r in cal_recs]
+    for path in sorted(glob.glob(os.path.join(models, "classify_*.pt"))):
+        model, cfg = load_checkpoint(path)
+        cs = build_cropset(train_dir, size=int(cfg["size"]), n_slices=int(cfg["n_slices"]))
+        keep = _usable(cs, cfg)
+        train_f = classifier_features_cropset(model, cfg, cs, keep)
+        cal_f = np.array([classifier_features_study(model, cfg, s, r.roi) for s, r in zip(cal_studies, cal_recs)
+                          if all(q in s.sequences for q in cfg.get("required", cfg["sequences"]))])
+        d = fit_feature_density(train_f, n_neighbors, cal_f)
+        stamp_checkpoint(path, d)
+        summary["classifiers"][os.path.basename(path)] = {"n_train": len(train_f), "n_calibration": len(cal_f),
+                                                           "threshold": round(d.threshold, 4)}
+    return summary
+
+
+def _usable(cs, cfg: dict) -> list[int]:
+    """Cohort rows the classifier was trained on: class in its label set, required sequences present."""
+    from parotid.labels import get_label_set
+
+    ls = get_label_set(cfg["label_set"])
+    req = cs.channels(cfg.get("required", cfg["sequences"]))
+    return [i for i, c in enumerate(cs.tumor_class) if ls.accepts(c) and all(cs.avail[i, req])]
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m parotid.input_check",
+                                 description="Fit the input check (out-of-distribution detection) for the served models.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    f = sub.add_parser("fit", help="reference statistics (input_check.json) + classifier feature densities (in classify_*.pt)")
+    f.add_argument("--models", default="apps/parotid/model", help="model folder (segmentation.pt, classify_*.pt)")
+    f.add_argument("--work", default="/tmp/parotid-train", help="where the SYNTHETIC cohorts are (generated when absent)")
+    f.add_argument("--train-seed", type=int, default=101, help="training cohort of the classifiers (scripts/train_models.sh)")
+    f.add_argument("--train-n", type=int, default=240)
+    f.add_argument("--cal-seed", type=int, default=202, help="held-out calibration cohort (a seed never used for training)")
+    f.add_argument("--cal-n", type=int, default=60)
+    f.add_argument("--neighbors", type=int, default=10, help="Local Outlier Factor n_neighbors")
+    a = ap.parse_args(argv)
+    print(json.dumps(fit_command(a.models, a.work, a.train_seed, a.train_n, a.cal_seed, a.cal_n, a.neighbors), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
