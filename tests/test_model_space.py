@@ -124,12 +124,18 @@ def test_at_training_spacing_nothing_is_resampled_and_results_are_bit_identical(
     label, space = contour_study(box, CONTOUR_BOX, study, roi, bsp)
     assert not space.resampled
     assert np.array_equal(label, contour_in_box(box, CONTOUR_BOX, study_input(study, CONTOUR_BOX), roi))
-    # classifier: a stamped copy (key in the checkpoint's config) gives exactly the unstamped result
-    stamped = tmp_path / "classify_subtype.pt"
-    shutil.copy(APP / "model" / "classify_subtype.pt", stamped)
+    # classifier: the shipped (stamped) checkpoint gives exactly the result of an unstamped copy, and
+    # stamping that copy gives the shipped checkpoint's config back
+    shipped = APP / "model" / "classify_subtype.pt"
+    ck = torch.load(shipped, map_location="cpu", weights_only=True)
+    assert ck["config"].pop("spacing") == TRAINED_AT
+    unstamped, stamped = tmp_path / "unstamped.pt", tmp_path / "stamped.pt"
+    torch.save(ck, unstamped)
+    shutil.copy(unstamped, stamped)
     assert stamp_spacing(str(stamped), TRAINED_AT) and not stamp_spacing(str(stamped), TRAINED_AT)  # idempotent
-    model, cfg = load_checkpoint(str(stamped))
-    model0, cfg0 = load_checkpoint(str(APP / "model" / "classify_subtype.pt"))
+    assert load_checkpoint(str(stamped))[1] == load_checkpoint(str(shipped))[1]
+    model, cfg = load_checkpoint(str(shipped))
+    model0, cfg0 = load_checkpoint(str(unstamped))
     assert cfg == {**cfg0, "spacing": TRAINED_AT}
     r1, h1 = classify(model, cfg, study, roi)
     r0, h0 = classify(model0, cfg0, study, roi)
