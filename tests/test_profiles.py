@@ -17,7 +17,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from parotid.synth import cli
-from parotid.synth.cohort import read_csv, write_cohort
+from parotid.synth.cohort import read_csv
 from parotid.synth.phantom import generate, sample_case
 from parotid.synth.profiles import PROFILES, get_profile
 
