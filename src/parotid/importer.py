@@ -7,7 +7,7 @@ Input (see docs/data-format.md):
     my_cohort/<study_id>/<anything naming the sequence>.nii.gz   (NIfTI-1/-2, .nrrd, .mha, or a DICOM folder:
                                                                   classic or Enhanced MR, geometry checked)
     my_cohort/<study_id>/label.nii.gz                            optional: 1 gland, 2 tumour, any geometry
-    labels.csv: study_id, tumor_class[, i0, i1, j0, j1, k0, k1][, age, sex, smoker]
+    labels.csv: study_id, tumor_class[, i0, i1, j0, j1, k0, k1][, age, sex, smoker][, site]
 
 Each study's sequences are recognised by `parotid.sequences.match_sequence` on the file/folder
 name, resampled onto the reference grid (`parotid.study.assemble_study`), written as one study
@@ -93,7 +93,7 @@ def import_study(src: str, study_id: str, row: dict, datastore) -> dict:
         if not get_label_set("subtype4").accepts(cls):
             raise StudyError(f"tumor_class '{cls}' is not one of {list(get_label_set('subtype4').classes)}")
         info[INFO_TUMOR_CLASS] = cls
-    for key in ("age", "sex", "smoker"):
+    for key in ("age", "sex", "smoker", "site"):  # site: hospital / scanner (parotid-eval external)
         if row.get(key, "").strip():
             info[key] = row[key].strip()
     roi_cols = ["i0", "i1", "j0", "j1", "k0", "k1"]
@@ -129,7 +129,7 @@ def import_study(src: str, study_id: str, row: dict, datastore) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Import a cohort (per-sequence NIfTI/DICOM + label table) into a study folder.")
     ap.add_argument("--src", required=True, help="folder with one sub-folder per study")
-    ap.add_argument("--table", required=True, help="CSV with study_id, tumor_class[, i0..k1][, age, sex, smoker]")
+    ap.add_argument("--table", required=True, help="CSV with study_id, tumor_class[, i0..k1][, age, sex, smoker][, site]")
     ap.add_argument("--out", required=True, help="study folder to create or extend (served with --studies)")
     a = ap.parse_args(argv)
     try:

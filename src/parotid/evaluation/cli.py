@@ -2,6 +2,8 @@
 
     parotid-eval cv --cohort /tmp/cohort101 --out docs/results          # 5-fold CV ablation (000 Tables II/III)
     parotid-eval holdout --cohort /tmp/cohort202 --models apps/parotid/model --out docs/results
+    parotid-eval external --train /tmp/siteA --test /tmp/siteB --out docs/results     # train on sites, test on another
+    parotid-eval external --leave-one-site-out --cohorts /tmp/siteA /tmp/siteB /tmp/siteC
 
 Both write ``<out>/<name>.json`` (all numbers), PNG plots (ROC/PR, reliability, confusion) and a
 markdown table ``<out>/<name>.md`` that docs/results.md includes.
@@ -199,6 +201,95 @@ def cmd_holdout(a):
     print(text)
 
 
+def _split_result(name, cs, ls, sites, split, a):
+    """Internal vs external summaries of one split, the drop, and per-study predictions."""
+    y = cs.labels(ls)
+    out = {}
+    for part in ("internal", "external"):
+        idx, prob = split[part]
+        r = {"prob": prob, "score": prob[:, ls.malignant_indices].sum(1), "pred_bin": None}
+        out[part] = _summarise(part, y[idx], ls, r, a.n_boot, a.seed)
+        out[part]["n"] = int(len(idx))
+        out[part]["sites"] = sorted(set(sites[idx]))
+    drop = {k: out["internal"]["binary"][k][0] - out["external"]["binary"][k][0]
+            for k in ("roc_auc", "pr_auc", "accuracy", "sensitivity", "specificity")}
+    if "multiclass" in out["external"] and "multiclass" in out["internal"]:
+        for k in ("macro_auc", "micro_auc", "accuracy"):
+            drop[f"{k}_classes"] = out["internal"]["multiclass"][k][0] - out["external"]["multiclass"][k][0]
+    drop["ece_top_label"] = out["external"]["ece_top_label"] - out["internal"]["ece_top_label"]  # increase
+    out["drop"] = drop
+    out["predictions"] = [{"study_id": cs.study_ids[i], "site": str(sites[i]), "part": part, "y": int(y[i]),
+                           "prob": [float(v) for v in p]}
+                          for part in ("internal", "external") for i, p in zip(*split[part])]
+    reliability_plot({f"internal ({'+'.join(out['internal']['sites'])}, CV)": (y[split['internal'][0]], split["internal"][1]),
+                      f"external ({'+'.join(out['external']['sites'])})": (y[split["external"][0]], split["external"][1])},
+                     os.path.join(a.out, f"{a.name}_{name}_reliability.png"))
+    return out
+
+
+def cmd_external(a):
+    """Train on some sites, test on another (``--train/--test``) or each site in turn (``--leave-one-site-out``)."""
+    from .external import concat, load_pool, run_split
+
+    if a.leave_one_site_out == bool(a.test):
+        raise SystemExit("parotid-eval external: give either --test COHORT or --leave-one-site-out")
+    folders = list(a.train) + ([a.test] if a.test else [])
+    torch.set_num_threads(a.threads)
+    ls = get_label_set(a.label_set)
+    cs, sites = load_pool(list(a.train), size=a.size)
+    is_test = np.zeros(len(cs), bool)
+    if a.test:  # every study of the --test folder is a test study, whatever its site
+        cs_te, sites_te = load_pool([a.test], size=a.size)
+        cs, sites = concat([cs, cs_te]), np.concatenate([sites, sites_te])
+        is_test = np.r_[is_test, np.ones(len(cs_te), bool)]
+    need = cs.channels(a.fusion)
+    keep = np.array([ls.accepts(c) and bool(cs.avail[i, need].all()) for i, c in enumerate(cs.tumor_class)])
+    os.makedirs(a.out, exist_ok=True)
+    t0 = time.time()
+    if a.test:
+        splits = {"+".join(sorted(set(sites[is_test]))): (np.where(keep & ~is_test)[0], np.where(keep & is_test)[0])}
+    else:
+        names = sorted(set(sites[keep]))
+        if len(names) < 2:
+            raise SystemExit(f"--leave-one-site-out needs at least two sites; found {names}")
+        splits = {s: (np.where(keep & (sites != s))[0], np.where(keep & (sites == s))[0]) for s in names}
+    results = {}
+    for name, (tr, te) in splits.items():
+        if len(tr) == 0 or len(te) == 0:
+            raise SystemExit(f"split {name}: {len(tr)} training / {len(te)} test studies with {a.fusion}")
+        split = run_split(cs, ls, tr, te, a.fusion, folds=a.folds, epochs1=a.epochs1, epochs2=a.epochs2, seed=a.seed)
+        results[name] = _split_result(name, cs, ls, sites, split, a)
+    meta = {"command": " ".join(["parotid-eval"] + (sys.argv[1:] if a.argv is None else a.argv)),
+            "cohorts": [os.path.abspath(f) for f in folders], "label_set": ls.name, "fusion": a.fusion, "folds": a.folds,
+            "epochs1": a.epochs1, "epochs2": a.epochs2, "seed": a.seed, "n_boot": a.n_boot,
+            "excluded_missing_sequence": int((~keep).sum()), "seconds": round(time.time() - t0, 1),
+            "calibration": "uncalibrated softmax (no temperature)", "input_check": None}
+    with open(os.path.join(a.out, f"{a.name}.json"), "w") as f:
+        json.dump({"meta": meta, "results": results}, f, indent=1, default=float)
+    mc = len(ls.classes) > 2
+    head = ("| Test site | Training sites | n train / test | ROC-AUC (b/m) internal | external | drop |"
+            + (" Macro-AUC internal | external | drop |" if mc else "") + " Accuracy internal | external | ECE internal | ECE external |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for name, r in results.items():
+        i, e, d = r["internal"], r["external"], r["drop"]
+        row = (f"| {name} | {'+'.join(i['sites'])} | {i['n']} / {e['n']} | {_fmt(i['binary']['roc_auc'])} | "
+               f"{_fmt(e['binary']['roc_auc'])} | {d['roc_auc']:+.2f} |")
+        if mc:
+            row += (f" {_fmt(i['multiclass']['macro_auc'])} | {_fmt(e['multiclass']['macro_auc'])} | "
+                    f"{d['macro_auc_classes']:+.2f} |" if "multiclass" in e and "multiclass" in i else " – | – | – |")
+        row += (f" {_fmt(i['binary']['accuracy'])} | {_fmt(e['binary']['accuracy'])} | {i['ece_top_label']:.3f} | "
+                f"{e['ece_top_label']:.3f} |")
+        lines.append(row)
+    md = (f"External validation (label set `{ls.name}`, early fusion {'+'.join(a.fusion)}, {a.epochs1}/{a.epochs2} epochs, "
+          f"seed {a.seed}). Internal: {a.folds}-fold CV inside the training sites; external: trained on all training-site "
+          f"studies, tested on the test site. 95 % CIs: percentile bootstrap ({a.n_boot} resamples). Drop = internal − external. "
+          f"{meta['excluded_missing_sequence']} studies lacking a fusion sequence excluded.\n\n" + "\n".join(lines))
+    with open(os.path.join(a.out, f"{a.name}.md"), "w") as f:
+        f.write(md + "\n")
+    print(md)
+    return results
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="parotid-eval", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -231,8 +322,28 @@ def main(argv=None):
     h.add_argument("--n-boot", type=int, default=1000)
     h.add_argument("--threads", type=int, default=1)
     h.set_defaults(fn=cmd_holdout)
+    e = sub.add_parser("external", help="external validation: train on some sites, test on another (or leave one site out)")
+    e.add_argument("--train", "--cohorts", nargs="+", required=True, dest="train",
+                   help="training cohort folder(s); with --leave-one-site-out: every cohort of the pool")
+    e.add_argument("--test", default=None, help="test cohort folder (another site)")
+    e.add_argument("--leave-one-site-out", action="store_true",
+                   help="each site of the pooled cohorts in turn is the test site (site: cohort.csv / label info "
+                        "'site', else the folder name)")
+    e.add_argument("--out", default="docs/results")
+    e.add_argument("--name", default="external")
+    e.add_argument("--label-set", default="subtype4")
+    e.add_argument("--fusion", nargs="+", default=["T2", "CET1", "DWI_B1000", "ADC"])
+    e.add_argument("--folds", type=int, default=5, help="CV folds for the internal (same-site) figures")
+    e.add_argument("--epochs1", type=int, default=8)
+    e.add_argument("--epochs2", type=int, default=40)
+    e.add_argument("--size", type=int, default=48)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--n-boot", type=int, default=1000)
+    e.add_argument("--threads", type=int, default=1)
+    e.set_defaults(fn=cmd_external)
     a = ap.parse_args(argv)
-    a.fn(a)
+    a.argv = argv
+    return a.fn(a)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import argparse
 import sys
 
 from parotid.sequences import SEQUENCE_KEYS
+from parotid.synth.profiles import PROFILES, describe
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,11 +30,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing parotid-synth cohort folder")
     p.add_argument("--append", action="store_true", help="add studies to an existing cohort folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--profile", default="default", choices=sorted(PROFILES),
+                   help="acquisition profile (scanner/site): contrast, SNR, voxel size, slice gap, bias, fat "
+                        "saturation, DWI shift, ADC calibration, vendor scale; the patients (anatomy, tumours, "
+                        "labels) do not depend on it. 'default' is the historical generator. Written to the "
+                        "'site' column of cohort.csv. See --list-profiles and src/parotid/synth/README.md")
+    p.add_argument("--list-profiles", action="store_true", help="print the profiles (JSON) and exit")
     return p
 
 
 def main(argv=None) -> int:
     parser = build_parser()
+    if argv is None:
+        argv = sys.argv[1:]
+    if "--list-profiles" in argv:
+        print(describe())
+        return 0
     args = parser.parse_args(argv)
     if args.n <= 0:
         parser.error(f"--n must be a positive number of studies, got {args.n}")
@@ -56,10 +68,11 @@ def main(argv=None) -> int:
         parser.error(str(e))
     try:
         s = write_cohort(args.out, args.n, args.seed, start=args.start, raw=not args.no_raw, dicom=args.dicom,
-                         overwrite=args.overwrite, append=args.append, keep=keep, progress=not args.quiet)
+                         overwrite=args.overwrite, append=args.append, keep=keep, progress=not args.quiet,
+                         profile=args.profile)
     except CohortError as e:
         parser.error(str(e))
-    print(f"wrote {len(s.study_ids)} SYNTHETIC studies to {s.out} in {s.seconds:.1f} s "
+    print(f"wrote {len(s.study_ids)} SYNTHETIC studies ({args.profile} profile) to {s.out} in {s.seconds:.1f} s "
           f"({s.seconds_studies / len(s.study_ids):.2f} s/study + {s.seconds - s.seconds_studies:.1f} s "
           f"MONAI Label datastore indexing)")
     return 0

@@ -30,7 +30,7 @@ from parotid.study import copy_geometry, write_study
 from parotid.synth.phantom import Rendered, generate, study_id
 
 CSV_FIELDS = ["study_id", "tumor_class", "age", "sex", "smoker", "side", "n_tumors", "roi", "split", "size_mm",
-              "ill_defined", "sequences", "missing", "reference", "seed", "index", "synthetic"]
+              "ill_defined", "sequences", "missing", "reference", "seed", "index", "synthetic", "site"]
 OWN_ENTRIES = ("labels", "raw", "dicom", "cohort.csv", "datastore_v2.json", ".lock", ".synth_tmp")
 
 
@@ -80,7 +80,8 @@ def label_image(r: Rendered) -> sitk.Image:
 def label_info(r: Rendered) -> dict:
     c = r.case
     return {"tumor_class": c.tumor_class, "roi": list(r.roi), "synthetic": True, "sequences": list(c.sequences),
-            "n_tumors": c.n_tumors, "side": c.side, "size_mm": c.size_mm, "reference": c.extra["reference"]}
+            "n_tumors": c.n_tumors, "side": c.side, "size_mm": c.size_mm, "reference": c.extra["reference"],
+            "site": c.extra["profile"].name}
 
 
 def csv_row(r: Rendered) -> dict:
@@ -89,7 +90,7 @@ def csv_row(r: Rendered) -> dict:
             "smoker": int(c.smoker), "side": c.side, "n_tumors": c.n_tumors, "roi": json.dumps(list(r.roi)),
             "split": c.split, "size_mm": c.size_mm, "ill_defined": int(c.ill_defined),
             "sequences": ",".join(c.sequences), "missing": c.missing or "", "reference": c.extra["reference"],
-            "seed": c.seed, "index": c.index, "synthetic": 1}
+            "seed": c.seed, "index": c.index, "synthetic": 1, "site": c.extra["profile"].name}
 
 
 def read_csv(path: str) -> list[dict]:
@@ -109,14 +110,20 @@ def write_csv(path: str, rows: list[dict]) -> None:
 
 
 def write_cohort(out: str, n: int, seed: int, start: int = 0, raw: bool = True, dicom: bool = False,
-                 overwrite: bool = False, append: bool = False, keep=(), progress: bool = True) -> Summary:
-    """Generate studies ``start .. start+n-1`` of cohort `seed` into `out`."""
+                 overwrite: bool = False, append: bool = False, keep=(), progress: bool = True,
+                 profile: str = "default") -> Summary:
+    """Generate studies ``start .. start+n-1`` of cohort `seed` into `out` with acquisition `profile`
+    (``parotid.synth.profiles``; the ``site`` column of cohort.csv)."""
     if n <= 0:
         raise CohortError(f"--n must be a positive number of studies, got {n}")
     if start < 0:
         raise CohortError(f"--start must be >= 0, got {start}")
     if seed < 0:
         raise CohortError(f"--seed must be >= 0, got {seed}")
+    from parotid.synth.profiles import PROFILES
+
+    if profile not in PROFILES:
+        raise CohortError(f"--profile: unknown acquisition profile {profile!r}; known: {sorted(PROFILES)}")
     out = os.path.abspath(out)
     prepare_out(out, overwrite=overwrite, append=append)
     ids = [study_id(seed, i) for i in range(start, start + n)]
@@ -131,7 +138,7 @@ def write_cohort(out: str, n: int, seed: int, start: int = 0, raw: bool = True, 
     rows, infos = [], {}
     try:
         for i in tqdm(range(start, start + n), desc="parotid-synth (synthetic)", unit="study", disable=not progress):
-            r = generate(seed, i, keep)
+            r = generate(seed, i, keep, profile)
             sid = r.case.study_id
             write_study(r.study, os.path.join(out, sid + ".nii.gz"), as_int16=True)
             sitk.WriteImage(label_image(r), os.path.join(tmp, sid + ".nii.gz"), useCompression=True)

@@ -21,6 +21,7 @@ from parotid.labels import GLAND, TUMOR
 from parotid.sequences import SEQUENCE_KEYS, reference_key
 from parotid.study import Study, assemble_study, roi_from_mask
 from parotid.synth.geometry import Grid, Rigid, rotation
+from parotid.synth.profiles import Profile, get_profile
 from parotid.synth.render import (Ellipsoid, EllipticCylinder, Field, LatticeField, Layer, Painter, SmoothUnion,
                                   mixed, textured)
 
@@ -72,6 +73,9 @@ CH = ("T1", "T2", "CET1", "B0", "ADC")
 
 def tissue(name: str) -> dict:
     return dict(zip(CH, (float(v) for v in TISSUE[name])))
+
+
+_tissue = tissue
 
 
 def _stream(seed: int, index: int, name: str) -> np.random.Generator:
@@ -243,8 +247,16 @@ def _make_tumour(rng, cls, side, sc, gland_c, k, size_scale=1.0):
     return Tumour(cls, side, centre, radii, size, values, blur, bool(ill), layers)
 
 
-def _anatomy(rng, sc, age, sex, tumours_layers_benign, tumours_layers_malignant, bulges):
-    """Ordered layers of the head-and-neck phantom at the parotid level (head frame, mm)."""
+def _anatomy(rng, sc, age, sex, tumours_layers_benign, tumours_layers_malignant, bulges, profile=None):
+    """Ordered layers of the head-and-neck phantom at the parotid level (head frame, mm).
+
+    `profile`: acquisition profile whose fat-suppression quality changes the fat / marrow values
+    (no random draw depends on it)."""
+    prof = get_profile(profile)
+
+    def tissue(name: str) -> dict:  # noqa: F811  (profile-aware; shadows the module function)
+        return prof.tissue_override(name, _tissue(name))
+
     L = []
     t_fat = rng.uniform(4, 11) * (1.1 if sex == "F" else 1.0)
     ax, ay = 72 * sc, 86 * sc
@@ -322,8 +334,12 @@ GLAND_CODE, VESSEL_CODE = 10, 11
 GLAND_ANCHOR = {"right": np.array([-54.0, 4.0, 0.0]), "left": np.array([54.0, 4.0, 0.0])}
 
 
-def sample_case(seed: int, index: int, keep=()) -> Case:
-    """Draw everything about study `index` of cohort `seed` (no rendering yet)."""
+def sample_case(seed: int, index: int, keep=(), profile: str | Profile | None = None) -> Case:
+    """Draw everything about study `index` of cohort `seed` (no rendering yet).
+
+    `profile` (``parotid.synth.profiles``) changes only the acquisition; every random draw of the
+    patient is the same whatever the profile."""
+    prof = get_profile(profile)
     rng = _stream(seed, index, "patient")
     cls = CLASSES[int(rng.choice(len(CLASSES), p=PREVALENCE))]
     age, sex, smoker = _clinical(rng, cls)
@@ -356,7 +372,7 @@ def sample_case(seed: int, index: int, keep=()) -> Case:
         if lateral > 72 * sc - 14:
             bulges.append((t.centre, t.radii, np.eye(3)))
     arng = _stream(seed, index, "anatomy")
-    stages, _ = _anatomy(arng, sc, age, sex, benign_layers, malignant_layers, bulges)
+    stages, _ = _anatomy(arng, sc, age, sex, benign_layers, malignant_layers, bulges, prof)
 
     # acquisition: head pose (reference sequence), per-sequence motion, planning, gains, bias
     grng = _stream(seed, index, "geometry")
@@ -379,7 +395,7 @@ def sample_case(seed: int, index: int, keep=()) -> Case:
         g = _stream(seed, index, "acq:" + name)
         D = plan @ rotation(*g.uniform(-2.0, 2.0, 3))
         centre = fov_c + g.normal(0, 2.0, 3) + (np.array([0, 0, g.uniform(-4, 4)]) if name == "DWI" else 0)
-        grids[name] = Grid.centred(centre, D, p.spacing, p.fov)
+        grids[name] = Grid.centred(centre, D, prof.spacing.get(name, p.spacing), p.fov)
         if name == ref_proto:
             motions[name] = Rigid(np.eye(3), np.zeros(3))
         else:
@@ -391,18 +407,25 @@ def sample_case(seed: int, index: int, keep=()) -> Case:
             motions[name] = Rigid(Rm, fov_c - Rm @ fov_c + tr)
         gains[name] = float(g.uniform(0.75, 1.3))
         bias[name] = g.normal(0, [0.08, 0.08, 0.06, 0.06, 0.06, 0.04])
+        if prof.get("gain", name) != 1.0:  # vendor intensity scale
+            gains[name] *= prof.get("gain", name)
+    if prof.dwi_shift_mm:  # DWI misregistration along its phase-encode (J) axis; sign from its own stream
+        sign = 1.0 if _stream(seed, index, "profile:dwi_shift").random() < 0.5 else -1.0
+        m = motions["DWI"]
+        motions["DWI"] = Rigid(m.R, m.t + sign * prof.dwi_shift_mm * grids["DWI"].direction[:, 1])
     idx = tumours[0]
     return Case(
         study_id=study_id(seed, index), seed=seed, index=index, tumor_class=cls, age=age, sex=sex, smoker=smoker,
         side=idx.side, n_tumors=n_t, size_mm=round(idx.size_mm, 1), ill_defined=idx.ill_defined, split=split,
         sequences=tuple(present), missing=missing, layers_by_stage=stages, pose=pose, motions=motions, grids=grids,
-        gains=gains, bias=bias, extra={"reference": ref_key, "bilateral": len({t.side for t in tumours}) > 1},
+        gains=gains, bias=bias, extra={"reference": ref_key, "bilateral": len({t.side for t in tumours}) > 1,
+                                       "profile": prof},
     )
 
 
 # --------------------------------------------------------------------------- rendering
-def _bias_field(grid: Grid, coef) -> np.ndarray:
-    """Smooth multiplicative coil-sensitivity field (scanner frame, ~±10-20 %)."""
+def _bias_field(grid: Grid, coef, strength: float = 1.0) -> np.ndarray:
+    """Smooth multiplicative coil-sensitivity field (scanner frame, ~±10-20 %; log-amplitude x `strength`)."""
     ii, jj, kk = (np.arange(s, dtype=np.float32) for s in grid.size)
     centre_idx = (np.array(grid.size) - 1) / 2.0
     sp = np.array(grid.spacing)
@@ -412,6 +435,8 @@ def _bias_field(grid: Grid, coef) -> np.ndarray:
     c = np.asarray(coef, np.float32)
     e = (c[0] * u[:, None, None] + c[1] * v[None, :, None] + c[2] * w[None, None, :]
          + (0.12 + c[3]) * u[:, None, None] ** 2 + c[4] * v[None, :, None] ** 2 + c[5] * w[None, None, :] ** 2)
+    if strength != 1.0:
+        e = e * np.float32(strength)
     return np.exp(e).astype(np.float32)
 
 
@@ -423,7 +448,11 @@ def _rician(rng, signal: np.ndarray, sigma: float) -> np.ndarray:
 
 def _paint(case: Case, proto: str, track: bool) -> Painter:
     pose = case.motions[proto].compose_after(case.pose)
-    painter = Painter(case.grids[proto], pose, CHANNELS[proto], track=track)
+    prof = get_profile(case.extra.get("profile"))
+    grid = case.grids[proto]
+    fill = 1.0 - prof.get("slice_gap", proto, 0.0) / grid.spacing[2]
+    painter = Painter(grid, pose, CHANNELS[proto], track=track, slice_fill=fill,
+                      b_scale=prof.adc_scale if proto == "DWI" else 1.0)
     for stage in case.layers_by_stage:
         for layer in stage:
             painter.paint(layer)
@@ -438,10 +467,18 @@ def render_sequences(case: Case) -> dict[str, sitk.Image]:
         if not any(k in case.sequences for k in keys):
             continue
         painter = _paint(case, proto, track=False)
+        prof = get_profile(case.extra.get("profile"))
         grid = case.grids[proto]
         nrng = _stream(case.seed, case.index, "noise:" + proto)
-        b = _bias_field(grid, case.bias[proto]) * case.gains[proto]
+        gamma = prof.get("contrast", proto)
+        if gamma != 1.0 and proto != "DWI":  # field-strength-like contrast around the muscle signal
+            pivot = np.float32(TISSUE["muscle"][CH.index(proto)])
+            img = painter.img[proto]
+            painter.img[proto] = (pivot * (np.maximum(img, 0) / pivot) ** np.float32(gamma)).astype(np.float32)
+        b = _bias_field(grid, case.bias[proto], prof.get("bias", proto)) * case.gains[proto]
         sigma = PROTOCOLS[proto].noise * case.gains[proto]
+        if prof.get("noise", proto) != 1.0:
+            sigma *= prof.get("noise", proto)
         if proto == "DWI":
             b0 = _rician(nrng, painter.img["B0"] * b, sigma)
             b1 = _rician(nrng, painter.img["B1000"] * b, sigma)
@@ -491,8 +528,8 @@ class Rendered:
     roi: list
 
 
-def generate(seed: int, index: int, keep=()) -> Rendered:
-    case = sample_case(seed, index, keep)
+def generate(seed: int, index: int, keep=(), profile: str | Profile | None = None) -> Rendered:
+    case = sample_case(seed, index, keep, profile)
     raw = render_sequences(case)
     study = assemble_study(raw)
     label, index_mask = render_label(case, study.reference)

@@ -209,7 +209,8 @@ def _eval(v: Value, q: np.ndarray) -> np.ndarray | float:
 class Painter:
     """Paints layers (in order, soft edges) onto one grid seen through one head pose."""
 
-    def __init__(self, grid: Grid, pose: Rigid, channels, track: bool = False):
+    def __init__(self, grid: Grid, pose: Rigid, channels, track: bool = False, slice_fill: float = 1.0,
+                 b_scale: float = 1.0):
         self.grid = grid
         self.channels = list(channels)
         self.img = {c: np.zeros(grid.size, np.float32) for c in self.channels}
@@ -223,6 +224,9 @@ class Painter:
         self.w_grid = 0.25 * float(np.mean(sp[:2]))
         # thick slices: two sub-slice samples for the slice profile (partial volume along K)
         self.k_offsets = (-0.25, 0.25) if sp[2] >= 2.5 else (0.0,)  # slices >= 2.5 mm
+        if slice_fill != 1.0 and sp[2] >= 2.5:  # slice gap: thinner slice profile (thickness / spacing)
+            self.k_offsets = (-0.25 * slice_fill, 0.25 * slice_fill)
+        self.b_scale = float(b_scale)  # effective / nominal b-value (ADC calibration of an acquisition profile)
         self._pts: dict[float, np.ndarray] = {}
 
     def _block(self, shape: Shape):
@@ -273,7 +277,10 @@ class Painter:
                 b0 = vals.get("B0")
                 if b0 is None:
                     b0 = _eval(layer.values["B0"], qm)
-                v = b0 * np.exp(-np.asarray(_eval(layer.values["ADC"], qm)) / 1000.0)
+                adc = np.asarray(_eval(layer.values["ADC"], qm))
+                if self.b_scale != 1.0:
+                    adc = adc * self.b_scale
+                v = b0 * np.exp(-adc / 1000.0)
             else:
                 v = _eval(layer.values[c], qm)
             vals[c] = v
