@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import requests
 
 from conftest import ROOT, SAMPLE
 
@@ -37,3 +39,40 @@ def test_gradcam_leaves_no_hooks_and_same_heatmap():
     np.testing.assert_array_equal(vol, first)
     _, plain = classify(model, cfg, study, roi, heatmap_mode="gradcam")  # the other mode too
     assert _hook_count(model) == before and plain.max() == pytest.approx(1.0)
+
+
+def _classify(url: str, sid: str, roi) -> tuple[float, dict]:
+    t0 = time.perf_counter()
+    r = requests.post(f"{url}/infer/classify_subtype", params={"image": sid, "output": "json"},
+                      data={"params": json.dumps({"roi": roi})}, timeout=300)
+    r.raise_for_status()
+    res = r.json()
+    res.pop("latencies", None)  # timings differ between runs
+    return time.perf_counter() - t0, res
+
+
+def test_info_answers_while_clients_classify(server, sample_ids):
+    """MONAI Label's /infer ran the model on the event loop, so GET /info/ waited for classifications.
+    Inference now runs in the bounded worker pool: under 6 concurrent classify clients /info/ answers with
+    a p95 well below one classification, and every answer equals the serial one for the same study."""
+    objects = json.loads((SAMPLE / "datastore_v2.json").read_text())["objects"]
+    jobs = [(s, objects[s]["labels"]["final"]["info"]["roi"]) for s in sample_ids[:3]]
+    _classify(server.url, *jobs[0])  # warm-up: checkpoint load
+    serial = {sid: _classify(server.url, sid, roi) for sid, roi in jobs}
+    one = float(np.median([t for t, _ in serial.values()]))
+    with ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(_classify, server.url, *jobs[i % len(jobs)]) for i in range(18)]
+        probes, deadline = [], time.time() + 240  # bounded
+        while not all(f.done() for f in futures) and time.time() < deadline:
+            t0 = time.perf_counter()
+            assert requests.get(server.url + "/info/", timeout=60).ok
+            probes.append(time.perf_counter() - t0)
+            time.sleep(0.05)
+        answers = [(jobs[i % len(jobs)][0], f.result()) for i, f in enumerate(futures)]
+    for sid, (_, res) in answers:
+        assert res == serial[sid][1]
+    p95 = float(np.percentile(probes, 95))
+    loaded = float(np.median([t for _, (t, _) in answers]))
+    assert p95 < 0.5 * one, (f"/info p95 {p95:.2f}s over {len(probes)} probes under load vs one classify "
+                             f"{one:.2f}s (loaded p50 {loaded:.2f}s)")
+    assert len(probes) >= 5, probes
