@@ -19,9 +19,20 @@ def _hook_count(model) -> int:
     return sum(len(m._forward_hooks) + len(m._backward_hooks) for m in model.modules())
 
 
+def _live_backward_hooks() -> int:
+    """torch's per-call BackwardHook objects still alive: each one kept a request's autograd graph."""
+    import gc
+
+    from torch.utils.hooks import BackwardHook
+
+    gc.collect()
+    return sum(isinstance(o, BackwardHook) for o in gc.get_objects())
+
+
 def test_gradcam_leaves_no_hooks_and_same_heatmap():
     """Each heatmap request used to leave a forward and a backward hook per branch on the cached model
-    (MONAI's ModelWithHooks keeps no handles): the count must not grow and the map must not change."""
+    (MONAI's ModelWithHooks keeps no handles), and each kept its autograd graph alive (a reference cycle
+    through a C++ hook): neither count may grow and the map must not change."""
     from parotid.classification.predict import classify
     from parotid.classification.train import load_checkpoint
     from parotid.study import read_study
@@ -33,9 +44,11 @@ def test_gradcam_leaves_no_hooks_and_same_heatmap():
     study = read_study(str(SAMPLE / objects[sid]["image"]["info"].get("name", f"{sid}.nii.gz")))
     before = _hook_count(model)
     first = classify(model, cfg, study, roi)[1]
+    graphs = _live_backward_hooks()
     for _ in range(3):
         result, vol = classify(model, cfg, study, roi)
     assert _hook_count(model) == before
+    assert _live_backward_hooks() == graphs
     np.testing.assert_array_equal(vol, first)
     _, plain = classify(model, cfg, study, roi, heatmap_mode="gradcam")  # the other mode too
     assert _hook_count(model) == before and plain.max() == pytest.approx(1.0)
