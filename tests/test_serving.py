@@ -89,3 +89,17 @@ def test_info_answers_while_clients_classify(server, sample_ids):
     assert p95 < 0.5 * one, (f"/info p95 {p95:.2f}s over {len(probes)} probes under load vs one classify "
                              f"{one:.2f}s (loaded p50 {loaded:.2f}s)")
     assert len(probes) >= 5, probes
+
+
+def test_http_layer_installed_before_start(server):
+    """Served via --uvicorn_app parotid.asgi:app, the handlers, the job guard and the CORS origins are
+    installed with Starlette's public API before start, not by rebuilding the running middleware stack."""
+    r = requests.post(server.url + "/train/no_such_model", json={}, timeout=30)
+    assert r.status_code == 404 and "no_such_model" in r.json()["detail"]  # the guard is active
+    r = requests.options(server.url + "/info/", headers={"Origin": "http://evil.example",
+                                                          "Access-Control-Request-Method": "GET"}, timeout=30)
+    assert "access-control-allow-origin" not in {k.lower() for k in r.headers}  # restricted CORS is active
+    r = requests.options(server.url + "/info/", headers={"Origin": server.url, "Access-Control-Request-Method": "GET"},
+                         timeout=30)
+    assert r.headers.get("access-control-allow-origin") == server.url
+    assert "installed after start" not in server.log_tail(10**7)
