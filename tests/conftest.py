@@ -45,7 +45,8 @@ class Server:
 
     def start(self, timeout: float = 180) -> "Server":
         cmd = [str(BIN / "monailabel"), "start_server", "--app", self.app, "--studies", self.studies,
-               "--conf", "models", self.models, "--host", "127.0.0.1", "--port", str(self.port)]
+               "--conf", "models", self.models, "--host", "127.0.0.1", "--port", str(self.port),
+               "--uvicorn_app", "parotid.asgi:app"]  # the app's HTTP layer installed before start
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
                                      start_new_session=True)

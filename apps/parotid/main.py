@@ -130,9 +130,10 @@ class ParotidApp(MONAILabelApp):
         install_checkpoint_upload_check(fastapi_app, self._infers.get)
         install_image_upload(fastapi_app)
         install_infer_caller(fastapi_app)  # the caller's role decides whether a classification SR is stored
-        jobs = {"train": self._trainers, "scoring": self._scoring_methods, "batch/infer": self._infers}
-        http_api.install(fastapi_app, lambda kind: jobs[kind].keys())
-        restrict_cors(fastapi_app)  # MONAI Label allows every origin
+        if not getattr(fastapi_app.state, "parotid_http_layer", False):  # not served via parotid.asgi (before start)
+            jobs = {"train": self._trainers, "scoring": self._scoring_methods, "batch/infer": self._infers}
+            http_api.install(fastapi_app, lambda kind: jobs[kind].keys())
+            restrict_cors(fastapi_app)  # MONAI Label allows every origin
 
     def infer_wsi(self, request: Dict[str, Any], datastore=None):
         raise HTTPException(404, "whole-slide (pathology) inference is not offered by this MRI app; use /infer/{model}")

@@ -40,8 +40,9 @@ def allowed_origins(port: int, configured: str | None = None) -> List[str]:
 
 
 def restrict_cors(fastapi_app) -> List[str]:
-    """Set the allowed origins of MONAI Label's CORSMiddleware and rebuild the middleware stack
-    (it is already built when the MONAI Label app starts); returns the origins now allowed."""
+    """Set the allowed origins of MONAI Label's CORSMiddleware; returns the origins now allowed. Before
+    start (parotid.asgi) Starlette builds the stack with them; after start (the app's on_init_complete
+    fallback) the already built stack is rebuilt."""
     from monailabel.config import settings
     from starlette.middleware.cors import CORSMiddleware
 
@@ -49,6 +50,7 @@ def restrict_cors(fastapi_app) -> List[str]:
     for m in fastapi_app.user_middleware:
         if m.cls is CORSMiddleware:
             m.kwargs["allow_origins"] = origins
-    fastapi_app.middleware_stack = fastapi_app.build_middleware_stack()
+    if fastapi_app.middleware_stack is not None:
+        fastapi_app.middleware_stack = fastapi_app.build_middleware_stack()
     logger.info(f"CORS: allowed origins {origins} (set {ENV} to change)")
     return origins

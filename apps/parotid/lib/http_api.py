@@ -150,12 +150,14 @@ class UnknownJobGuard:
 
 
 def install(app, names: Callable[[str], Iterable[str]]) -> None:
-    """Add the handlers and the guard to MONAI Label's FastAPI app. It exists before this MONAI Label
-    app is created (uvicorn's lifespan creates the latter), so Starlette has already built its
-    middleware stack; it is rebuilt (same router and routes) so that both take effect."""
+    """Add the handlers and the guard to MONAI Label's FastAPI app. Served through parotid.asgi
+    (``--uvicorn_app parotid.asgi:app``) this runs before the app starts, with Starlette's public API.
+    Otherwise it runs in the MONAI Label app's ``on_init_complete``, after Starlette built its middleware
+    stack: that fallback rebuilds the stack (same router and routes) so that both take effect."""
     from monailabel.interfaces.exception import MONAILabelException
     from starlette.exceptions import HTTPException as StarletteHTTPException
     from starlette.middleware import Middleware
+    from starlette.middleware.cors import CORSMiddleware
 
     app.add_exception_handler(StarletteHTTPException, _on_http_exception)
     app.add_exception_handler(json.JSONDecodeError, _on_json_error)
@@ -164,6 +166,15 @@ def install(app, names: Callable[[str], Iterable[str]]) -> None:
     app.add_exception_handler(shutil.ReadError, _on_archive_error)
     for exc_type in (TypeError, ValueError, KeyError, AttributeError):
         app.add_exception_handler(exc_type, _on_malformed_request)
-    if not any(m.cls is UnknownJobGuard for m in app.user_middleware):
-        app.user_middleware.append(Middleware(UnknownJobGuard, names=names))
+    if any(m.cls is UnknownJobGuard for m in app.user_middleware):
+        return
+    if app.middleware_stack is None:  # not started: the supported way; inside CORS so its 404s carry CORS headers
+        app.add_middleware(UnknownJobGuard, names=names)
+        cors = [i for i, m in enumerate(app.user_middleware) if m.cls is CORSMiddleware]
+        if cors and cors[0] > 0:
+            app.user_middleware.insert(cors[0], app.user_middleware.pop(0))
+        return
+    logger.warning("HTTP layer installed after start (middleware stack rebuilt); serve with "
+                   "--uvicorn_app parotid.asgi:app to install it before start")
+    app.user_middleware.append(Middleware(UnknownJobGuard, names=names))
     app.middleware_stack = app.build_middleware_stack()

@@ -16,6 +16,9 @@ Used by the MONAI Label infer task (apps/parotid/lib/infers/classify.py) and by 
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import numpy as np
 import torch
 from monai.visualize import GradCAM
@@ -48,6 +51,28 @@ def _identity(x):
     return x
 
 
+# Grad-CAM hooks the SHARED served network; one Grad-CAM at a time (hooks fire on every forward of the
+# module, so two concurrent ones would record each other's activations). Other forwards on the same
+# network must not overlap either: the server serialises inference per model (pacs/sr_policy.py).
+_GRADCAM_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _hooks_removed_after(module: torch.nn.Module):
+    """Remove, on exit, every forward/backward hook registered on `module`'s submodules inside the block.
+    Hand-written because MONAI's ModelWithHooks registers hooks without keeping the handles
+    (issue 11: one hook pair per branch per request used to stay on the cached network)."""
+    before = {m: (set(m._forward_hooks), set(m._backward_hooks)) for m in module.modules()}
+    try:
+        yield
+    finally:
+        for m, (fwd, bwd) in before.items():
+            for k in set(m._forward_hooks) - fwd:
+                del m._forward_hooks[k]
+            for k in set(m._backward_hooks) - bwd:
+                del m._backward_hooks[k]
+
+
 def gradcam_volume(model: SequenceModel, x: torch.Tensor, box: torch.Tensor, crop: Crop, shape, roi,
                    class_idx: int, clinical=None, mode: str = "roi") -> np.ndarray:
     """Grad-CAM for `class_idx`, summed over branches, as a (I, J, K) float32 volume in 0..1.
@@ -64,11 +89,19 @@ def gradcam_volume(model: SequenceModel, x: torch.Tensor, box: torch.Tensor, cro
     total = None
     for b in range(len(model.branches)):
         layer = f"model.branches.{b}.trunk.layer2"
-        cam = GradCAM(nn_module=wrapper, target_layers=layer, postprocessing=_identity)
-        with torch.enable_grad():
+        with _GRADCAM_LOCK, _hooks_removed_after(model), torch.enable_grad():
+            cam = GradCAM(nn_module=wrapper, target_layers=layer, postprocessing=_identity)
             m = cam(xf, class_idx=class_idx)  # (N, 1, S, S), >= 0 (ReLU inside GradCAM)
+            grads = cam.nn_module.gradients[layer].detach()
+            model.zero_grad(set_to_none=True)  # drop the parameter gradients the backward pass left
+            # The stored activations reach, through their autograd graph, the C++ hook that holds the
+            # backward-hook closure that holds these dicts: a cycle Python's gc cannot see (measured:
+            # ~0.5 MiB kept per request). Clearing them breaks it.
+            cam.nn_module.activations.clear()
+            cam.nn_module.gradients.clear()
+            cam.nn_module.score = None
         if mode == "roi":
-            g = cam.nn_module.gradients[layer].detach().abs().sum(1, keepdim=True)
+            g = grads.detach().abs().sum(1, keepdim=True)
             g = torch.nn.functional.interpolate(g, size=m.shape[-2:], mode="bilinear", align_corners=False)
             m = m * g / g.max().clamp_min(1e-12)
         total = m if total is None else total + m

@@ -4,10 +4,12 @@ MONAI Label 0.8.5 checks the caller's role on ``POST /infer/{model}`` (``monaila
 pass the caller to the app, so the app cannot tell a read-only radiologist from an annotator.
 ``install_infer_caller(app)`` replaces that route with the same endpoint (same parameters, same RBAC
 dependency) that also records the caller's roles in a context variable for the duration of the request;
-``caller_may_write()`` reads it. Writers are the roles that may write to the datastore
-(``PUT /datastore/label``): annotator and admin. With auth disabled MONAI Label treats every caller as
-admin (all roles), so the SR is written. An inference with no HTTP caller (batch inference, started by
-an admin, runs in a separate process) counts as a writer.
+``caller_may_write()`` reads it. The inference runs in parotid.worker_pool (a bounded thread pool, one
+inference per model at a time), not on the event loop as MONAI Label's own route does.
+Writers are the roles that may write to the datastore (``PUT /datastore/label``): annotator and admin.
+With auth disabled MONAI Label treats every caller as admin (all roles), so the SR is written. An
+inference with no HTTP caller (batch inference, started by an admin, runs in a separate process) counts
+as a writer.
 
 ``write_back(datastore, image_id, result, write_sr)`` applies the rules and returns the ``pacs_sr``
 dictionary put in the answer: ``{"series_uid", "sop_instance_uid", "status": "written" | "reused" |
@@ -73,6 +75,8 @@ def install_infer_caller(app) -> None:
     from monailabel.endpoints import infer as ep
     from monailabel.endpoints.user.auth import RBAC, User
 
+    from parotid.worker_pool import offload
+
     path = f"{settings.MONAI_LABEL_API_STR}/infer/{{model}}"
 
     async def api_run_inference(
@@ -93,8 +97,9 @@ def install_infer_caller(app) -> None:
         if isinstance(p, dict) and "write_sr" in p:
             parse_write_sr(p["write_sr"])
         token = _CALLER_ROLES.set(tuple(user.roles or ()))
-        try:
-            return ep.run_inference(background_tasks, model, image, session_id, params, file, label, output)
+        try:  # in the bounded worker pool, one inference per model at a time: the event loop stays free
+            return await offload(f"infer:{model}", ep.run_inference, background_tasks, model, image, session_id,
+                                 params, file, label, output)
         finally:
             _CALLER_ROLES.reset(token)
 
