@@ -34,4 +34,5 @@ case "$host" in
             "and change studies, labels and models. See docs/admin.md, 'Before exposing the server'." >&2 ;;
 esac
 exec monailabel start_server --app apps/parotid --studies "$runtime/studies" \
-  --conf models all --conf model_dir "$runtime/model" --host "$host" --port "${PORT:-8000}" "$@"
+  --conf models all --conf model_dir "$runtime/model" --host "$host" --port "${PORT:-8000}" \
+  --uvicorn_app parotid.asgi:app "$@"  # the app's HTTP layer installed before start (docs/admin.md)
