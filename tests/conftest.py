@@ -81,6 +81,15 @@ class Server:
             self._log.close()
 
 
+def infer(server, model, image="", params=None, files=None, output="json"):
+    """POST /infer/{model} on a study id (or an uploaded file), JSON params as MONAI Label's form field."""
+    q = {"image": image} if image else {}
+    if output:
+        q["output"] = output
+    return requests.post(f"{server.url}/infer/{model}", params=q, data={"params": json.dumps(params or {})},
+                         files=files, timeout=300)
+
+
 def copy_studies(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".lock", "raw", "dicom"))
     return dst

@@ -11,18 +11,11 @@ import requests
 import SimpleITK as sitk
 from requests_toolbelt.multipart import decoder
 
+from conftest import infer
 from parotid.classification.crops import crop_window
 from parotid.study import read_study, study_from_array, write_study
 
 TASKS = ("classify_subtype", "classify_malignancy")
-
-
-def infer(server, model, image="", params=None, files=None, output="json"):
-    q = {"image": image} if image else {}
-    if output:
-        q["output"] = output
-    return requests.post(f"{server.url}/infer/{model}", params=q, data={"params": json.dumps(params or {})},
-                         files=files, timeout=300)
 
 
 def assert_4xx(r, status, fragment):

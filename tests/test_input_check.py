@@ -5,7 +5,6 @@ without a tumour get "no tumour found in the box"; a too small box is refused.""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import pytest
 import requests
 import SimpleITK as sitk
 
+from conftest import infer
 from parotid import input_check
 from parotid.study import assemble_study, read_study, read_volume, write_study
 
@@ -23,14 +23,6 @@ MODELS = ROOT / "apps" / "parotid" / "model"
 TASKS = ("segmentation", "contour_box", "classify_subtype", "classify_malignancy")
 CLASSIFIERS = ("classify_subtype", "classify_malignancy")
 README_BOX = [40, 60, 30, 52, 6, 14]  # README's contour_box example: no gland, no tumour on syn7_0000
-
-
-def infer(server, model, image="", params=None, files=None, output="json"):
-    q = {"image": image} if image else {}
-    if output:
-        q["output"] = output
-    return requests.post(f"{server.url}/infer/{model}", params=q, data={"params": json.dumps(params or {})},
-                         files=files, timeout=300)
 
 
 def _ok(r) -> dict:
