@@ -26,6 +26,7 @@ from monailabel.utils.others.generic import remove_file
 from lib.datastore import StudyDatastore
 from lib.study_support import FLAG_KEYS
 from parotid.cohort import split_image_name
+from parotid.routes import replace_route
 
 OVERWRITE_HELP = ("replace the study that has this id; its labels and label info are archived in the study "
                   "folder's .archive/ (admin role). Without it an existing id is a 409.")
@@ -69,15 +70,6 @@ def install_image_upload(app) -> None:
     """Replace MONAI Label's PUT /datastore/image and PUT /datastore/ routes in place (and in the schema)."""
     prefix = f"{settings.MONAI_LABEL_API_STR}/datastore"
     for path, public in ((f"{prefix}/image", True), (f"{prefix}/", False)):
-        app.router.add_api_route(path, api_add_image, methods=["PUT"], tags=["Datastore"], include_in_schema=public,
-                                 deprecated=not public, summary=f"{RBAC_ANNOTATOR}Upload new Image (never replaces "
-                                                                "a study without overwrite=true)")
-        ours = app.router.routes.pop()
-        routes = app.router.routes
-        stock = [i for i, r in enumerate(routes) if getattr(r, "path", None) == path and "PUT" in getattr(r, "methods", ())
-                 and r is not ours]
-        if stock:
-            routes[stock[0]] = ours
-        else:
-            routes.insert(0, ours)
-    app.openapi_schema = None
+        replace_route(app, path, "PUT", api_add_image, tags=["Datastore"], include_in_schema=public,
+                      deprecated=not public, summary=f"{RBAC_ANNOTATOR}Upload new Image (never replaces "
+                                                     "a study without overwrite=true)")

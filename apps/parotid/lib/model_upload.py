@@ -20,6 +20,7 @@ from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.utils.others.generic import file_checksum
 
 from lib.errors import http_errors
+from parotid.routes import replace_route
 
 
 def install_checkpoint_upload_check(app, get_task: Callable[[str], Optional[object]]) -> None:
@@ -45,13 +46,5 @@ def install_checkpoint_upload_check(app, get_task: Callable[[str], Optional[obje
         return {"checksum": file_checksum(target), "modified_time": int(os.stat(target).st_mtime)}
 
     path = f"{settings.MONAI_LABEL_API_STR}/model/{{model}}"
-    app.router.add_api_route(path, api_update_model, methods=["PUT"], tags=["Model"],
-                             summary=f"{RBAC_ADMIN}Upload/Update Model File (checked before it is served)")
-    ours = app.router.routes.pop()
-    routes = app.router.routes
-    stock = [i for i, r in enumerate(routes) if getattr(r, "path", None) == path and "PUT" in getattr(r, "methods", ())]
-    if stock:
-        routes[stock[0]] = ours  # replaces MONAI Label's PUT /model/{model} in place (and in the OpenAPI schema)
-    else:
-        routes.insert(0, ours)
-    app.openapi_schema = None
+    replace_route(app, path, "PUT", api_update_model, tags=["Model"],
+                  summary=f"{RBAC_ADMIN}Upload/Update Model File (checked before it is served)")

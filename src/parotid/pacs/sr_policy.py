@@ -23,6 +23,7 @@ from typing import Any, Dict, Optional, Sequence
 from fastapi import HTTPException
 
 from parotid.pacs.writeback import WRITE_SR_MODES
+from parotid.routes import replace_route
 
 logger = logging.getLogger(__name__)
 
@@ -103,16 +104,8 @@ def install_infer_caller(app) -> None:
         finally:
             _CALLER_ROLES.reset(token)
 
-    app.router.add_api_route(path, api_run_inference, methods=["POST"], tags=["Infer"],
-                             summary=f"{RBAC_USER}Run Inference for supported model")
-    ours = app.router.routes.pop()
-    routes = app.router.routes
-    stock = [i for i, r in enumerate(routes) if getattr(r, "path", None) == path and "POST" in getattr(r, "methods", ())]
-    if stock:
-        routes[stock[0]] = ours  # in place: same order, same OpenAPI entry
-    else:  # FastAPI keeps included routers as one entry each: first match wins, so ours goes first
-        routes.insert(0, ours)
-    app.openapi_schema = None
+    replace_route(app, path, "POST", api_run_inference, tags=["Infer"],
+                  summary=f"{RBAC_USER}Run Inference for supported model")
 
 
 def sr_params(pacs_sr: Dict[str, Any]) -> Dict[str, Any]:
