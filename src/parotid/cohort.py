@@ -59,3 +59,33 @@ def load_cohort(folder: str) -> list[CohortItem]:
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"cohort folder not found: {folder}")
     return cohort_items(open_datastore(folder))
+
+
+# Fixed held-out part of a labelled datastore (issue 12): chosen by a hash of the study id, so it is
+# the same in every training run, in every process and on every server replica, and a study keeps its
+# role when others are added. Held-out studies are excluded from every training stage; they serve for
+# calibration (temperature, undetermined thresholds) and for the promotion gate, which scores the
+# candidate and the served checkpoint on exactly these studies.
+HOLDOUT_FRACTION = 0.2
+
+
+def holdout_score(study_id: str) -> float:
+    """A number in [0, 1) fixed by the study id (SHA-1), independent of Python's hash seed."""
+    import hashlib
+
+    return int(hashlib.sha1(study_id.encode("utf-8")).hexdigest()[:12], 16) / float(16 ** 12)
+
+
+def is_holdout(study_id: str, fraction: float = HOLDOUT_FRACTION) -> bool:
+    return holdout_score(study_id) < fraction
+
+
+def split_holdout(items: list, fraction: float = HOLDOUT_FRACTION, min_holdout: int = 2) -> tuple[list, list]:
+    """(training, held-out) parts of `items` (CohortItem or anything with `study_id`). When the hash
+    picks fewer than `min_holdout` studies (tiny datastores), the lowest-scoring ones are held out."""
+    ranked = sorted(items, key=lambda it: holdout_score(it.study_id))
+    held = [it for it in ranked if holdout_score(it.study_id) < fraction]
+    if len(held) < min_holdout and len(items) > min_holdout:
+        held = ranked[:min_holdout]
+    ids = {it.study_id for it in held}
+    return [it for it in items if it.study_id not in ids], [it for it in items if it.study_id in ids]
