@@ -72,7 +72,7 @@ def test_temperature_scaling_recovers_temperature():
 
 
 def test_decision_rule_001():
-    from parotid.classification.train import decision_rule_001
+    from parotid.classification.slice_classifier import decision_rule_001
 
     ls = get_label_set("subtype4")  # 0 PA, 1 WT, 2 BCA, 3 malignant, 4 tumour-free
     assert ls.classes[decision_rule_001(np.array([3, 3, 3, 0, 0, 0, 0]), ls)] == "malignant"

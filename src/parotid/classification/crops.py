@@ -90,6 +90,13 @@ def sample_ks(k0: int, k1: int, n: int) -> np.ndarray:
     return np.round(np.linspace(k0, k1 - 1, n)).astype(int)
 
 
+def unique_slices(ks) -> np.ndarray:
+    """Positions of the first crop of each distinct slice index in `ks`, in slice order: a tumour
+    with fewer slices than ``n_slices`` is sampled with repeats, and a repeat is not a new slice."""
+    _, first = np.unique(np.asarray(ks), return_index=True)
+    return np.sort(first)
+
+
 def extract_crop(arr: np.ndarray, roi, size: int = DEFAULT_SIZE, n_slices: int = DEFAULT_SLICES,
                  margin: float = DEFAULT_MARGIN, label: np.ndarray | None = None, n_free: int = 0,
                  gland_value: int = 1, tumor_value: int = 2) -> Crop:

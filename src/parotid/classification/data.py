@@ -95,6 +95,7 @@ class CropSet:
     box: np.ndarray  # (n, 4) float32
     clinical: np.ndarray  # (n, 3) float32
     avail: np.ndarray  # (n, C) bool
+    ks: np.ndarray | None = None  # (n, N) int: slice index (k) of each crop; repeats when a tumour is thin
 
     def channels(self, seqs) -> list[int]:
         return [self.sequences.index(s) for s in seqs]
@@ -103,7 +104,8 @@ class CropSet:
         idx = np.asarray(idx)
         return CropSet([self.study_ids[i] for i in idx], [self.tumor_class[i] for i in idx], self.sequences,
                        self.slices[idx], self.gland[idx], self.free[idx], self.free_gland[idx],
-                       self.free_valid[idx], self.box[idx], self.clinical[idx], self.avail[idx])
+                       self.free_valid[idx], self.box[idx], self.clinical[idx], self.avail[idx],
+                       None if self.ks is None else self.ks[idx])
 
     def labels(self, label_set) -> np.ndarray:
         return np.array([label_set.index(c) for c in self.tumor_class])
@@ -132,11 +134,11 @@ def cropset_from_records(recs: list[Record], size: int = DEFAULT_SIZE, n_slices:
     """Crops of the given studies; cached in `cache_dir` (keyed by ids, boxes, classes and file mtimes)."""
     key = hashlib.md5(json.dumps([[r.study_id, r.roi, r.tumor_class, os.path.getmtime(r.image),
                                    os.path.getmtime(r.label) if r.label else 0] for r in recs]).encode()).hexdigest()[:10]
-    cache = os.path.join(cache_dir, f"crops_s{size}_n{n_slices}_f{n_free}_m{margin}_{key}.npz") if cache_dir else None
+    cache = os.path.join(cache_dir, f"crops_s{size}_n{n_slices}_f{n_free}_m{margin}_{key}_k.npz") if cache_dir else None
     if cache and os.path.exists(cache):
         z = np.load(cache, allow_pickle=False)
         return CropSet(list(z["study_ids"]), list(z["tumor_class"]), tuple(z["sequences"]), z["slices"], z["gland"],
-                       z["free"], z["free_gland"], z["free_valid"], z["box"], z["clinical"], z["avail"])
+                       z["free"], z["free_gland"], z["free_valid"], z["box"], z["clinical"], z["avail"], z["ks"])
     seqs = SEQUENCE_KEYS
     C, n = len(seqs), len(recs)
     slices = np.zeros((n, n_slices, C, size, size), np.float16)
@@ -146,6 +148,7 @@ def cropset_from_records(recs: list[Record], size: int = DEFAULT_SIZE, n_slices:
     free_valid = np.zeros((n, n_free), bool)
     box = np.zeros((n, 4), np.float32)
     avail = np.zeros((n, C), bool)
+    ks = np.zeros((n, n_slices), np.int32)
     for i, r in enumerate(tqdm(recs, desc=f"crops {name}", mininterval=5)):
         st = read_study(r.image, r.study_id)
         arr = st.array()
@@ -155,6 +158,7 @@ def cropset_from_records(recs: list[Record], size: int = DEFAULT_SIZE, n_slices:
         slices[i][:, ch] = c.slices
         avail[i, ch] = True
         box[i] = c.box
+        ks[i] = c.ks
         if c.gland is not None:
             gland[i] = c.gland > 0.5
         if c.free is not None and len(c.free):
@@ -163,13 +167,13 @@ def cropset_from_records(recs: list[Record], size: int = DEFAULT_SIZE, n_slices:
             free_gland[i, :m] = c.free_gland > 0.5
             free_valid[i, :m] = True
     cs = CropSet([r.study_id for r in recs], [r.tumor_class for r in recs], tuple(seqs), slices, gland, free,
-                 free_gland, free_valid, box, np.array([_clinical_vector(r.clinical) for r in recs], np.float32), avail)
+                 free_gland, free_valid, box, np.array([_clinical_vector(r.clinical) for r in recs], np.float32), avail, ks)
     if not cache:
         return cs
     os.makedirs(cache_dir, exist_ok=True)
     tmp = cache + ".part.npz"
     np.savez(tmp, study_ids=np.array(cs.study_ids), tumor_class=np.array(cs.tumor_class), sequences=np.array(seqs),
              slices=slices, gland=gland, free=free, free_gland=free_gland, free_valid=free_valid, box=box,
-             clinical=cs.clinical, avail=avail)
+             clinical=cs.clinical, avail=avail, ks=ks)
     os.replace(tmp, cache)
     return cs

@@ -245,41 +245,6 @@ def _slice_batch(cs, items, chans, gland, y_all, n_classes):
     return torch.from_numpy(np.stack(xs)), torch.tensor(ys)
 
 
-@torch.no_grad()
-def predict_slice_resnet(net: SliceResNet, cs: CropSet, idx, seqs, gland: bool, label_set):
-    """Patient-level decisions from slice predictions over the box's slices.
-
-    Returns (probability averaging: (n, classes) mean slice probabilities over the tumour classes,
-    renormalised; 001's rule: predicted class index per patient)."""
-    net.eval()
-    chans = cs.channels(seqs)
-    n_classes = len(label_set.classes)
-    probs, rule = [], []
-    for s in np.asarray(idx):
-        x = cs.slices[s][:, chans].astype(np.float32)
-        if gland:
-            x = np.concatenate([x, cs.gland[s].astype(np.float32)], 1)
-        p = torch.softmax(net(torch.from_numpy(x)), 1).numpy()  # (N, classes + 1)
-        pt = p[:, :n_classes].mean(0)
-        probs.append(pt / max(pt.sum(), 1e-8))
-        rule.append(decision_rule_001(p.argmax(1), label_set))
-    return np.array(probs), np.array(rule)
-
-
-def decision_rule_001(slice_pred: np.ndarray, label_set, min_malignant: int = 3) -> int:
-    """Xia et al. (seed 001): > 2 malignant slices -> malignant; otherwise the benign class with the most
-    slices (tumour-free slices, index = n_classes, are ignored). `slice_pred` holds unique slices'
-    predicted indices."""
-    n_classes = len(label_set.classes)
-    mal = set(label_set.malignant_indices)
-    counts = np.bincount(slice_pred[slice_pred < n_classes], minlength=n_classes)
-    n_mal = sum(counts[i] for i in mal)
-    benign = [i for i in range(n_classes) if i not in mal]
-    if (n_mal >= min_malignant and mal) or not benign:
-        return max(mal, key=lambda i: counts[i]) if mal else int(np.argmax(counts))
-    return max(benign, key=lambda i: counts[i])
-
-
 # --------------------------------------------------------------------------- L2-softmax + LOF (seed 003)
 def lof_scores(net: ImageNet, cs: CropSet, train_idx, test_idx, channels, label_set, n_neighbors: int = 5):
     """LocalOutlierFactor(novelty) fitted on benign training patients' mean L2-normalised features;

@@ -61,7 +61,7 @@ def concat(sets: list[CropSet]) -> CropSet:
     cat = lambda k: np.concatenate([getattr(s, k) for s in sets])  # noqa: E731
     return CropSet(sum((s.study_ids for s in sets), []), sum((s.tumor_class for s in sets), []), sets[0].sequences,
                    cat("slices"), cat("gland"), cat("free"), cat("free_gland"), cat("free_valid"), cat("box"),
-                   cat("clinical"), cat("avail"))
+                   cat("clinical"), cat("avail"), None if any(s.ks is None for s in sets) else cat("ks"))
 
 
 def load_pool(folders: list[str], size: int = 48, n_slices: int | None = None) -> tuple[CropSet, np.ndarray]:
