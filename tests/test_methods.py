@@ -137,3 +137,30 @@ def test_per_class_precision_recall_f1_and_macro():
     rep = prf_report(y, pred, classes, n_boot=200)
     v, lo, hi = rep["macro"]["f1"]
     assert v == pytest.approx(r["macro"]["f1"]) and lo <= v <= hi
+
+
+def test_cv_reports_the_seed_methods(tmp_path):
+    """parotid-eval cv on a toy cohort: the 001-inspired row has slice-level metrics and the rule on unique
+    slices, the 003-inspired row a Youden operating point (and the default offset beside it), ROC-AUC CIs are
+    DeLong's, every probability row has 004's precision/recall/F1; variants are named for what they are."""
+    import json
+
+    from parotid.classification.toy import write_toy_cohort
+    from parotid.evaluation.cli import main
+
+    write_toy_cohort(str(tmp_path / "toy"), 24)
+    main(["cv", "--cohort", str(tmp_path / "toy"), "--out", str(tmp_path / "out"), "--fusion", "T2", "CET1", "ADC",
+          "--single", "T2", "--variants", "resnet", "lof", "--folds", "2", "--epochs1", "1", "--resnet-epochs", "1",
+          "--size", "32", "--n-boot", "50"])
+    res = json.loads((tmp_path / "out" / "ablation_cv.json").read_text())["results"]
+    resnet = next(v for k, v in res.items() if "inspired by 001" in k)
+    lof = next(v for k, v in res.items() if "after 003" in k)
+    sl = resnet["slice_level"]
+    assert sl["classes"][-1] == "tumour_free" and sl["n_slices"] > sl["n_tumour_slices"] > 0
+    assert len(sl["confusion_matrix"]) == 5 and 0 <= sl["accuracy"] <= 1
+    assert "binary_rule_001" in resnet and "macro" in resnet["prf_rule_001"] and "macro" in resnet["prf"]
+    assert set(resnet["prf"]) == {"pleomorphic_adenoma", "warthin", "basal_cell_adenoma", "malignant", "macro"}
+    assert lof["threshold"]["method"].startswith("Youden") and "binary_default_offset" in lof
+    assert lof["binary"]["ci_method"]["roc_auc"] == "DeLong"
+    md = (tmp_path / "out" / "ablation_cv.md").read_text()
+    assert "Youden" in md and "slice level" in md and "unique tumour slices" in md

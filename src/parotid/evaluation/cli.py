@@ -22,7 +22,8 @@ import torch
 
 from parotid.labels import get_label_set
 
-from .metrics import binary_report, bootstrap_ci, expected_calibration_error, multiclass_metrics
+from .metrics import (binary_report, bootstrap_ci, expected_calibration_error, multiclass_metrics, per_class_prf,
+                      prf_report, youden_threshold)
 from .plots import confusion_plot, reliability_plot, roc_pr_plot
 
 
@@ -36,15 +37,29 @@ def _summarise(name, y, label_set, r, n_boot, seed):
     yb = np.isin(y, mal).astype(int)
     score = r["score"]
     prob = r["prob"]
-    if prob is not None:
+    out = {}
+    if r.get("threshold") == "youden":  # a score without probabilities (LOF): 003's Youden operating point
+        thr = youden_threshold(yb, score)
+        pred_bin = (score >= thr).astype(int)
+        out["threshold"] = {"method": "Youden index on these (pooled out-of-fold) predictions, as in seed 003",
+                            "value": thr}
+        if r["pred_bin"] is not None:
+            out["binary_default_offset"] = binary_report(yb, score, r["pred_bin"], n_boot=n_boot, seed=seed)
+    elif prob is not None:
         pred_bin = (score >= 0.5).astype(int)
     elif r["pred_bin"] is not None:
         pred_bin = r["pred_bin"]
     else:
         pred_bin = (score >= np.median(score)).astype(int)
-    out = {"binary": binary_report(yb, score, pred_bin, n_boot=n_boot, seed=seed)}
+    out["binary"] = binary_report(yb, score, pred_bin, n_boot=n_boot, seed=seed)
     if r.get("pred_bin") is not None and prob is not None:
         out["binary_rule_001"] = binary_report(yb, score, r["pred_bin"], n_boot=n_boot, seed=seed)
+    if prob is not None:  # seed 004's measures on the predicted (argmax) class
+        out["prf"] = prf_report(y, prob.argmax(1), list(label_set.classes), n_boot=n_boot, seed=seed)
+    if r.get("pred_cls") is not None:
+        out["prf_rule_001"] = prf_report(y, r["pred_cls"], list(label_set.classes), n_boot=n_boot, seed=seed)
+    if r.get("slice") is not None:
+        out["slice_level"] = slice_level_metrics(r["slice"]["y"], r["slice"]["prob"], label_set)
     if prob is not None and prob.shape[1] > 2:
         mc = multiclass_metrics(y, prob)
         out["multiclass"] = {
@@ -59,6 +74,26 @@ def _summarise(name, y, label_set, r, n_boot, seed):
         out["ece_top_label"] = expected_calibration_error(y, prob)
         out["ece_binary"] = expected_calibration_error(yb, score)
     return out
+
+
+def slice_level_metrics(y, prob, label_set) -> dict:
+    """001's slice-level figures (point values; slices of one patient are not independent, so no CIs):
+    accuracy, micro/macro one-vs-rest AUC and confusion matrix over the label set's classes + tumour-free,
+    benign-vs-malignant accuracy on tumour slices, per-class precision/recall/F1."""
+    from sklearn.metrics import confusion_matrix
+
+    classes = list(label_set.classes) + ["tumour_free"]
+    y, prob = np.asarray(y).astype(int), np.asarray(prob, float)
+    mc = multiclass_metrics(y, prob)
+    pred = prob.argmax(1)
+    tumour = y < len(label_set.classes)
+    mal = label_set.malignant_indices
+    bm = float((np.isin(pred[tumour], mal) == np.isin(y[tumour], mal)).mean()) if tumour.any() else float("nan")
+    return {"n_slices": int(len(y)), "n_tumour_slices": int(tumour.sum()), "classes": classes,
+            "accuracy": mc["accuracy"], "micro_auc": mc["micro_auc"], "macro_auc": mc["macro_auc"],
+            "benign_vs_malignant_accuracy_tumour_slices": bm,
+            "confusion_matrix": confusion_matrix(y, pred, labels=list(range(len(classes)))).tolist(),
+            "prf": per_class_prf(y, pred, classes)}
 
 
 def _table(summary, label_set, multiclass=True):
@@ -76,6 +111,34 @@ def _table(summary, label_set, multiclass=True):
             row += f" {ece:.3f} |" if ece is not None else " – |"
         lines.append(row)
     return "\n".join(lines)
+
+
+def _notes(summary) -> str:
+    """Lines under the CV table: macro precision/recall/F1 (004), 001's rule and slice level, LOF's threshold."""
+    md = "\n\nMacro precision / recall / F1 on the predicted class (seed 004's measures; per class in the JSON):\n"
+    for k, s in summary.items():
+        if "prf" in s:
+            m = s["prf"]["macro"]
+            md += f"\n- {k}: {_fmt(m['precision'])} / {_fmt(m['recall'])} / {_fmt(m['f1'])}"
+    for k, s in summary.items():
+        if "binary_rule_001" in s:
+            b, m = s["binary_rule_001"], s["prf_rule_001"]["macro"]
+            md += (f"\n\n{k}, 001's decision rule on unique tumour slices (> 2 malignant slices): accuracy "
+                   f"{_fmt(b['accuracy'])}, sensitivity {_fmt(b['sensitivity'])}, specificity {_fmt(b['specificity'])}, "
+                   f"macro F1 {_fmt(m['f1'])}")
+        if "slice_level" in s:
+            sl = s["slice_level"]
+            md += (f"\n\n{k}, slice level (001; {sl['n_tumour_slices']} unique tumour slices + "
+                   f"{sl['n_slices'] - sl['n_tumour_slices']} tumour-free slices, point values): accuracy "
+                   f"{sl['accuracy']:.2f}, micro-AUC {sl['micro_auc']:.2f}, macro-AUC {sl['macro_auc']:.2f}, "
+                   f"benign vs malignant on tumour slices {sl['benign_vs_malignant_accuracy_tumour_slices']:.2f}")
+        if "threshold" in s:
+            b, d = s["binary"], s.get("binary_default_offset")
+            md += (f"\n\n{k}: sensitivity / specificity at the Youden threshold ({s['threshold']['value']:.3g}, chosen on "
+                   f"these predictions as in 003, hence optimistic): {_fmt(b['sensitivity'])} / {_fmt(b['specificity'])}")
+            if d:
+                md += (f"; at scikit-learn's default LOF offset: {_fmt(d['sensitivity'])} / {_fmt(d['specificity'])}")
+    return md
 
 
 def cmd_cv(a):
@@ -115,12 +178,10 @@ def cmd_cv(a):
         json.dump({"meta": meta, "results": summary}, f, indent=1, default=float)
     md = (f"SYNTHETIC cohort `{os.path.basename(os.path.abspath(a.cohort))}` (n = {len(y)}, {meta['class_counts']}), "
           f"{a.folds}-fold stratified CV (seed {a.seed}), label set `{ls.name}`; values: pooled out-of-fold estimate "
-          f"(percentile bootstrap 95 % CI, {a.n_boot} resamples). Benign/malignant columns use P(malignant).\n\n"
+          f"(95 % CI: ROC-AUC DeLong, others percentile bootstrap, {a.n_boot} resamples). Benign/malignant columns use "
+          f"P(malignant).\n\n"
           + _table(summary, ls, multiclass=len(ls.classes) > 2))
-    rule = [k for k in summary if "binary_rule_001" in summary[k]]
-    for k in rule:
-        b = summary[k]["binary_rule_001"]
-        md += f"\n\n{k}, 001 decision rule (> 2 malignant slices): accuracy {_fmt(b['accuracy'])}, sensitivity {_fmt(b['sensitivity'])}, specificity {_fmt(b['specificity'])}"
+    md += _notes(summary)
     with open(os.path.join(a.out, f"{name}.md"), "w") as f:
         f.write(md + "\n")
     print(md)
@@ -193,7 +254,7 @@ def cmd_holdout(a):
     head = ("| Model | Label set | n | Accuracy (b/m) | ROC-AUC (b/m) | PR-AUC | Sensitivity | Specificity | Macro-AUC | Micro-AUC | Accuracy (classes) | ECE (top label) | Undetermined |\n"
             "|" + "---|" * 13)
     text = (f"SYNTHETIC held-out cohort `{os.path.basename(os.path.abspath(a.cohort))}` (seed not used for training); "
-            f"calibrated probabilities; 95 % CIs: percentile bootstrap ({a.n_boot} resamples, seed {a.seed}).\n\n" + head + "\n" + "\n".join(md))
+            f"calibrated probabilities; 95 % CIs: ROC-AUC DeLong, others percentile bootstrap ({a.n_boot} resamples, seed {a.seed}).\n\n" + head + "\n" + "\n".join(md))
     with open(os.path.join(a.out, f"{a.name}.json"), "w") as f:
         json.dump({"meta": {"command": " ".join(["parotid-eval"] + sys.argv[1:]), "synthetic": True}, "results": all_out}, f, indent=1, default=float)
     with open(os.path.join(a.out, f"{a.name}.md"), "w") as f:
@@ -282,7 +343,7 @@ def cmd_external(a):
         lines.append(row)
     md = (f"External validation (label set `{ls.name}`, early fusion {'+'.join(a.fusion)}, {a.epochs1}/{a.epochs2} epochs, "
           f"seed {a.seed}). Internal: {a.folds}-fold CV inside the training sites; external: trained on all training-site "
-          f"studies, tested on the test site. 95 % CIs: percentile bootstrap ({a.n_boot} resamples). Drop = internal − external. "
+          f"studies, tested on the test site. 95 % CIs: ROC-AUC DeLong, others percentile bootstrap ({a.n_boot} resamples). Drop = internal − external. "
           f"{meta['excluded_missing_sequence']} studies lacking a fusion sequence excluded.\n\n" + "\n".join(lines))
     with open(os.path.join(a.out, f"{a.name}.md"), "w") as f:
         f.write(md + "\n")

@@ -12,11 +12,19 @@ P(malignant) = sum of the malignant classes' probabilities):
 * ``early fusion``          — sequences as channels of one CNN branch (two-stage);
 * ``late fusion Add/Spl``   — one branch per sequence (the single-sequence image networks, frozen),
   slice features added / concatenated before the transformer;
-* ``early fusion + clinical`` — early fusion with age/sex/smoker concatenated to the pooled feature (002);
-* ``ResNet early fusion (+gland)`` — seed 001 slice classifier with a tumour-free class; patient
-  probabilities by slice-probability averaging, accuracy/sens/spec also by 001's decision rule;
-* ``L2-softmax + LOF``      — seed 003: image network with L2-constrained softmax (alpha 80), LOF
-  (k = 5, novelty) fitted on benign training patients' features; malignancy score = outlier score.
+* ``early fusion + clinical variables, ours inspired by 002`` — early fusion with age/sex/smoker
+  concatenated to the pooled feature. In seed 002 the radiologists, not the model, used clinical data;
+  feeding them to the network is our variant;
+* ``ResNet-18 slice classifier (+ gland mask), ours inspired by 001`` — ``ResNet18SliceClassifier``
+  (conv1..layer3, 48 px box crops, our sequences + a binary gland mask as channels, a tumour-free class)
+  where 001 used a 2-block ResNet-18 on 224 px T1/CE-T1/T2 + gland-image channels; patient probabilities by
+  averaging over UNIQUE tumour slices, patient classes also by 001's rule on unique slices
+  (``classification.slice_classifier``), and slice-level outputs (unique tumour slices + tumour-free slices)
+  for 001's slice-level metrics;
+* ``L2-softmax + LOF, ours after 003`` — image network (ResNet-18 conv1..layer2 + RoI-Align, not 003's
+  VGG16; no CURET texture class) with L2-constrained softmax (alpha 80), LOF (k = 5, novelty) fitted on
+  benign training patients' features; malignancy score = LOF outlier score; operating point: Youden
+  threshold on the ROC (as 003), scikit-learn's default LOF offset kept for comparison.
 """
 
 from __future__ import annotations
@@ -29,15 +37,17 @@ from sklearn.model_selection import StratifiedKFold
 from tqdm import tqdm
 
 from parotid.classification.data import CropSet
-from parotid.classification.train import (fit_sequence_model, lof_scores, predict_logits, predict_slice_resnet,
-                                          slice_outputs, train_image_net, train_slice_resnet)
+from parotid.classification.slice_classifier import predict_patients_001
+from parotid.classification.train import (fit_sequence_model, lof_scores, predict_logits, slice_outputs,
+                                          train_image_net, train_slice_resnet)
 
 
 def run_ablation(cs: CropSet, label_set, single_seqs, fusion_seqs, folds: int = 5, seed: int = 0,
                  epochs1: int = 8, epochs2: int = 40, resnet_epochs: int = 8, gland: str = "with",
                  variants: set[str] | None = None, log=print) -> dict:
     """Returns {variant: {"prob": (n, C) or None, "score": (n,) malignancy score, "pred_bin": (n,) or None,
-    "pred_cls": (n,) or None}} on out-of-fold predictions, plus "_y" and timing."""
+    "pred_cls": (n,) or None, "threshold": "youden" (score variants), "slice": {"y", "prob"} (slice classifier)}}
+    on out-of-fold predictions, plus "_y" and timing."""
     y = cs.labels(label_set)
     n, C = len(y), len(label_set.classes)
     mal = label_set.malignant_indices
@@ -92,19 +102,22 @@ def run_ablation(cs: CropSet, label_set, single_seqs, fusion_seqs, folds: int = 
             m, _ = timed(name, lambda: fit_sequence_model(cs, tr, label_set, [list(fusion_seqs)], "spl", epochs1,
                                                           epochs2, seed + f, nets=nets, desc=f"f{f} early"))
             put(name, te, torch.softmax(predict_logits(m, cs, te, [list(fusion_seqs)]), 1).numpy())
-            name = f"early fusion + clinical ({'+'.join(fusion_seqs)})"
+            name = f"early fusion + clinical variables, ours inspired by 002 ({'+'.join(fusion_seqs)})"
             m, _ = timed(name, lambda: fit_sequence_model(cs, tr, label_set, [list(fusion_seqs)], "spl", epochs1,
                                                           epochs2, seed + f, nets=nets, clinical=True))
             put(name, te, torch.softmax(predict_logits(m, cs, te, [list(fusion_seqs)], clinical=True), 1).numpy())
         if want("resnet"):
             for g in {"both": [False, True], "with": [True], "without": [False]}[gland]:
-                name = f"ResNet early fusion{' + gland mask' if g else ''} ({'+'.join(fusion_seqs)})"
+                name = f"ResNet-18 slice classifier{' + gland mask' if g else ''}, ours inspired by 001 ({'+'.join(fusion_seqs)})"
                 net = timed(name, lambda: train_slice_resnet(cs, tr, label_set, list(fusion_seqs), g, resnet_epochs,
                                                              seed=seed + f, desc=f"f{f} resnet"))
-                prob, rule = predict_slice_resnet(net, cs, te, list(fusion_seqs), g, label_set)
-                put(name, te, prob, pred_bin=np.isin(rule, mal).astype(int), pred_cls=rule)
+                out = predict_patients_001(net, cs, te, list(fusion_seqs), g, label_set)
+                put(name, te, out.prob, pred_bin=np.isin(out.rule, mal).astype(int), pred_cls=out.rule)
+                sl = res[name].setdefault("slice", {"y": [], "prob": []})
+                sl["y"].append(out.slice_y)
+                sl["prob"].append(out.slice_prob)
         if want("lof") and mal:
-            name = f"L2-softmax + LOF ({'+'.join(fusion_seqs)})"
+            name = f"L2-softmax + LOF, ours after 003 ({'+'.join(fusion_seqs)})"
 
             def lof():
                 ch = cs.channels(fusion_seqs)
@@ -112,8 +125,12 @@ def run_ablation(cs: CropSet, label_set, single_seqs, fusion_seqs, folds: int = 
                 return lof_scores(net, cs, tr, te, ch, label_set, n_neighbors=5)
 
             score, outlier = timed(name, lof)
-            put(name, te, score=score, pred_bin=outlier.astype(int))
+            put(name, te, score=score, pred_bin=outlier.astype(int))  # pred_bin: scikit-learn's default offset
+            res[name]["threshold"] = "youden"
         log(f"fold {f + 1}/{folds} done")
+    for r in res.values():
+        if "slice" in r:
+            r["slice"] = {k: np.concatenate(v) for k, v in r["slice"].items()}
     res["_y"] = y
     res["_timing_s"] = timing
     return res
