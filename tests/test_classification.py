@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from parotid.classification.crops import box_in_crop, crop_window, extract_crop, paste_heatmap
-from parotid.classification.models import ImageNet, SequenceModel, SliceResNet, fit_temperature
+from parotid.classification.models import ImageNet, SequenceModel, ResNet18SliceClassifier, fit_temperature
 from parotid.classification.toy import toy_study, write_toy_cohort
 from parotid.labels import get_label_set
 from parotid.study import StudyError
@@ -49,7 +49,7 @@ def test_models_forward_shapes_and_fusions():
     assert m(x, box, torch.zeros(2, 3)).shape == (2, 2)
     with pytest.raises(ValueError):
         m(x, box)
-    assert SliceResNet(4, 3)(torch.randn(5, 4, 32, 32)).shape == (5, 4)  # + tumour-free class
+    assert ResNet18SliceClassifier(4, 3)(torch.randn(5, 4, 32, 32)).shape == (5, 4)  # + tumour-free class
     net = ImageNet(3, 2, l2_alpha=80.0)
     f = net.features(torch.randn(3, 3, 32, 32), box[:1].repeat(3, 1))
     assert torch.allclose(f.norm(dim=1), torch.full((3,), 80.0), atol=1e-3)  # L2-constrained features
@@ -115,6 +115,11 @@ def test_checkpoint_roundtrip_and_classify(toy_model):
     assert 0 <= heat.min() and heat.max() <= 1.0
     # nothing outside the box's slices; joint (not per-slice) normalisation -> a single global max of 1
     assert heat[:, :, : roi[4]].sum() == 0 and heat[:, :, roi[5]:].sum() == 0
+    # the default map is our hybrid, named apart from plain Grad-CAM ("roi": its old name)
+    assert res["heatmap"]["mode"] == "gradcam_x_readout" and "not plain Grad-CAM" in res["heatmap"]["method"]
+    plain, _ = classify(model, cfg, study, roi, heatmap_mode="gradcam")
+    assert plain["heatmap"]["method"] == "Grad-CAM (plain, layer2)"
+    assert classify(model, cfg, study, roi, heatmap_mode="roi")[0]["heatmap"]["mode"] == "gradcam_x_readout"
 
 
 def test_classify_bad_inputs(toy_model):

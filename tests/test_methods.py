@@ -164,3 +164,14 @@ def test_cv_reports_the_seed_methods(tmp_path):
     assert lof["binary"]["ci_method"]["roc_auc"] == "DeLong"
     md = (tmp_path / "out" / "ablation_cv.md").read_text()
     assert "Youden" in md and "slice level" in md and "unique tumour slices" in md
+
+
+def test_slicer_names_the_heatmap_as_the_server_does():
+    from ParotidTumorLib.results import ClassificationResult
+
+    params = {"prediction": [{"idx": 0, "label": "benign", "score": 1.0}],
+              "heatmap": {"method": "Grad-CAM x RoI-Align read-out weight (layer2; hybrid map, not plain Grad-CAM)"}}
+    assert ClassificationResult.from_params(params).heatmap_name.startswith("Heatmap: Grad-CAM x RoI-Align read-out")
+    params["heatmap"] = {"method": "Grad-CAM (plain, layer2)"}
+    assert ClassificationResult.from_params(params).heatmap_name == "Heatmap: Grad-CAM (plain, layer2)"
+    assert ClassificationResult.from_params({"prediction": []}).heatmap_name == "Heatmap"

@@ -823,7 +823,7 @@ class ParotidTumorLogic(ScriptedLoadableModuleLogic):
 
     def _showHeatmap(self, p, vol):
         reference = self.referenceVolume(p)
-        p.heatmap = mrml.show_heatmap(self.scene, p.heatmap, vol.array, vol.ijk_to_ras)
+        p.heatmap = mrml.show_heatmap(self.scene, p.heatmap, vol.array, vol.ijk_to_ras, name=vol.name or "Heatmap")
         mrml.set_slice_layers(self.scene, background=reference, foreground=p.heatmap, opacity=p.heatmapOpacity)
 
     def heatColorNodeID(self):

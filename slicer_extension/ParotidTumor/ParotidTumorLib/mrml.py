@@ -307,7 +307,7 @@ def heat_color_node_id(scene) -> str:
     return HEATMAP_COLOR_FALLBACK_ID
 
 
-def show_heatmap(scene, heat, array, ijk_to_ras, name="Grad-CAM heatmap"):
+def show_heatmap(scene, heat, array, ijk_to_ras, name="Heatmap"):
     """Heatmap volume (a new node when `heat` is None) with its display: heat colours, window 0..1,
     values below :data:`HEATMAP_LOWER_THRESHOLD` transparent."""
     if heat is None:

@@ -4,7 +4,7 @@ MONAI Label 0.8.5 answers ``POST /infer/<model>`` with
 
 * ``multipart/form-data`` (encoded server-side by ``requests_toolbelt.MultipartEncoder``): a ``params``
   part (JSON) and an ``image`` part (the result NIfTI) -- segmentation, box contour, and
-  classification with a Grad-CAM heatmap;
+  classification with a heatmap (Grad-CAM x RoI-Align read-out weight, or plain Grad-CAM);
 * ``application/json`` when there is no result image (e.g. a classification model without heatmap) --
   the case that crashes the stock Slicer plugin, which always expects a multipart body;
 * the image alone for ``?output=image``.

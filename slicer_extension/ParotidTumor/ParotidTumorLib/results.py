@@ -1,6 +1,6 @@
 """Inference results as plain Python objects the Slicer widget (or a script) can show.
 
-* :class:`ResultVolume`: a result NIfTI (label map or Grad-CAM heatmap) as a Slicer-ready
+* :class:`ResultVolume`: a result NIfTI (label map or classification heatmap) as a Slicer-ready
   ``[k, j, i]`` array plus its IJK->RAS matrix.
 * :class:`ClassificationResult`: the JSON ``params`` of a classification task
   (``prediction: [{idx, label, score}]``, ``predicted_class``, ``malignancy_probability``,
@@ -101,9 +101,18 @@ class ClassificationResult:
     @classmethod
     def from_response(cls, resp: InferResponse) -> "ClassificationResult":
         heat = ResultVolume.from_bytes(resp.image, resp.image_name or "heatmap.nii.gz") if resp.has_image else None
+        result = cls.from_params(resp.params, heat)
         if heat is not None:
-            heat.name = "GradCAM"
-        return cls.from_params(resp.params, heat)
+            heat.name = result.heatmap_name
+        return result
+
+    @property
+    def heatmap_name(self) -> str:
+        """What the heatmap is, as the server names it: our hybrid map (Grad-CAM x RoI-Align read-out
+        weight, the default) or plain Grad-CAM; older servers do not say."""
+        h = self.raw.get("heatmap") if isinstance(self.raw, dict) else None
+        method = h.get("method") if isinstance(h, dict) else None
+        return f"Heatmap: {method}" if method else "Heatmap"
 
     def table_rows(self) -> list:
         """Rows for the results table: (class, probability %, marker)."""

@@ -7,11 +7,15 @@
 * :class:`SequenceModel` — Liu's sequence network: one :class:`ImageNet` branch per sequence group
   (a group with several sequences = early fusion as channels; several groups = late fusion by
   addition ``add`` or concatenation/splicing ``spl``), a 1-layer 4-head ``nn.TransformerEncoder`` over
-  the slice sequence, max-pool over slices, optional clinical variables (seed 002) concatenated to
-  the pooled feature, dropout 0.5 + FC. Trained in two stages (branches first, then the sequence
-  head over frozen features), see ``train.py``.
-* :class:`SliceResNet` — early-fusion ResNet (seeds 001/003/004): sequences (+ optional gland mask)
-  as channels of a 2D slice classifier whose classes are the label set plus ``tumour_free``.
+  the slice sequence, max-pool over slices, optional clinical variables concatenated to the pooled
+  feature (ours, inspired by seed 002, where the radiologists, not the model, used clinical data),
+  dropout 0.5 + FC. Trained in two stages (branches first, then the sequence head over frozen
+  features), see ``train.py``.
+* :class:`ResNet18SliceClassifier` — ours, inspired by Xia et al. (seed 001): torchvision resnet18
+  ``conv1..layer3`` + global pooling on whole box crops (48 px by default), our sequences (+ optional
+  BINARY gland mask) as channels, classes = the label set plus ``tumour_free``. 001 used a ResNet-18
+  reduced to 2 residual blocks on 224 px T1/CE-T1/T2 + a gland IMAGE channel. Patient decisions:
+  ``slice_classifier.py``.
 """
 
 from __future__ import annotations
@@ -111,8 +115,9 @@ class SequenceModel(nn.Module):
         return self.forward_features(self.slice_features(x, box), clinical)
 
 
-class SliceResNet(nn.Module):
-    """Early-fusion 2D ResNet over whole crops: (B, C, S, S) -> logits over label-set classes + tumour-free."""
+class ResNet18SliceClassifier(nn.Module):
+    """Early-fusion 2D slice classifier, resnet18 conv1..`upto` + global average pooling over whole crops:
+    (B, C, S, S) -> logits over label-set classes + tumour-free (ours, inspired by seed 001)."""
 
     def __init__(self, in_ch: int, n_classes: int, upto: str = "layer3", dropout: float = 0.3):
         super().__init__()

@@ -8,10 +8,12 @@ Used by the MONAI Label infer task (apps/parotid/lib/infers/classify.py) and by 
   active for `passes` forward passes over the (deterministic) slice features; the study is
   undetermined when the mean top-class probability is below ``max_top_prob_below`` or the standard
   deviation of the malignancy probability exceeds ``max_std_above`` (both in the checkpoint);
-* heatmap: ``monai.visualize.GradCAM`` on the CNN's ``layer2`` for the predicted class, one map per
-  slice, by default weighted by the RoI-Align read-out (see ``gradcam_volume``), pasted back onto the
-  reference grid and normalised JOINTLY over the volume (divided by the global maximum; MONAI's
-  default normaliser would rescale every slice to 0..1 separately).
+* heatmap, one of :data:`HEATMAP_METHODS` for the predicted class, one map per slice, pasted back onto
+  the reference grid and normalised JOINTLY over the volume (divided by the global maximum; MONAI's
+  default normaliser would rescale every slice to 0..1 separately):
+  ``gradcam_x_readout`` (default) is OUR hybrid map, Grad-CAM multiplied by the RoI-Align read-out
+  weight (see ``gradcam_volume``); ``gradcam`` is plain Grad-CAM (``monai.visualize.GradCAM`` on the
+  CNN's ``layer2``).
 """
 
 from __future__ import annotations
@@ -47,6 +49,15 @@ def prepare(study: Study, roi, cfg: dict) -> tuple[torch.Tensor, torch.Tensor, C
     return torch.from_numpy(crop.slices)[None], torch.from_numpy(crop.box)[None], crop
 
 
+# params.heatmap -> what the map is (result["heatmap"]["method"], /info, Slicer). "roi" is the old name of
+# the hybrid map, still accepted.
+HEATMAP_METHODS = {
+    "gradcam_x_readout": "Grad-CAM x RoI-Align read-out weight (layer2; hybrid map, not plain Grad-CAM)",
+    "gradcam": "Grad-CAM (plain, layer2)",
+}
+HEATMAP_ALIASES = {"roi": "gradcam_x_readout"}
+
+
 def _identity(x):
     return x
 
@@ -74,11 +85,11 @@ def _hooks_removed_after(module: torch.nn.Module):
 
 
 def gradcam_volume(model: SequenceModel, x: torch.Tensor, box: torch.Tensor, crop: Crop, shape, roi,
-                   class_idx: int, clinical=None, mode: str = "roi") -> np.ndarray:
+                   class_idx: int, clinical=None, mode: str = "gradcam_x_readout") -> np.ndarray:
     """Grad-CAM for `class_idx`, summed over branches, as a (I, J, K) float32 volume in 0..1.
 
     mode "gradcam": plain ``monai.visualize.GradCAM`` on ``layer2`` (ReLU of the gradient-weighted
-    channel sum). mode "roi" (default): the same map multiplied by the spatial read-out weight of
+    channel sum). mode "gradcam_x_readout" (default, a hybrid of ours): the same map multiplied by the spatial read-out weight of
     the RoI-Align head, sum_c |d score / d A_c| at each layer2 position (from the same backward pass),
     because the classifier pools layer2 only through roi_align on the box: plain Grad-CAM spreads
     over the whole crop window (measured: no more mass in the box than a uniform map).
@@ -100,7 +111,7 @@ def gradcam_volume(model: SequenceModel, x: torch.Tensor, box: torch.Tensor, cro
             cam.nn_module.activations.clear()
             cam.nn_module.gradients.clear()
             cam.nn_module.score = None
-        if mode == "roi":
+        if mode == "gradcam_x_readout":
             g = grads.detach().abs().sum(1, keepdim=True)
             g = torch.nn.functional.interpolate(g, size=m.shape[-2:], mode="bilinear", align_corners=False)
             m = m * g / g.max().clamp_min(1e-12)
@@ -126,7 +137,7 @@ def mc_dropout(model: SequenceModel, feats: torch.Tensor, temperature: float, pa
 
 
 def classify(model: SequenceModel, cfg: dict, study: Study, roi, heatmap: bool = True, clinical=None,
-             heatmap_mode: str = "roi", input_components: dict | None = None) -> tuple[dict, np.ndarray | None]:
+             heatmap_mode: str = "gradcam_x_readout", input_components: dict | None = None) -> tuple[dict, np.ndarray | None]:
     """Returns (result JSON, heatmap volume (I, J, K) or None), both on the STUDY grid.
 
     The study is resampled to the checkpoint's training spacing (``cfg["spacing"]``, see
@@ -179,9 +190,10 @@ def classify(model: SequenceModel, cfg: dict, study: Study, roi, heatmap: bool =
     if space.resampled:
         result["model_roi"] = mroi  # the box on the model's grid (same physical region)
     mark_classification(result, combine({**(input_components or {}), "feature_density": feature_density_check(model, feats)}))
-    if heatmap_mode not in ("roi", "gradcam"):
-        raise StudyError(f"heatmap must be 'roi' or 'gradcam', got {heatmap_mode!r}")
-    result["heatmap"] = {"method": "Grad-CAM layer2" + (" x RoI-Align read-out weight" if heatmap_mode == "roi" else ""),
+    heatmap_mode = HEATMAP_ALIASES.get(heatmap_mode, heatmap_mode)
+    if heatmap_mode not in HEATMAP_METHODS:
+        raise StudyError(f"heatmap must be one of {sorted(HEATMAP_METHODS)}, got {heatmap_mode!r}")
+    result["heatmap"] = {"method": HEATMAP_METHODS[heatmap_mode], "mode": heatmap_mode,
                          "class": classes[top], "normalisation": "joint (volume maximum)"} if heatmap else None
     vol = gradcam_volume(model, x, box, crop, space.model_study.shape, mroi, top, clinical, heatmap_mode) if heatmap else None
     if vol is not None and space.resampled:

@@ -1,4 +1,4 @@
-"""Training of the classification models (two-stage Liu model, early-fusion ResNet, L2-softmax + LOF).
+"""Training of the classification models (two-stage Liu model; ours: ResNet-18 slice classifier inspired by 001, L2-softmax + LOF after 003).
 
 Reproduce the committed server checkpoints (synthetic cohort, CPU)::
 
@@ -27,10 +27,13 @@ from parotid.labels import get_label_set
 from parotid.model_space import SPACING_KEY, file_spacing, training_spacing
 
 from .data import CropSet, build_cropset, read_cohort
-from .models import ImageNet, SequenceModel, SliceResNet, fit_temperature
+from .models import ImageNet, ResNet18SliceClassifier, SequenceModel, fit_temperature
 
 VERSION = "0.1.0"
-DEFAULT_SEQS = ("T2", "CET1", "DWI_B1000", "ADC")  # Liu et al.'s best combination (T2, CE-T1, DWI b1000) + ADC
+# The sequences of Liu et al.'s best model (T2, CE-T1, DWI b1000; they fused them LATE, one branch per
+# sequence) + ADC. How they are fused is `train_task_model(fusion=...)`, recorded as the checkpoint's
+# `fusion_mode` (early fusion = channels of one branch, which is not Liu's best combination).
+DEFAULT_SEQS = ("T2", "CET1", "DWI_B1000", "ADC")
 DEFAULT_REQUIRED = ("T2", "CET1")  # the others may be missing (zero channel; trained with channel dropout)
 TASK_LABEL_SETS = {"classify_subtype": "subtype4", "classify_malignancy": "benign_malignant"}
 
@@ -195,15 +198,15 @@ def predict_logits(model: SequenceModel, cs: CropSet, idx, groups: list[list[str
     return torch.cat(out)
 
 
-# --------------------------------------------------------------------------- early-fusion ResNet (seed 001)
+# --------------------------------------------------------------------------- slice classifier (ours, inspired by 001)
 def train_slice_resnet(cs: CropSet, train_idx, label_set, seqs: list[str], gland: bool = False, epochs: int = 10,
-                       lr: float = 1e-3, seed: int = 0, per_study: int = 2, batch: int = 64, desc="resnet") -> SliceResNet:
+                       lr: float = 1e-3, seed: int = 0, per_study: int = 2, batch: int = 64, desc="resnet") -> ResNet18SliceClassifier:
     _seed(seed)
     rng = np.random.default_rng(seed)
     y_all = cs.labels(label_set)
     n_classes = len(label_set.classes)
     chans = cs.channels(seqs)
-    net = SliceResNet(len(chans) + int(gland), n_classes)
+    net = ResNet18SliceClassifier(len(chans) + int(gland), n_classes)
     train_idx = np.asarray(train_idx)
     steps = epochs * int(np.ceil(len(train_idx) * (per_study + 1) / batch))
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)

@@ -1,4 +1,4 @@
-"""Tumour classification infer task (MONAI Label type ``classification``) with a Grad-CAM heatmap.
+"""Tumour classification infer task (MONAI Label type ``classification``) with a heatmap (our hybrid Grad-CAM x RoI-Align read-out weight, or plain Grad-CAM).
 
 Request: ``{"model": "classify_subtype", "image": <study id>, "params": {"roi": [i0, i1, j0, j1, k0, k1]}}``
 (half-open voxel box on the study's reference grid). Without ``roi`` the box of the segmentation
@@ -8,7 +8,9 @@ Response ``params`` (JSON): ``prediction`` [{idx, label, score}] (calibrated, su
 ``predicted_class``, ``malignancy_probability``, ``undetermined`` (MC dropout), ``uncertainty``,
 ``model``, ``version``, ``roi``, ``roi_source``, ``label_set``, ``model_spacing`` / ``resampled`` (and
 ``model_roi`` when resampled; parotid.model_space). Response image: Grad-CAM volume
-(float32 0..1, NIfTI, the study's reference grid), normalised jointly over all slices.
+(float32 0..1, NIfTI, the study's reference grid), normalised jointly over all slices: by default our
+hybrid map Grad-CAM x RoI-Align read-out weight, plain Grad-CAM with ``params.heatmap = "gradcam"``
+(``parotid.classification.predict.HEATMAP_METHODS``).
 
 MONAI Label's BasicInferTask returns JSON only for classification tasks and runs the inferer under
 ``torch.no_grad``: this task overrides both (``run_inferer`` / ``writer`` of StudyInferTask) while
@@ -28,7 +30,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 from lib.errors import http_errors
 from lib.infers.study_task import StudyInferTask
 from parotid import input_check
-from parotid.classification.predict import classify
+from parotid.classification.predict import HEATMAP_METHODS, classify
 from parotid.classification.train import DEFAULT_REQUIRED, load_checkpoint
 from parotid.labels import INFO_ROI, classification_label_sets, get_label_set
 from parotid.study import Study, StudyError
@@ -62,7 +64,8 @@ class ClassifyStudy(StudyInferTask):
         super().__init__(
             path, None, InferType.CLASSIFICATION, {c: i for i, c in enumerate(ls.classes)},
             description or f"Tumour classification ({ls.name}: {', '.join(ls.classes)}) in a box; "
-                           "returns calibrated probabilities + Grad-CAM heatmap",
+                           "returns calibrated probabilities + a heatmap (Grad-CAM x RoI-Align read-out weight; "
+                           "plain Grad-CAM on request)",
             seqs, config={INFO_ROI: [], "label_set": ls.name},
         )
 
@@ -86,8 +89,8 @@ class ClassifyStudy(StudyInferTask):
         cfg = self._peek(self.path[0] if isinstance(self.path, list) else self.path) or {}
         return {**super().info(), "label_set": self.label_set.to_dict(), "version": cfg.get("version"),
                 "trained": cfg.get("trained"), "temperature": cfg.get("temperature"),
-                "heatmap": "Grad-CAM (layer2) x RoI-Align read-out weight (params.heatmap='gradcam': plain), "
-                           "float32 0..1 on the reference grid, jointly normalised",
+                "heatmap": {"default": "gradcam_x_readout", "methods": HEATMAP_METHODS,
+                            "param": "params.heatmap", "image": "float32 0..1 on the reference grid, jointly normalised"},
                 "uncertainty": cfg.get("uncertainty"), "sequences_used": cfg.get("sequences"),
                 "sequences_required": cfg.get("required")}
 
@@ -142,6 +145,6 @@ class ClassifyStudy(StudyInferTask):
         with http_errors():
             comps = input_check.box_components(study, roi, self.model_dir, self.seg_path)  # 422: bad or tiny box
             result, heat = classify(model, cfg, study, roi, heatmap=not data.get("no_heatmap", False),
-                                    heatmap_mode=str(data.get("heatmap", "roi")), input_components=comps)
+                                    heatmap_mode=str(data.get("heatmap", "gradcam_x_readout")), input_components=comps)
         result["roi_source"] = source
         return heat, result
