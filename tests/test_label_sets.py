@@ -56,6 +56,18 @@ def test_trainer_studies_follow_label_set_json():
     assert get_label_set("benign_malignant").index("warthin") == 0
 
 
+def test_info_lists_the_accepted_label_sets_for_clients(ls_server):
+    """/info label_sets: every class the datastore accepts; the Slicer module offers exactly those."""
+    from ParotidTumorLib import tumor_classes_from_info
+
+    info = requests.get(f"{ls_server.url}/info/", timeout=30).json()
+    assert info["label_sets"]["sinonasal3"]["classes"] == list(get_label_set("sinonasal3").classes)
+    offered = tumor_classes_from_info(info)
+    for name in ("subtype4", "benign_malignant", "sinonasal3"):
+        assert set(get_label_set(name).classes) <= set(offered)
+    assert len(offered) == len(set(offered))
+
+
 def test_unknown_class_is_422_naming_accepted_classes(ls_server):
     sid, info = sorted(_final_labels(ls_server.url).items())[0]
     r = _put_label(ls_server.url, sid, {"tumor_class": "sinonasal_lymphoma", "roi": info["roi"]})

@@ -35,6 +35,7 @@ from lib.image_upload import install_image_upload
 from lib.model_upload import install_checkpoint_upload_check
 from lib.sessions import StudySessions
 from lib.study_support import skipping_unprocessable
+from parotid.labels import classification_label_sets
 from parotid.pacs.auth import fix_monailabel_jwt
 from parotid.pacs.sr_policy import install_infer_caller, sr_params, write_back
 
@@ -134,6 +135,13 @@ class ParotidApp(MONAILabelApp):
             jobs = {"train": self._trainers, "scoring": self._scoring_methods, "batch/infer": self._infers}
             http_api.install(fastapi_app, lambda kind: jobs[kind].keys())
             restrict_cors(fastapi_app)  # MONAI Label allows every origin
+
+    def info(self):
+        """MONAI Label's /info plus ``label_sets``: every classification label set whose classes the datastore
+        accepts as ``tumor_class`` (parotid.label_validation), so clients offer exactly those."""
+        meta = super().info()
+        meta["label_sets"] = {n: s.to_dict() for n, s in sorted(classification_label_sets().items())}
+        return meta
 
     def infer_wsi(self, request: Dict[str, Any], datastore=None):
         raise HTTPException(404, "whole-slide (pathology) inference is not offered by this MRI app; use /infer/{model}")

@@ -674,11 +674,8 @@ class ParotidTumorLogic(ScriptedLoadableModuleLogic):
         return [s for s in (m.sequences if m else ()) if s not in volumes]
 
     def tumorClasses(self) -> list:
-        """Classes an annotator can assign (the subtype label set when the server offers it)."""
-        for name in ("classify_subtype", "classify_malignancy"):
-            if name in self.models and self.models[name].classes:
-                return list(self.models[name].classes)
-        return ["pleomorphic_adenoma", "warthin", "basal_cell_adenoma", "malignant"]
+        """Classes an annotator can assign: those of every label set the server accepts (/info label_sets)."""
+        return lib.tumor_classes_from_info(self.info)
 
     # ---------------------------------------------------------------- volumes
     def selectedVolumes(self, p) -> dict:

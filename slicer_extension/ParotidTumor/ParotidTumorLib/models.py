@@ -46,6 +46,25 @@ def models_from_info(info: dict) -> dict:
     return out
 
 
+DEFAULT_TUMOR_CLASSES = ("pleomorphic_adenoma", "warthin", "basal_cell_adenoma", "malignant")
+
+
+def tumor_classes_from_info(info: dict | None) -> list:
+    """The ``tumor_class`` values an annotator may assign: the classes of every label set in /info
+    ``label_sets`` (what the server's datastore accepts), in order, without repeats; from the
+    classification models' label sets for servers without that key; the subtype classes otherwise."""
+    info = info or {}
+    sets = list((info.get("label_sets") or {}).values())
+    if not sets:
+        sets = [m.get("label_set") for m in (info.get("models") or {}).values() if isinstance((m or {}).get("label_set"), dict)]
+    out = []
+    for s in sets:
+        for c in (s or {}).get("classes") or ():
+            if c not in out:
+                out.append(str(c))
+    return out or list(DEFAULT_TUMOR_CLASSES)
+
+
 def models_summary_html(info: dict) -> str:
     """A short HTML list for the Connect panel: each model, its type and required sequences."""
     models = models_from_info(info)
