@@ -175,3 +175,26 @@ def test_slicer_names_the_heatmap_as_the_server_does():
     params["heatmap"] = {"method": "Grad-CAM (plain, layer2)"}
     assert ClassificationResult.from_params(params).heatmap_name == "Heatmap: Grad-CAM (plain, layer2)"
     assert ClassificationResult.from_params({"prediction": []}).heatmap_name == "Heatmap"
+
+
+def test_holdout_reports_precision_recall_f1(tmp_path):
+    """parotid-eval holdout: 004's per-class precision/recall/F1 and macro averages, DeLong CI for ROC-AUC."""
+    import json
+
+    from parotid.classification.data import build_cropset
+    from parotid.classification.toy import write_toy_cohort
+    from parotid.classification.train import save_checkpoint, train_task_model
+    from parotid.evaluation.cli import main
+
+    write_toy_cohort(str(tmp_path / "toy"), 24)
+    cs = build_cropset(str(tmp_path / "toy"), size=32, n_slices=4)
+    model, cfg = train_task_model(cs, "subtype4", ("T2", "CET1", "ADC"), "early", epochs1=1, epochs2=2,
+                                  required=("T2", "CET1"))
+    (tmp_path / "models").mkdir()
+    save_checkpoint(str(tmp_path / "models" / "classify_subtype.pt"), model, {**cfg, "task": "classify_subtype"})
+    main(["holdout", "--cohort", str(tmp_path / "toy"), "--models", str(tmp_path / "models"), "--tasks",
+          "classify_subtype", "--out", str(tmp_path / "out"), "--n-boot", "50"])
+    res = json.loads((tmp_path / "out" / "holdout.json").read_text())["results"]["classify_subtype"]
+    assert set(res["prf"]) == {"pleomorphic_adenoma", "warthin", "basal_cell_adenoma", "malignant", "macro"}
+    assert res["binary"]["ci_method"]["roc_auc"] == "DeLong"
+    assert "Macro precision / recall / F1" in (tmp_path / "out" / "holdout.md").read_text()

@@ -254,7 +254,8 @@ def cmd_holdout(a):
     head = ("| Model | Label set | n | Accuracy (b/m) | ROC-AUC (b/m) | PR-AUC | Sensitivity | Specificity | Macro-AUC | Micro-AUC | Accuracy (classes) | ECE (top label) | Undetermined |\n"
             "|" + "---|" * 13)
     text = (f"SYNTHETIC held-out cohort `{os.path.basename(os.path.abspath(a.cohort))}` (seed not used for training); "
-            f"calibrated probabilities; 95 % CIs: ROC-AUC DeLong, others percentile bootstrap ({a.n_boot} resamples, seed {a.seed}).\n\n" + head + "\n" + "\n".join(md))
+            f"calibrated probabilities; 95 % CIs: ROC-AUC DeLong, others percentile bootstrap ({a.n_boot} resamples, seed {a.seed}).\n\n" + head + "\n" + "\n".join(md)
+            + _notes(all_out))
     with open(os.path.join(a.out, f"{a.name}.json"), "w") as f:
         json.dump({"meta": {"command": " ".join(["parotid-eval"] + sys.argv[1:]), "synthetic": True}, "results": all_out}, f, indent=1, default=float)
     with open(os.path.join(a.out, f"{a.name}.md"), "w") as f:
