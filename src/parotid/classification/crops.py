@@ -14,7 +14,7 @@ grid) we
 Optionally, tumour-free slices (k outside the tumour, gland present) are cut with the same window
 for the slice-level "tumour-free" class of the early-fusion ResNet (seed 001).
 
-``paste_heatmap`` maps per-slice maps back onto the reference grid (Grad-CAM volumes).
+``paste_heatmap`` maps per-slice maps back onto the reference grid (heatmap volumes).
 """
 
 from __future__ import annotations

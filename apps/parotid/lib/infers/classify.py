@@ -1,4 +1,4 @@
-"""Tumour classification infer task (MONAI Label type ``classification``) with a heatmap (our hybrid Grad-CAM x RoI-Align read-out weight, or plain Grad-CAM).
+"""Tumour classification infer task (MONAI Label type ``classification``) with a heatmap.
 
 Request: ``{"model": "classify_subtype", "image": <study id>, "params": {"roi": [i0, i1, j0, j1, k0, k1]}}``
 (half-open voxel box on the study's reference grid). Without ``roi`` the box of the segmentation
@@ -7,7 +7,7 @@ model's tumour is used (422 if there is none).
 Response ``params`` (JSON): ``prediction`` [{idx, label, score}] (calibrated, sums to 1),
 ``predicted_class``, ``malignancy_probability``, ``undetermined`` (MC dropout), ``uncertainty``,
 ``model``, ``version``, ``roi``, ``roi_source``, ``label_set``, ``model_spacing`` / ``resampled`` (and
-``model_roi`` when resampled; parotid.model_space). Response image: Grad-CAM volume
+``model_roi`` when resampled; parotid.model_space). Response image: heatmap volume
 (float32 0..1, NIfTI, the study's reference grid), normalised jointly over all slices: by default our
 hybrid map Grad-CAM x RoI-Align read-out weight, plain Grad-CAM with ``params.heatmap = "gradcam"``
 (``parotid.classification.predict.HEATMAP_METHODS``).
