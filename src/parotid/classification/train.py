@@ -169,6 +169,7 @@ def fit_sequence_model(cs: CropSet, train_idx, label_set, groups: list[list[str]
         key = (tuple(g), l2_alpha)
         if key not in nets:
             has = train_idx[cs.avail[train_idx][:, c].all(1)] if len(g) == 1 else train_idx
+            has = has if len(has) else train_idx  # no study has it: the branch only ever sees zeros
             nets[key] = train_image_net(cs, has, c, y_all, n_classes, epochs1, seed=seed, l2_alpha=l2_alpha,
                                         desc=f"{desc} stage1 {'+'.join(g)}",
                                         drop_channels=[i for i, q in enumerate(g) if q in optional and len(g) > 1])
