@@ -368,7 +368,7 @@ def train_task_model(cs: CropSet, label_set_name: str, seqs=DEFAULT_SEQS, fusion
     counts = {c: int(np.sum(y[keep] == i)) for i, c in enumerate(ls.classes)}
     # input check: Local Outlier Factor on the training studies' pooled features, saved with the weights;
     # threshold in-sample here, recalibrated on a held-out cohort by `python -m parotid.input_check fit`
-    from parotid.input_check import classifier_features_cropset, fit_feature_density
+    from parotid.input_check import fit_feature_density
 
     density = fit_feature_density(subset_features(model, groups, cs, keep))
     model.input_check = density.to_checkpoint()
