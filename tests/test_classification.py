@@ -152,3 +152,99 @@ def test_box_without_tumour_is_a_valid_answer(toy_model):
     res, heat = classify(model, cfg, study, [0, 8, 0, 8, 0, 3])
     assert sum(p["score"] for p in res["prediction"]) == pytest.approx(1.0, abs=1e-6)
     assert heat.shape == study.shape
+
+
+# ------------------------------------------------------------------ missing sequences, late fusion (issue 12/15)
+@pytest.mark.parametrize("fusion", ["spl", "add"])
+def test_missing_branch_drops_out_of_late_fusion(fusion):
+    """A branch whose sequence is missing contributes nothing: its input channel's content is ignored;
+    Add = the sum of the available branches, Spl = the available blocks with a zero block."""
+    torch.manual_seed(0)
+    m = SequenceModel([[0], [1], [2]], 3, 4, fusion).eval()
+    x = torch.randn(2, 4, 3, 32, 32)
+    box = torch.tensor([[8.0, 8.0, 24.0, 24.0]] * 2)
+    present = torch.tensor([[True, False, True], [True, True, True]])  # study 0 lacks sequence 1
+    noisy = x.clone()
+    noisy[:, :, 1] = torch.randn_like(noisy[:, :, 1]) * 100
+    with torch.no_grad():
+        a, b = m(x, box, present=present), m(noisy, box, present=present)
+        full = m(x, box)
+        fb = m.branch_features(x, box)
+        fused = m.slice_features(x, box, present)
+    assert torch.allclose(a[0], b[0], atol=1e-5)
+    assert not torch.allclose(a[0], full[0], atol=1e-3) and torch.allclose(a[1], full[1], atol=1e-5)
+    if fusion == "add":
+        assert torch.allclose(fused[0], fb[0][0] + fb[2][0], atol=1e-5)
+    else:
+        assert torch.allclose(fused[0], torch.cat([fb[0][0], torch.zeros_like(fb[1][0]), fb[2][0]], -1), atol=1e-5)
+
+
+def test_branch_presence_and_dropout_masks():
+    from parotid.classification.missing import branch_presence, dropout_masks, used_and_missing
+
+    groups = [["T2"], ["CET1"], ["DWI_B1000"], ["ADC"]]
+    assert branch_presence(groups, ["T2", "ADC", "T1"]) == [True, False, False, True]
+    assert branch_presence([["T2", "CET1", "ADC"]], ["T2"]) == [True]  # early fusion: zero-filled channels
+    assert used_and_missing(groups, ["T2", "ADC"]) == (["T2", "ADC"], ["CET1", "DWI_B1000"])
+    m = dropout_masks(groups, ["T2"], 4000, 0.5, np.random.default_rng(0)).numpy()
+    assert m[:, 0].all()  # the required branch is never dropped
+    assert 0.45 < 1 - m[:, 1].mean() < 0.55
+    assert (~m[:, 1:]).all(1).mean() > 0.09  # T2-only rows are trained on (1/8 of the copies)
+
+
+def test_late_fusion_gradcam_combines_branches_by_their_share():
+    from parotid.classification.crops import extract_crop
+    from parotid.classification.predict import branch_weights, gradcam_volume
+
+    torch.manual_seed(0)
+    m = SequenceModel([[0], [1], [2]], 4, 4, "spl").eval()
+    study, _, roi = toy_study("malignant", seed=3)
+    crop = extract_crop(study.array(), roi, 32, 4, 0.25)
+    x, box = torch.from_numpy(crop.slices)[None], torch.from_numpy(crop.box)[None]
+    w = branch_weights(m, x, box, 1)
+    assert w.shape == (3,) and w.sum() == pytest.approx(1.0) and (w >= 0).all()
+    present = torch.tensor([[True, False, True]])
+    w = branch_weights(m, x, box, 1, present=present)
+    assert w[1] == 0 and w.sum() == pytest.approx(1.0)
+    vol = gradcam_volume(m, x, box, crop, study.shape, roi, 1, present=present)
+    assert vol.shape == study.shape and vol.min() >= 0 and vol.max() == pytest.approx(1.0)
+    # only the weighted branches contribute: a weight vector on branch 0 alone gives branch 0's map
+    v0 = gradcam_volume(m, x, box, crop, study.shape, roi, 1, weights=np.array([1.0, 0.0, 0.0]))
+    v2 = gradcam_volume(m, x, box, crop, study.shape, roi, 1, weights=np.array([0.0, 0.0, 1.0]))
+    assert not np.allclose(v0, v2)
+
+
+@pytest.fixture(scope="module")
+def toy_late_model(tmp_path_factory):
+    from parotid.classification.data import build_cropset
+    from parotid.classification.train import load_checkpoint, save_checkpoint, train_task_model
+
+    d = tmp_path_factory.mktemp("toy_late")
+    write_toy_cohort(str(d), 24)
+    cs = build_cropset(str(d), size=32, n_slices=4)
+    model, cfg = train_task_model(cs, "subtype4", ("T2", "CET1", "ADC"), "spl", epochs1=2, epochs2=4,
+                                  required=("T2",), branch_dropout=0.5)
+    p = str(d / "late.pt")
+    save_checkpoint(p, model, cfg)
+    return load_checkpoint(p)
+
+
+@pytest.mark.parametrize("seqs", [["T2", "CET1", "ADC"], ["T2", "ADC"], ["T2", "CET1"], ["T2"]])
+def test_late_fusion_answers_from_the_sequences_a_study_has(toy_late_model, seqs):
+    from parotid.classification.predict import classify
+    from parotid.study import study_from_array
+
+    model, cfg = toy_late_model
+    assert cfg["fusion_mode"] == "spl" and cfg["required"] == ["T2"] and cfg["groups"] == [["T2"], ["CET1"], ["ADC"]]
+    full, _, roi = toy_study("warthin", seed=7)
+    study = study_from_array(full.array(seqs), seqs, full.reference)
+    res, heat = classify(model, cfg, study, roi)
+    assert sum(p["score"] for p in res["prediction"]) == pytest.approx(1.0, abs=1e-6)
+    assert res["sequences_used"] == seqs
+    assert res["sequences_missing"] == [q for q in ("T2", "CET1", "ADC") if q not in seqs]
+    w = res["heatmap"]["branch_weights"]
+    assert sum(w.values()) == pytest.approx(1.0, abs=1e-3) and all(w[q] == 0 for q in res["sequences_missing"])
+    assert heat.shape == study.shape and 0 <= heat.min() and heat.max() <= 1.0
+    no_t2 = study_from_array(full.array(["CET1", "ADC"]), ["CET1", "ADC"], full.reference)
+    with pytest.raises(StudyError, match="T2"):
+        classify(model, cfg, no_t2, roi)

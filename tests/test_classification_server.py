@@ -143,14 +143,52 @@ def test_unknown_label_set(server, labelled):
     assert_4xx(infer(server, "classify_subtype", sid, {"roi": info["roi"], "label_set": "nope"}), 422, "unknown label set")
 
 
-def test_missing_required_sequence(server, studies_copy, labelled, tmp_path):
-    sid, info = sorted(labelled.items())[0]
+def _without(studies_copy, sid, tmp_path, drop) -> bytes:
     s = read_study(str(studies_copy / f"{sid}.nii.gz"))
-    keep = [q for q in s.sequences if q != "CET1"]
-    p = str(tmp_path / "no_ce.nii.gz")
-    write_study(study_from_array(s.array(keep), keep, s.reference), p)
-    r = infer(server, "classify_subtype", params={"roi": info["roi"]}, files={"file": ("no_ce.nii.gz", open(p, "rb").read())})
-    assert_4xx(r, 422, "lacks sequence")
+    keep = [q for q in s.sequences if q not in drop]
+    p = tmp_path / f"{sid}_{len(keep)}.nii.gz"
+    write_study(study_from_array(s.array(keep), keep, s.reference), str(p))
+    return p.read_bytes()
+
+
+@pytest.mark.parametrize("drop", [("CET1",), ("DWI_B0", "DWI_B1000", "ADC"), ("T1", "CET1", "DWI_B0", "DWI_B1000", "ADC")],
+                         ids=["no-CE-T1", "no-DWI-ADC", "T2-only"])
+def test_study_with_missing_sequences_is_classified_from_those_it_has(server, studies_copy, labelled, tmp_path, drop):
+    """Late-fusion classifiers need only T2: the missing sequences' branches drop out and the result
+    names the sequences used; the heatmap is on the study grid, 0..1, from the available branches."""
+    sid, info = sorted(labelled.items())[0]
+    data = _without(studies_copy, sid, tmp_path, drop)
+    for task in TASKS:
+        params, image = _multipart(infer(server, task, params={"roi": info["roi"]}, output="all",
+                                         files={"file": ("s.nii.gz", data)}))
+        assert sum(p["score"] for p in params["prediction"]) == pytest.approx(1.0, abs=1e-5)
+        model_seqs = params["sequences"]
+        assert params["sequences_missing"] == [q for q in model_seqs if q in drop]
+        assert params["sequences_used"] == [q for q in model_seqs if q not in drop] and "T2" in params["sequences_used"]
+        w = params["heatmap"]["branch_weights"]
+        assert all(w[q] == 0 for q in params["sequences_missing"]) and sum(w.values()) == pytest.approx(1.0, abs=1e-3)
+        p = tmp_path / "heat.nii.gz"
+        p.write_bytes(image)
+        heat = sitk.ReadImage(str(p))
+        assert heat.GetSize() == read_study(str(studies_copy / f"{sid}.nii.gz")).reference.GetSize()
+        a = sitk.GetArrayFromImage(heat)
+        assert a.min() >= 0 and a.max() == pytest.approx(1.0)
+
+
+def test_study_without_t2_is_refused(server, studies_copy, labelled, tmp_path):
+    sid, info = sorted(labelled.items())[0]
+    data = _without(studies_copy, sid, tmp_path, ("T2",))
+    for task in TASKS:
+        r = infer(server, task, params={"roi": info["roi"]}, files={"file": ("no_t2.nii.gz", data)})
+        assert_4xx(r, 422, "lacks sequence")
+        assert "T2" in r.json()["detail"]
+
+
+def test_served_classifiers_are_late_fusion_spl(server):
+    info = requests.get(server.url + "/info/", timeout=30).json()
+    for task in TASKS:
+        m = info["models"][task]
+        assert m["fusion"] == "spl" and m["required_sequences"] == ["T2"]
 
 
 def test_train_task_reads_datastore_and_hot_reloads(server, labelled):

@@ -404,7 +404,11 @@ def study_components(study: Study, model_dir: str, label: np.ndarray | None = No
     if label is None:
         seg_path = seg_path or os.path.join(model_dir, "segmentation.pt")
         if os.path.exists(seg_path):
-            label = segment_study(study, seg_path)
+            try:
+                label = segment_study(study, seg_path)
+            except StudyError as e:  # lacks a sequence the segmentation model needs (a classifier may not)
+                comps["anatomy"] = {"passed": True, "score": 0.0, "threshold": 1.0, "reasons": [],
+                                    "note": f"anatomy not checked: {e}"}
     if label is not None:
         comps["anatomy"] = anatomy_check(label, study, ref["anatomy"])
     return comps, label
@@ -510,17 +514,25 @@ def recalibrate_command(models: str, cal_folder: str) -> dict:
     return {"reference": path, "calibration_studies": len(rows), "familywise_scale": f}
 
 
-def classifier_features_cropset(model, cfg: dict, cs, idx) -> np.ndarray:
-    """Pooled features of cohort crops (the training path: `CropSet` of parotid.classification.data)."""
+def classifier_features_cropset(model, cfg: dict, cs, idx, drop=()) -> np.ndarray:
+    """Pooled features of cohort crops (the training path: `CropSet` of parotid.classification.data), from
+    the sequences each study has, minus `drop` (as if missing: zero channel, absent branch)."""
     import torch
 
-    chans = cs.channels([s for g in cfg["groups"] for s in g])
+    from parotid.classification.missing import cropset_presence
+
+    seqs = [s for g in cfg["groups"] for s in g]
+    chans = cs.channels(seqs)
     out = []
     for b in range(0, len(idx), 16):
         ii = np.asarray(idx)[b:b + 16]
         x = torch.from_numpy(cs.slices[ii][:, :, chans].astype(np.float32))
+        for q in drop:
+            if q in seqs:
+                x[:, :, seqs.index(q)] = 0.0
         with torch.no_grad():
-            out.append(pooled_features(model, model.slice_features(x, torch.from_numpy(cs.box[ii]))))
+            out.append(pooled_features(model, model.slice_features(x, torch.from_numpy(cs.box[ii]),
+                                                                   cropset_presence(cs, cfg["groups"], ii, drop))))
     return np.concatenate(out)
 
 
@@ -530,9 +542,11 @@ def classifier_features_study(model, cfg: dict, study: Study, roi) -> np.ndarray
 
     from parotid.classification.predict import prepare
 
+    from parotid.classification.missing import presence_tensor
+
     x, box, _ = prepare(study, [int(v) for v in roi], cfg)
     with torch.no_grad():
-        return pooled_features(model, model.slice_features(x, box))[0]
+        return pooled_features(model, model.slice_features(x, box, presence_tensor(cfg["groups"], study.sequences)))[0]
 
 
 def stamp_checkpoint(path: str, density: FeatureDensity) -> None:
@@ -557,20 +571,50 @@ def _ensure_cohort(folder: str, seed: int, n: int) -> str:
 
 
 def fit_command(models: str, work: str, train_seed: int = 101, train_n: int = 240, cal_seed: int = 202,
-                cal_n: int = 60, n_neighbors: int = 10) -> dict:
-    """Fit the reference file and the classifier densities for the models in `models` (idempotent)."""
+                cal_n: int = 60, n_neighbors: int = 10, classifiers_only: bool = False) -> dict:
+    """Fit the reference file and the classifier densities for the models in `models` (idempotent).
+    `classifiers_only`: keep input_check.json (it depends on the segmentation model only)."""
     import glob
 
     import torch
 
     from parotid.classification.data import build_cropset
-    from parotid.classification.train import load_checkpoint
-    from parotid.study import read_study
+    from parotid.classification.missing import SUBSETS
+    from parotid.classification.train import load_checkpoint, subset_features
+    from parotid.study import read_study, study_from_array
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     train_dir = _ensure_cohort(os.path.join(work, f"c{train_seed}"), train_seed, train_n)
     cal_dir = _ensure_cohort(os.path.join(work, f"cal{cal_seed}"), cal_seed, cal_n)
     seg_path = os.path.join(models, "segmentation.pt")
+    summary = {"reference": os.path.join(models, REFERENCE_FILE), "classifiers": {}}
+    if not classifiers_only:
+        summary["reference_fitted"] = _fit_reference_file(models, train_dir, cal_dir, seg_path, train_seed, train_n,
+                                                          cal_seed, cal_n)
+    cal_recs = _cohort(cal_dir)
+    cal_studies = [read_study(r.image, r.study_id) for r in cal_recs]
+    for path in sorted(glob.glob(os.path.join(models, "classify_*.pt"))):
+        model, cfg = load_checkpoint(path)
+        cs = build_cropset(train_dir, size=int(cfg["size"]), n_slices=int(cfg["n_slices"]))
+        keep = _usable(cs, cfg)
+        train_f = subset_features(model, cfg["groups"], cs, keep)  # every served sequence subset (missing.py)
+        req = cfg.get("required", cfg["sequences"])
+        cal_f = []
+        for s, r in zip(cal_studies, cal_recs):
+            for drop in SUBSETS.values():
+                have = [q for q in s.sequences if q not in drop]
+                if all(q in have for q in req) and (not drop or any(q in s.sequences for q in drop)):
+                    sub = s if len(have) == len(s.sequences) else study_from_array(s.array(have), have, s.reference)
+                    cal_f.append(classifier_features_study(model, cfg, sub, r.roi))
+        cal_f = np.array(cal_f)
+        d = fit_feature_density(train_f, n_neighbors, cal_f)
+        stamp_checkpoint(path, d)
+        summary["classifiers"][os.path.basename(path)] = {"n_train": len(train_f), "n_calibration": len(cal_f),
+                                                           "threshold": round(d.threshold, 4)}
+    return summary
+
+
+def _fit_reference_file(models, train_dir, cal_dir, seg_path, train_seed, train_n, cal_seed, cal_n) -> bool:
     ref = fit_reference(study_rows(train_dir, seg_path), study_rows(cal_dir, seg_path))
     ref["fitted"] = {"command": "python -m parotid.input_check fit", "train_cohort": f"parotid-synth --seed {train_seed} --n {train_n}",
                      "calibration_cohort": f"parotid-synth --seed {cal_seed} --n {cal_n}", "margin": MARGIN,
@@ -579,21 +623,7 @@ def fit_command(models: str, work: str, train_seed: int = 101, train_n: int = 24
     with open(tmp, "w") as f:
         json.dump(ref, f, indent=1)
     os.replace(tmp, os.path.join(models, REFERENCE_FILE))
-    summary = {"reference": os.path.join(models, REFERENCE_FILE), "classifiers": {}}
-    cal_recs = _cohort(cal_dir)
-    cal_studies = [read_study(r.image, r.study_id) for r in cal_recs]
-    for path in sorted(glob.glob(os.path.join(models, "classify_*.pt"))):
-        model, cfg = load_checkpoint(path)
-        cs = build_cropset(train_dir, size=int(cfg["size"]), n_slices=int(cfg["n_slices"]))
-        keep = _usable(cs, cfg)
-        train_f = classifier_features_cropset(model, cfg, cs, keep)
-        cal_f = np.array([classifier_features_study(model, cfg, s, r.roi) for s, r in zip(cal_studies, cal_recs)
-                          if all(q in s.sequences for q in cfg.get("required", cfg["sequences"]))])
-        d = fit_feature_density(train_f, n_neighbors, cal_f)
-        stamp_checkpoint(path, d)
-        summary["classifiers"][os.path.basename(path)] = {"n_train": len(train_f), "n_calibration": len(cal_f),
-                                                           "threshold": round(d.threshold, 4)}
-    return summary
+    return True
 
 
 def _usable(cs, cfg: dict) -> list[int]:
@@ -625,6 +655,8 @@ def main(argv=None) -> int:
     f.add_argument("--cal-seed", type=int, default=202, help="held-out calibration cohort (a seed never used for training)")
     f.add_argument("--cal-n", type=int, default=60)
     f.add_argument("--neighbors", type=int, default=10, help="Local Outlier Factor n_neighbors")
+    f.add_argument("--classifiers-only", action="store_true",
+                   help="refit only the classifier densities (after retraining classifiers; keeps input_check.json)")
     rc = sub.add_parser("recalibrate", help="family-wise intensity thresholds for an already fitted input_check.json")
     rc.add_argument("--models", default="apps/parotid/model")
     rc.add_argument("--calibration", required=True, help="the held-out calibration cohort folder (seed 202, n 60)")
@@ -632,7 +664,8 @@ def main(argv=None) -> int:
     if a.cmd == "recalibrate":
         print(json.dumps(recalibrate_command(a.models, a.calibration), indent=1))
         return 0
-    print(json.dumps(fit_command(a.models, a.work, a.train_seed, a.train_n, a.cal_seed, a.cal_n, a.neighbors), indent=1))
+    print(json.dumps(fit_command(a.models, a.work, a.train_seed, a.train_n, a.cal_seed, a.cal_n, a.neighbors,
+                                        a.classifiers_only), indent=1))
     return 0
 
 

@@ -93,14 +93,29 @@ class SequenceModel(nn.Module):
         self.n_clinical = n_clinical
         self.head = nn.Sequential(nn.Dropout(0.5), nn.Linear(d + n_clinical, n_classes))
 
-    def slice_features(self, x: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
+    def branch_features(self, x: torch.Tensor, box: torch.Tensor, present: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Per-branch slice features [(B, N, D)]; a branch absent in a study (``present`` (B, branches)
+        False: its sequence is missing) contributes zeros, whatever its input channels hold."""
         B, N = x.shape[:2]
         boxes = box.repeat_interleave(N, dim=0)
         feats = []
-        for g, br in zip(self.groups, self.branches):
+        for b, (g, br) in enumerate(zip(self.groups, self.branches)):
+            if present is not None and not bool(present[:, b].any()):
+                feats.append(x.new_zeros(B, N, br.feat_dim))  # missing in every study: not run at all
+                continue
             xi = x[:, :, g].reshape(B * N, len(g), *x.shape[-2:])
-            feats.append(br.features(xi, boxes).reshape(B, N, -1))
+            f = br.features(xi, boxes).reshape(B, N, -1)
+            feats.append(f if present is None else f * present[:, b].to(f.dtype)[:, None, None])
+        return feats
+
+    def fuse(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        """Liu's late fusion of branch features: addition (Add) or concatenation/splicing (Spl). A missing
+        branch is a zero term of the sum (Add: the available branches' sum) or a zero block of the
+        concatenation (Spl: the head, trained with branch dropout, sees which block is empty)."""
         return torch.stack(feats).sum(0) if self.fusion == "add" else torch.cat(feats, dim=-1)
+
+    def slice_features(self, x: torch.Tensor, box: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
+        return self.fuse(self.branch_features(x, box, present))
 
     def forward_features(self, f: torch.Tensor, clinical: torch.Tensor | None = None) -> torch.Tensor:
         z = self.encoder(f + self.pos[:, : f.shape[1]])
@@ -111,8 +126,9 @@ class SequenceModel(nn.Module):
             z = torch.cat([z, clinical.to(z.dtype)], dim=1)
         return self.head(z)
 
-    def forward(self, x: torch.Tensor, box: torch.Tensor, clinical: torch.Tensor | None = None) -> torch.Tensor:
-        return self.forward_features(self.slice_features(x, box), clinical)
+    def forward(self, x: torch.Tensor, box: torch.Tensor, clinical: torch.Tensor | None = None,
+                present: torch.Tensor | None = None) -> torch.Tensor:
+        return self.forward_features(self.slice_features(x, box, present), clinical)
 
 
 class ResNet18SliceClassifier(nn.Module):
@@ -134,14 +150,14 @@ class GradCamWrapper(nn.Module):
     channels, (1, N*C, S, S) -> logits (1, n_classes); target layer activations then have the slices
     as their batch axis, so GradCAM returns one map per slice (N, 1, S, S)."""
 
-    def __init__(self, model: SequenceModel, n_slices: int, box: torch.Tensor, clinical=None):
+    def __init__(self, model: SequenceModel, n_slices: int, box: torch.Tensor, clinical=None, present=None):
         super().__init__()
-        self.model, self.n_slices, self.box, self.clinical = model, n_slices, box, clinical
+        self.model, self.n_slices, self.box, self.clinical, self.present = model, n_slices, box, clinical, present
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         N = self.n_slices
         x = x.reshape(1, N, x.shape[1] // N, *x.shape[-2:])
-        return self.model(x, self.box, self.clinical)
+        return self.model(x, self.box, self.clinical, self.present)
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 200) -> float:

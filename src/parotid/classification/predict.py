@@ -30,6 +30,7 @@ from parotid.model_space import checkpoint_spacing, to_model_space
 from parotid.study import Study, StudyError, check_roi
 
 from .crops import Crop, extract_crop, paste_heatmap
+from .missing import presence_tensor, used_and_missing
 from .models import GradCamWrapper, SequenceModel
 
 
@@ -84,9 +85,33 @@ def _hooks_removed_after(module: torch.nn.Module):
                 del m._backward_hooks[k]
 
 
+def branch_weights(model: SequenceModel, x: torch.Tensor, box: torch.Tensor, class_idx: int, clinical=None,
+                   present: torch.Tensor | None = None) -> np.ndarray:
+    """Share of each branch in the class score at the fusion layer: ReLU(sum over slices and features of
+    feature x d score / d feature) per branch (gradient x input on the fused slice features), normalised
+    to sum 1; a missing branch gets 0. One branch (early fusion): [1.0]."""
+    if len(model.branches) == 1:
+        return np.ones(1)
+    with torch.no_grad():
+        feats = model.branch_features(x, box, present)
+    with torch.enable_grad():
+        feats = [f.detach().requires_grad_(True) for f in feats]
+        score = model.forward_features(model.fuse(feats), clinical)[0, class_idx]
+        grads = torch.autograd.grad(score, feats)
+    w = np.array([max(float((f.detach() * g).sum()), 0.0) for f, g in zip(feats, grads)])
+    if present is not None:
+        w = w * present[0].numpy()
+    if w.sum() <= 0:  # no branch raises the score: the available branches alike
+        w = np.ones(len(w)) if present is None else present[0].numpy().astype(float)
+    return w / w.sum()
+
+
 def gradcam_volume(model: SequenceModel, x: torch.Tensor, box: torch.Tensor, crop: Crop, shape, roi,
-                   class_idx: int, clinical=None, mode: str = "gradcam_x_readout") -> np.ndarray:
-    """Grad-CAM for `class_idx`, summed over branches, as a (I, J, K) float32 volume in 0..1.
+                   class_idx: int, clinical=None, mode: str = "gradcam_x_readout", present: torch.Tensor | None = None,
+                   weights: np.ndarray | None = None) -> np.ndarray:
+    """Grad-CAM for `class_idx` as a (I, J, K) float32 volume in 0..1. Several branches (late fusion):
+    one map per branch (missing branches skipped), each scaled to maximum 1 and combined with
+    `weights` (default ``branch_weights``: each branch's share of the class score at the fusion layer).
 
     mode "gradcam": plain ``monai.visualize.GradCAM`` on ``layer2`` (ReLU of the gradient-weighted
     channel sum). mode "gradcam_x_readout" (default, a hybrid of ours): the same map multiplied by the spatial read-out weight of
@@ -95,10 +120,14 @@ def gradcam_volume(model: SequenceModel, x: torch.Tensor, box: torch.Tensor, cro
     over the whole crop window (measured: no more mass in the box than a uniform map).
     """
     N = x.shape[1]
-    wrapper = GradCamWrapper(model, N, box, clinical)
+    wrapper = GradCamWrapper(model, N, box, clinical, present)
     xf = x.reshape(1, -1, *x.shape[-2:])
+    if weights is None:
+        weights = branch_weights(model, x, box, class_idx, clinical, present)
     total = None
     for b in range(len(model.branches)):
+        if weights[b] <= 0:
+            continue  # missing branch or no contribution to the class score
         layer = f"model.branches.{b}.trunk.layer2"
         with _GRADCAM_LOCK, _hooks_removed_after(model), torch.enable_grad():
             cam = GradCAM(nn_module=wrapper, target_layers=layer, postprocessing=_identity)
@@ -115,7 +144,10 @@ def gradcam_volume(model: SequenceModel, x: torch.Tensor, box: torch.Tensor, cro
             g = grads.detach().abs().sum(1, keepdim=True)
             g = torch.nn.functional.interpolate(g, size=m.shape[-2:], mode="bilinear", align_corners=False)
             m = m * g / g.max().clamp_min(1e-12)
+        m = float(weights[b]) * m / m.max().clamp_min(1e-12)
         total = m if total is None else total + m
+    if total is None:
+        total = torch.zeros(N, 1, *x.shape[-2:])
     maps = total[:, 0].detach().numpy()
     vol = paste_heatmap(maps, crop, shape, roi)
     mx = float(vol.max())
@@ -149,10 +181,12 @@ def classify(model: SequenceModel, cfg: dict, study: Study, roi, heatmap: bool =
     space = to_model_space(study, checkpoint_spacing(cfg))
     mroi = space.roi_to_model(roi)
     x, box, crop = prepare(space.model_study, mroi, cfg)
+    present = presence_tensor(cfg["groups"], study.sequences)  # absent branches drop out (missing.py)
+    used, missing = used_and_missing(cfg["groups"], study.sequences)
     model.eval()
     T = float(cfg.get("temperature", 1.0))
     with torch.no_grad():
-        feats = model.slice_features(x, box)
+        feats = model.slice_features(x, box, present)
         logits = model.forward_features(feats, clinical)
         prob = torch.softmax(logits / T, 1)[0].numpy().astype(np.float64)
     prob = prob / prob.sum()
@@ -182,7 +216,10 @@ def classify(model: SequenceModel, cfg: dict, study: Study, roi, heatmap: bool =
         "roi": roi,
         "label_set": cfg["label_set"],
         "sequences": cfg["sequences"],
-        "missing_sequences": [q for q in cfg["sequences"] if q not in study.sequences],
+        "missing_sequences": missing,
+        "sequences_used": used,
+        "sequences_missing": missing,
+        "fusion": cfg.get("fusion_mode", cfg.get("fusion")),
         "temperature": T,
         "synthetic_training_data": bool(cfg.get("trained", {}).get("synthetic", False)),
         **space.params,
@@ -193,9 +230,13 @@ def classify(model: SequenceModel, cfg: dict, study: Study, roi, heatmap: bool =
     heatmap_mode = HEATMAP_ALIASES.get(heatmap_mode, heatmap_mode)
     if heatmap_mode not in HEATMAP_METHODS:
         raise StudyError(f"heatmap must be one of {sorted(HEATMAP_METHODS)}, got {heatmap_mode!r}")
-    result["heatmap"] = {"method": HEATMAP_METHODS[heatmap_mode], "mode": heatmap_mode,
-                         "class": classes[top], "normalisation": "joint (volume maximum)"} if heatmap else None
-    vol = gradcam_volume(model, x, box, crop, space.model_study.shape, mroi, top, clinical, heatmap_mode) if heatmap else None
+    weights = branch_weights(model, x, box, top, clinical, present) if heatmap else None
+    result["heatmap"] = {"method": HEATMAP_METHODS[heatmap_mode]
+                         + (", per branch, combined by the branches' shares of the class score" if len(model.branches) > 1 else ""),
+                         "mode": heatmap_mode, "class": classes[top], "normalisation": "joint (volume maximum)",
+                         "branch_weights": {"+".join(g): round(float(w), 4) for g, w in zip(cfg["groups"], weights)}} if heatmap else None
+    vol = gradcam_volume(model, x, box, crop, space.model_study.shape, mroi, top, clinical, heatmap_mode,
+                         present, weights) if heatmap else None
     if vol is not None and space.resampled:
         vol = space.values_to_study(vol)
         mx = float(vol.max())

@@ -27,14 +27,18 @@ from parotid.labels import get_label_set
 from parotid.model_space import SPACING_KEY, file_spacing, training_spacing
 
 from .data import CropSet, build_cropset, read_cohort
+from .missing import cropset_presence, dropout_masks
 from .models import ImageNet, ResNet18SliceClassifier, SequenceModel, fit_temperature
 
 VERSION = "0.1.0"
 # The sequences of Liu et al.'s best model (T2, CE-T1, DWI b1000; they fused them LATE, one branch per
 # sequence) + ADC. How they are fused is `train_task_model(fusion=...)`, recorded as the checkpoint's
-# `fusion_mode` (early fusion = channels of one branch, which is not Liu's best combination).
+# `fusion_mode`.
 DEFAULT_SEQS = ("T2", "CET1", "DWI_B1000", "ADC")
-DEFAULT_REQUIRED = ("T2", "CET1")  # the others may be missing (zero channel; trained with channel dropout)
+# Served variant: late fusion Spl, the winner of the CV ablation at the server's settings (docs/results.md).
+DEFAULT_FUSION = "spl"
+DEFAULT_REQUIRED = ("T2",)  # the others may be missing: their branches drop out (late) / zero channels (early)
+DEFAULT_BRANCH_DROPOUT = 0.5  # stage 2 also sees the training studies with optional branches removed
 TASK_LABEL_SETS = {"classify_subtype": "subtype4", "classify_malignancy": "benign_malignant"}
 
 
@@ -140,18 +144,24 @@ def train_sequence_head(model: SequenceModel, feats: torch.Tensor, y: np.ndarray
     return model
 
 
-def sequence_features(model: SequenceModel, nets: list[ImageNet], cs: CropSet, idx, chans: list[list[int]], flip=False):
+def sequence_features(model: SequenceModel, nets: list[ImageNet], cs: CropSet, idx, chans: list[list[int]], flip=False,
+                      present: torch.Tensor | None = None):
+    """Fused slice features; `present` (n, branches): absent branches contribute zeros (missing.py)."""
     fs = [slice_outputs(n, cs, idx, c, flip)[0] for n, c in zip(nets, chans)]
-    return torch.stack(fs).sum(0) if model.fusion == "add" else torch.cat(fs, -1)
+    if present is not None:
+        fs = [f * present[:, b].to(f.dtype)[:, None, None] for b, f in enumerate(fs)]
+    return model.fuse(fs)
 
 
 def fit_sequence_model(cs: CropSet, train_idx, label_set, groups: list[list[str]], fusion: str = "spl",
                        epochs1: int = 12, epochs2: int = 60, seed: int = 0, clinical: bool = False,
                        l2_alpha: float | None = None, nets: dict | None = None, val_frac: float = 0.0, desc="",
-                       optional: tuple = ()):
+                       optional: tuple = (), branch_dropout: float = 0.0):
     """Two-stage training. `nets` caches stage-1 image networks by group (for ablations: the late-fusion
     branches ARE the single-sequence image networks). Returns (model, info). With `val_frac` > 0 a
-    stratified part of `train_idx` is held out of stage 2 to fit the temperature."""
+    stratified part of `train_idx` is held out of stage 2 to fit the temperature. A single-sequence branch
+    is trained on the studies that have its sequence; stage 2 zeroes missing branches and, with
+    `branch_dropout` > 0, adds copies of the studies with optional branches dropped (missing.py)."""
     y_all = cs.labels(label_set)
     train_idx = np.asarray(train_idx)
     n_classes = len(label_set.classes)
@@ -161,7 +171,9 @@ def fit_sequence_model(cs: CropSet, train_idx, label_set, groups: list[list[str]
     for g, c in zip(groups, chans):
         key = (tuple(g), l2_alpha)
         if key not in nets:
-            nets[key] = train_image_net(cs, train_idx, c, y_all, n_classes, epochs1, seed=seed, l2_alpha=l2_alpha,
+            has = train_idx[cs.avail[train_idx][:, c].all(1)] if len(g) == 1 else train_idx
+            has = has if len(has) else train_idx  # no study has it: the branch only ever sees zeros
+            nets[key] = train_image_net(cs, has, c, y_all, n_classes, epochs1, seed=seed, l2_alpha=l2_alpha,
                                         desc=f"{desc} stage1 {'+'.join(g)}",
                                         drop_channels=[i for i, q in enumerate(g) if q in optional and len(g) > 1])
         branch_nets.append(nets[key])
@@ -173,11 +185,17 @@ def fit_sequence_model(cs: CropSet, train_idx, label_set, groups: list[list[str]
     if val_frac > 0:
         from sklearn.model_selection import train_test_split
         fit_idx, val_idx = train_test_split(train_idx, test_size=val_frac, stratify=y_all[train_idx], random_state=seed)
-    f0 = sequence_features(model, branch_nets, cs, fit_idx, chans)
-    f1 = sequence_features(model, branch_nets, cs, fit_idx, chans, flip=True)
+    pres = cropset_presence(cs, groups, fit_idx)
+    copies = [pres, pres]
+    if branch_dropout > 0 and len(groups) > 1:
+        rng = np.random.default_rng(seed + 7)
+        copies += [pres & dropout_masks(groups, [q for g in groups for q in g if q not in optional], len(fit_idx),
+                                        branch_dropout, rng) for _ in range(2)]
+    feats = [sequence_features(model, branch_nets, cs, fit_idx, chans, flip=k % 2 == 1, present=m)
+             for k, m in enumerate(copies)]
     clin = torch.from_numpy(cs.clinical[fit_idx]) if clinical else None
-    train_sequence_head(model, torch.cat([f0, f1]), np.concatenate([y_all[fit_idx]] * 2),
-                        None if clin is None else torch.cat([clin, clin]), epochs2, seed=seed)
+    train_sequence_head(model, torch.cat(feats), np.concatenate([y_all[fit_idx]] * len(copies)),
+                        None if clin is None else torch.cat([clin] * len(copies)), epochs2, seed=seed)
     temperature = 1.0
     if len(val_idx):
         lv = predict_logits(model, cs, val_idx, groups, clinical)
@@ -186,15 +204,20 @@ def fit_sequence_model(cs: CropSet, train_idx, label_set, groups: list[list[str]
 
 
 @torch.no_grad()
-def predict_logits(model: SequenceModel, cs: CropSet, idx, groups: list[list[str]], clinical: bool = False) -> torch.Tensor:
+def predict_logits(model: SequenceModel, cs: CropSet, idx, groups: list[list[str]], clinical: bool = False,
+                   drop=()) -> torch.Tensor:
+    """Logits of cohort rows `idx` from the sequences they have (minus `drop`: as if those were missing)."""
     model.eval()
     chans = [c for g in groups for c in cs.channels(g)]
     out = []
     for b in range(0, len(idx), 16):
         ii = np.asarray(idx)[b:b + 16]
         x = torch.from_numpy(cs.slices[ii][:, :, chans].astype(np.float32))
+        for q in drop:  # as the server: a missing sequence is a zero channel and an absent branch
+            if q in cs.sequences and q in [s for g in groups for s in g]:
+                x[:, :, [s for g in groups for s in g].index(q)] = 0.0
         clin = torch.from_numpy(cs.clinical[ii]) if clinical else None
-        out.append(model(x, torch.from_numpy(cs.box[ii]), clin))
+        out.append(model(x, torch.from_numpy(cs.box[ii]), clin, cropset_presence(cs, groups, ii, drop)))
     return torch.cat(out)
 
 
@@ -291,33 +314,36 @@ def load_checkpoint(path: str) -> tuple[SequenceModel, dict]:
     return model, cfg
 
 
-def train_task_model(cs: CropSet, label_set_name: str, seqs=DEFAULT_SEQS, fusion: str = "early",
+def train_task_model(cs: CropSet, label_set_name: str, seqs=DEFAULT_SEQS, fusion: str = DEFAULT_FUSION,
                      epochs1: int = 12, epochs2: int = 60, seed: int = 0, val_frac: float = 0.2, desc="",
-                     required=DEFAULT_REQUIRED, spacing=None) -> tuple[SequenceModel, dict]:
-    """The server model: Liu's sequence model (early fusion of `seqs` as channels by default, or late
-    'add'/'spl' fusion with one branch per sequence) + temperature + MC-dropout settings. `spacing`:
-    the training studies' spacing (`cohort_spacing`), recorded so inference resamples to it."""
+                     required=DEFAULT_REQUIRED, spacing=None,
+                     branch_dropout: float = DEFAULT_BRANCH_DROPOUT) -> tuple[SequenceModel, dict]:
+    """The server model: Liu's sequence model (late 'spl' fusion with one branch per sequence by default,
+    'add', or 'early' fusion of `seqs` as channels) + temperature + MC-dropout settings. Studies need the
+    `required` sequences; the others may be missing (missing.py). `spacing`: the training studies'
+    spacing (`cohort_spacing`), recorded so inference resamples to it."""
     ls = get_label_set(label_set_name)
-    required = [q for q in required if q in seqs] if fusion == "early" else list(seqs)
+    required = [q for q in required if q in seqs]
     keep = [i for i, c in enumerate(cs.tumor_class) if ls.accepts(c) and all(cs.avail[i, cs.channels(required)])]
     if len(keep) < 10:
         raise SystemExit(f"only {len(keep)} studies usable for label set {label_set_name}")
     groups = [list(seqs)] if fusion == "early" else [[s] for s in seqs]
     t0 = time.time()
     model, info = fit_sequence_model(cs, keep, ls, groups, "spl" if fusion == "early" else fusion, epochs1, epochs2,
-                                     seed, val_frac=val_frac, desc=desc, optional=tuple(q for q in seqs if q not in required))
+                                     seed, val_frac=val_frac, desc=desc, optional=tuple(q for q in seqs if q not in required),
+                                     branch_dropout=branch_dropout)
     y = cs.labels(ls)
     counts = {c: int(np.sum(y[keep] == i)) for i, c in enumerate(ls.classes)}
     # input check: Local Outlier Factor on the training studies' pooled features, saved with the weights;
     # threshold in-sample here, recalibrated on a held-out cohort by `python -m parotid.input_check fit`
-    from parotid.input_check import classifier_features_cropset, fit_feature_density
+    from parotid.input_check import fit_feature_density
 
-    density = fit_feature_density(classifier_features_cropset(model, {"groups": groups}, cs, keep))
+    density = fit_feature_density(subset_features(model, groups, cs, keep))
     model.input_check = density.to_checkpoint()
     cfg = {"kind": "sequence", "label_set": ls.name, "classes": list(ls.classes), "malignant": list(ls.malignant),
            "sequences": list(seqs), "required": list(required), "groups": groups, "fusion": model.fusion, "fusion_mode": fusion,
            "size": int(cs.slices.shape[-1]), "n_slices": int(cs.slices.shape[1]), "margin": 0.25, "n_clinical": 0,
-           "temperature": info["temperature"], "version": VERSION,
+           "temperature": info["temperature"], "version": VERSION, "branch_dropout": branch_dropout,
            "uncertainty": {"method": "mc_dropout", "passes": 20, "max_top_prob_below": 0.6, "max_std_above": 0.15},
            "trained": {"n_train": len(info["fit_idx"]), "n_val": len(info["val_idx"]), "class_counts": counts,
                        "epochs_stage1": epochs1, "epochs_stage2": epochs2, "seed": seed,
@@ -326,6 +352,25 @@ def train_task_model(cs: CropSet, label_set_name: str, seqs=DEFAULT_SEQS, fusion
     if spacing is not None:
         cfg[SPACING_KEY] = [float(v) for v in spacing]
     return model, cfg
+
+
+def subset_features(model: SequenceModel, groups, cs: CropSet, idx) -> np.ndarray:
+    """Pooled features of cohort rows under every sequence subset the model serves (missing.SUBSETS; a
+    subset that removes a branch of a one-branch model is skipped): the input check's feature density
+    then knows what a study without, e.g., CE-T1 looks like."""
+    from parotid.input_check import classifier_features_cropset
+
+    from .missing import SUBSETS
+
+    seqs = [s for g in groups for s in g]
+    rows = []
+    for drop in SUBSETS.values():
+        if all(q not in seqs for q in drop) and rows:
+            continue  # same as "all"
+        if not cropset_presence(cs, groups, idx, drop).all(0).any():
+            continue
+        rows.append(classifier_features_cropset(model, {"groups": groups}, cs, idx, drop=drop))
+    return np.concatenate(rows)
 
 
 def cohort_spacing(images) -> list[float]:
@@ -342,7 +387,9 @@ def main(argv=None):
     ap.add_argument("--label-sets", nargs="+", default=None, help="label set per task (default: subtype4, benign_malignant)")
     ap.add_argument("--sequences", nargs="+", default=list(DEFAULT_SEQS))
     ap.add_argument("--required", nargs="+", default=list(DEFAULT_REQUIRED), help="sequences a study must have")
-    ap.add_argument("--fusion", choices=["early", "add", "spl"], default="early")
+    ap.add_argument("--fusion", choices=["early", "add", "spl"], default=DEFAULT_FUSION)
+    ap.add_argument("--branch-dropout", type=float, default=DEFAULT_BRANCH_DROPOUT,
+                    help="late fusion: drop probability of each optional branch in the extra stage-2 copies (0: none)")
     ap.add_argument("--epochs1", type=int, default=12)
     ap.add_argument("--epochs2", type=int, default=60)
     ap.add_argument("--seed", type=int, default=0)
@@ -356,7 +403,7 @@ def main(argv=None):
     os.makedirs(a.out, exist_ok=True)
     for task, ls in zip(a.tasks, sets):
         model, cfg = train_task_model(cs, ls, a.sequences, a.fusion, a.epochs1, a.epochs2, a.seed, desc=task,
-                                      required=a.required, spacing=spacing)
+                                      required=a.required, spacing=spacing, branch_dropout=a.branch_dropout)
         cfg["task"] = task
         cfg["trained"]["cohort"] = os.path.basename(os.path.abspath(a.cohort))
         path = os.path.join(a.out, f"{task}.pt")

@@ -403,6 +403,9 @@ def main(argv=None):
     e.add_argument("--n-boot", type=int, default=1000)
     e.add_argument("--threads", type=int, default=1)
     e.set_defaults(fn=cmd_external)
+    from .subsets import add_parser as add_subsets
+
+    add_subsets(sub)
     a = ap.parse_args(argv)
     a.argv = argv
     return a.fn(a)

@@ -31,7 +31,7 @@ from lib.errors import http_errors
 from lib.infers.study_task import StudyInferTask
 from parotid import input_check
 from parotid.classification.predict import HEATMAP_METHODS, classify
-from parotid.classification.train import DEFAULT_REQUIRED, load_checkpoint
+from parotid.classification.train import DEFAULT_REQUIRED, DEFAULT_SEQS, load_checkpoint
 from parotid.labels import INFO_ROI, classification_label_sets, get_label_set
 from parotid.study import Study, StudyError
 
@@ -57,16 +57,16 @@ class ClassifyStudy(StudyInferTask):
     def __init__(self, name: str, path: str, label_set: str, seg_path: str, description: str = ""):
         ls = get_label_set(label_set)
         self.name, self.label_set, self.seg_path = name, ls, seg_path
-        seqs = DEFAULT_REQUIRED
+        seqs, required = DEFAULT_SEQS, DEFAULT_REQUIRED
         cfg = self._peek(path)
         if cfg:
-            seqs = tuple(cfg.get("required", cfg["sequences"]))
+            seqs, required = tuple(cfg["sequences"]), tuple(cfg.get("required", cfg["sequences"]))
         super().__init__(
             path, None, InferType.CLASSIFICATION, {c: i for i, c in enumerate(ls.classes)},
             description or f"Tumour classification ({ls.name}: {', '.join(ls.classes)}) in a box; "
                            "returns calibrated probabilities + a heatmap (Grad-CAM x RoI-Align read-out weight; "
                            "plain Grad-CAM on request)",
-            seqs, config={INFO_ROI: [], "label_set": ls.name},
+            seqs, config={INFO_ROI: [], "label_set": ls.name}, required=required,
         )
 
     _peek_cache: Dict[str, Any] = {}
@@ -89,8 +89,10 @@ class ClassifyStudy(StudyInferTask):
         cfg = self._peek(self.path[0] if isinstance(self.path, list) else self.path) or {}
         return {**super().info(), "label_set": self.label_set.to_dict(), "version": cfg.get("version"),
                 "trained": cfg.get("trained"), "temperature": cfg.get("temperature"),
+                "fusion": cfg.get("fusion_mode", cfg.get("fusion")),
                 "heatmap": {"default": "gradcam_x_readout", "methods": HEATMAP_METHODS,
-                            "param": "params.heatmap", "image": "float32 0..1 on the reference grid, jointly normalised"},
+                            "param": "params.heatmap", "late_fusion": "per branch, combined by the branches' shares of the class score",
+                            "image": "float32 0..1 on the reference grid, jointly normalised"},
                 "uncertainty": cfg.get("uncertainty"), "sequences_used": cfg.get("sequences"),
                 "sequences_required": cfg.get("required")}
 

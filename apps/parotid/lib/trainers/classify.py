@@ -19,7 +19,8 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 
 from parotid.classification.data import Record, cropset_from_records
-from parotid.classification.train import DEFAULT_SEQS, cohort_spacing, save_checkpoint, train_task_model
+from parotid.classification.train import (DEFAULT_BRANCH_DROPOUT, DEFAULT_FUSION, DEFAULT_REQUIRED, DEFAULT_SEQS,
+                                          cohort_spacing, save_checkpoint, train_task_model)
 from parotid.cohort import cohort_items
 from parotid.labels import get_label_set
 
@@ -35,7 +36,8 @@ class TrainClassify(TrainTask):
 
     def config(self) -> Dict[str, Any]:
         return {"epochs1": self.epochs1, "epochs2": self.epochs2, "seed": 0, "threads": 1,
-                "sequences": list(DEFAULT_SEQS), "fusion": "early", "val_frac": 0.2}
+                "sequences": list(DEFAULT_SEQS), "fusion": DEFAULT_FUSION, "required": list(DEFAULT_REQUIRED),
+                "branch_dropout": DEFAULT_BRANCH_DROPOUT, "val_frac": 0.2}
 
     def stats(self) -> Dict[str, Any]:
         p = os.path.splitext(self.path)[0] + ".json"
@@ -60,7 +62,8 @@ class TrainClassify(TrainTask):
         cs = cropset_from_records(recs, size=48, cache_dir=None, name=self.name)
         model, cfg = train_task_model(cs, ls.name, seqs, conf["fusion"], int(conf["epochs1"]), int(conf["epochs2"]),
                                       int(conf["seed"]), float(conf["val_frac"]), desc=self.name,
-                                      spacing=cohort_spacing(r.image for r in recs))
+                                      required=list(conf["required"]), spacing=cohort_spacing(r.image for r in recs),
+                                      branch_dropout=float(conf["branch_dropout"]))
         cfg["task"] = self.name
         cfg["trained"]["source"] = "datastore"
         cfg["trained"]["seconds_total"] = round(time.time() - t0, 1)
