@@ -144,13 +144,14 @@ def test_unknown_label_set(server, labelled):
 
 
 def test_missing_required_sequence(server, studies_copy, labelled, tmp_path):
+    """T2 is the minimum (issue 15; other sequences may be missing: tests/test_missing_sequences.py)."""
     sid, info = sorted(labelled.items())[0]
     s = read_study(str(studies_copy / f"{sid}.nii.gz"))
-    keep = [q for q in s.sequences if q != "CET1"]
-    p = str(tmp_path / "no_ce.nii.gz")
+    keep = [q for q in s.sequences if q != "T2"]
+    p = str(tmp_path / "no_t2.nii.gz")
     write_study(study_from_array(s.array(keep), keep, s.reference), p)
-    r = infer(server, "classify_subtype", params={"roi": info["roi"]}, files={"file": ("no_ce.nii.gz", open(p, "rb").read())})
-    assert_4xx(r, 422, "lacks sequence")
+    r = infer(server, "classify_subtype", params={"roi": info["roi"]}, files={"file": ("no_t2.nii.gz", open(p, "rb").read())})
+    assert_4xx(r, 422, "lacks sequence(s) ['T2']")
 
 
 def test_train_task_reads_datastore_and_hot_reloads(server, labelled):
