@@ -147,12 +147,6 @@ def _row_for(table: dict, used: Sequence[str]) -> dict | None:
     return max(inside, key=lambda r: len(r["sequences_used"])) if inside else None
 
 
-def _performance(row: dict, table: dict) -> dict:
-    return {"validated": True, "subset": row["name"], "measured_with": row["sequences_used"],
-            "exact_subset": None, "metrics": row["metrics"], "n": row["n"], "synthetic": bool(table.get("synthetic", True)),
-            "cohort": table.get("cohort"), "source": table.get("source")}
-
-
 def expected_performance(task: str, model_sequences: Sequence[str], study_sequences: Iterable[str],
                          model_dir: str, checkpoint: str | None) -> dict:
     """The validated performance of `task` on a study with `study_sequences` (see the module doc)."""
@@ -163,9 +157,9 @@ def expected_performance(task: str, model_sequences: Sequence[str], study_sequen
     row = _row_for(table, used)
     if row is None:
         return {"validated": False, "reason": f"no measured subset of model {task} uses only {used}"}
-    out = _performance(row, table)
-    out["exact_subset"] = set(row["sequences_used"]) == set(used)
-    return out
+    return {"validated": True, "subset": row["name"], "measured_with": row["sequences_used"],
+            "exact_subset": set(row["sequences_used"]) == set(used), "metrics": row["metrics"], "n": row["n"],
+            "synthetic": bool(table.get("synthetic", True)), "cohort": table.get("cohort"), "source": table.get("source")}
 
 
 def _metric_value(metric) -> float | None:
