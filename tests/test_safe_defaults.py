@@ -217,7 +217,7 @@ def test_unprocessable_study_is_flagged_on_upload_and_skipped_in_batch(private, 
     expected = {m: [s for s in v["required_sequences"] if s not in keep] for m, v in models.items()
                 if "required_sequences" in v and not set(v["required_sequences"]) <= set(keep)}
     assert expected and bad["models_unavailable"] == expected, bad
-    assert any("no model" in w for w in bad["warnings"]) and any("CET1" in w for w in bad["warnings"]), bad
+    assert any("no model" in w for w in bad["warnings"]) and any("T2" in w for w in bad["warnings"]), bad
     assert good["models_unavailable"] == {} and good["warnings"] == [], good
     objects = requests.get(f"{url}/datastore/?output=all", timeout=30).json()["objects"]
     assert objects["t1_adc_only"]["image"]["info"]["models_unavailable"] == expected
@@ -228,7 +228,7 @@ def test_unprocessable_study_is_flagged_on_upload_and_skipped_in_batch(private, 
     assert r.status_code == 200, r.text[:500]
     res = r.json()
     assert res["t1_adc_only"]["skipped"] is True and res["t1_adc_only"]["status"] == 422, res
-    assert "CET1" in res["t1_adc_only"]["detail"] and "/tmp" not in res["t1_adc_only"]["detail"]
+    assert "T2" in res["t1_adc_only"]["detail"] and "/tmp" not in res["t1_adc_only"]["detail"]
     assert res["full_twin"]["tag"] == "original", res
     assert all(v.get("tag") == "original" for k, v in res.items() if k != "t1_adc_only"), res
     assert requests.get(f"{url}/datastore/label", params={"label": "full_twin", "tag": "original"},

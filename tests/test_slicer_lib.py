@@ -411,6 +411,29 @@ def test_classification_result_fields():
     assert c.prediction[0]["label"] == "warthin" and c.roi == [1, 5, 2, 6, 0, 3] and c.undetermined
     assert c.table_rows()[0] == ("warthin", "45.0 %", "predicted")
     assert "UNDETERMINED" in c.summary() and "classify_subtype 0.1" in c.summary()
+    assert "Sequences" not in c.summary()  # an older server's answer has no sequence report
+
+
+def test_result_text_names_sequences_and_expected_performance():
+    p = {"prediction": [{"idx": 0, "label": "benign", "score": 0.7}, {"idx": 1, "label": "malignant", "score": 0.3}],
+         "predicted_class": "benign", "undetermined": True, "model": "classify_malignancy",
+         "sequences_used": ["T2", "DWI_B1000", "ADC"], "sequences_missing": ["CET1"],
+         "expected_performance": {"validated": True, "subset": "no_CET1", "measured_with": ["T2", "DWI_B1000", "ADC"],
+                                  "n": 72, "synthetic": True,
+                                  "metrics": {"roc_auc": [0.71, 0.58, 0.83], "undetermined_rate": 0.1}}}
+    c = results.ClassificationResult.from_params(p)
+    assert c.sequences_used == ["T2", "DWI_B1000", "ADC"] and c.sequences_missing == ["CET1"]
+    text = c.summary()
+    assert "Sequences used: T2, DWI_B1000, ADC; MISSING: CET1" in text
+    assert "ROC-AUC (benign/malignant) 0.71 (0.58-0.83)" in text and "SYNTHETIC validation, n = 72" in text
+    seg = {"sequences_used": ["T1", "T2", "CET1", "DWI_B0", "DWI_B1000", "ADC"], "sequences_missing": [],
+           "expected_performance": {"validated": True, "measured_with": ["T1", "T2"], "n": 30,
+                                    "metrics": {"dice_tumor": [0.8, 0.75, 0.85], "dice_gland": [0.9, 0.88, 0.92]}}}
+    text = L.sequences_summary(seg)
+    assert "none missing" in text and "Dice tumour 0.80 (0.75-0.85); Dice gland 0.90" in text
+    stale = {**seg, "expected_performance": {"validated": False, "reason": "measured for another checkpoint"}}
+    assert "not validated (measured for another checkpoint)" in L.sequences_summary(stale)
+    assert L.sequences_summary({"volumes_ml": {}}) == ""
 
 
 # --------------------------------------------------------------------------- errors

@@ -256,7 +256,7 @@ def test_unknown_study_and_model(client, uploaded):
 
 
 def test_wrong_sequence_set(client, raw_case, tmp_path):
-    """A study with only T1 + ADC: the server refuses models that need CE-T1/T2 with a 422."""
+    """A study with only T1 + ADC: the server refuses every model (they need T2) with a 422."""
     out, case = raw_case
     vols = {k: slicer_volume(out / "raw" / case / f"{k}.nii.gz") for k in ("T1", "ADC")
             if (out / "raw" / case / f"{k}.nii.gz").exists()}

@@ -262,6 +262,38 @@ def test_logic_segment_and_classify_on_real_mrml(module, server, sample_ids):
     np.testing.assert_allclose(mrml.world_ijk_to_ras(p.heatmap), mrml.world_ijk_to_ras(ref), atol=1e-3)
 
 
+def test_logic_on_a_t2_only_study_shows_sequences_used_and_missing(module, server, sample_ids):
+    """Issue 15 in the module: with only a T2 volume every action is offered (T2 is the minimum), and the
+    result text names the sequences used, the missing ones and the performance validated for them."""
+    logic = module.ParotidTumorLogic()
+    logic.connect(server.url)
+    p = logic.getParameterNode()
+    sid = sample_ids[6]
+    comps = L.read_components(str(STUDIES / f"{sid}.nii.gz"))
+    t2 = mrml.load_study_volumes(slicer.mrmlScene, sid, {"T2": comps["T2"]})["T2"]
+    logic.autoAssignVolumes(p, overwrite=True)
+    vols = logic.selectedVolumes(p)
+    assert set(vols) == {"T2"}
+    for model in ("segmentation", "contour_box", "classify_malignancy", "classify_subtype"):
+        assert logic.missingSequences(model, vols) == [], model
+        assert logic.missingSequences(model, {"CET1": t2}) == ["T2"], model  # without T2: the button stays off
+    for name in ("Red", "Green", "Yellow"):
+        c = slicer.vtkMRMLSliceCompositeNode()
+        c.SetLayoutName(name)
+        slicer.mrmlScene.AddNode(c)
+    ref = logic.referenceVolume(p)
+    logic.setRoiFromBox(p, INDEX[sid]["labels"]["final"]["info"]["roi"], ref)
+    logic.contourBox(p)
+    info = logic.lastLabelInfo
+    assert info["sequences_used"] == ["T2"] and info["sequences_missing"] == ["T1", "CET1", "DWI_B0", "DWI_B1000", "ADC"]
+    text = L.sequences_summary(info)
+    assert text.startswith("Sequences used: T2; MISSING: T1, CET1, DWI_B0, DWI_B1000, ADC") and "Expected performance" in text
+    result = logic.classify(p, "classify_malignancy")
+    assert result.sequences_used == ["T2"] and result.sequences_missing == ["CET1", "DWI_B1000", "ADC"]
+    assert "MISSING: CET1, DWI_B1000, ADC" in result.summary()
+    logic.client.delete_study(p.studyId)
+
+
 # --------------------------------------------------------------------------- background runner, real server
 def test_background_task_done_cancel_timeout_against_the_server(server, sample_ids):
     client = L.ParotidClient(server.url)

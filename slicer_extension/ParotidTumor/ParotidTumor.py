@@ -478,6 +478,7 @@ class ParotidTumorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _showSegmentation(self):
         self.ui.statusLabel.text = _("Result loaded as segmentation '{name}'. Refine it in Segment Editor.").format(
             name=self._parameterNode.segmentation.GetName())
+        self.ui.sequencesResultLabel.text = lib.sequences_summary(self.logic.lastLabelInfo) or "-"
         self.updateButtonStates()
 
     def _showClassification(self, result):
@@ -498,6 +499,7 @@ class ParotidTumorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.undeterminedLabel.text = _("YES - low confidence, do not rely on the class") if result.undetermined else _("no")
         self.ui.undeterminedLabel.styleSheet = "color: #c0392b; font-weight: bold" if result.undetermined else ""
         self.ui.modelVersionLabel.text = f"{result.model} {result.version}".strip()
+        self.ui.sequencesResultLabel.text = lib.sequences_summary(result.raw) or "-"
         if self.ui.tumorClassComboBox.findText(result.predicted_class) >= 0:
             self.ui.tumorClassComboBox.currentText = result.predicted_class  # annotator starts from the prediction
         self.ui.heatmapOpacitySlider.enabled = result.heatmap is not None
@@ -623,6 +625,7 @@ class ParotidTumorLogic(ScriptedLoadableModuleLogic):
         self.strategies = []
         self.authEnabled = False
         self.lastClassification = None
+        self.lastLabelInfo = {}  # JSON params of the last segmentation/contour answer (sequences used, ...)
         self._uploadedKey = None
 
     @property
@@ -670,8 +673,9 @@ class ParotidTumorLogic(ScriptedLoadableModuleLogic):
         return name in self.models
 
     def missingSequences(self, model, volumes) -> list:
+        """The sequences `model` requires that `volumes` lack (its other inputs may be missing)."""
         m = self.models.get(model)
-        return [s for s in (m.sequences if m else ()) if s not in volumes]
+        return [s for s in (m.required if m else ()) if s not in volumes]
 
     def tumorClasses(self) -> list:
         """Classes an annotator can assign: those of every label set the server accepts (/info label_sets)."""
@@ -774,6 +778,7 @@ class ParotidTumorLogic(ScriptedLoadableModuleLogic):
         def apply(result):
             study_id, label = result
             self._studyUploaded(p, prepared, study_id)
+            self.lastLabelInfo = label.info
             return self._loadLabel(p, label)
 
         return Job(lambda token: work(client, prepared, token), apply)

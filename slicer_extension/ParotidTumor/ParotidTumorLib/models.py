@@ -12,7 +12,8 @@ from .sequences import DESCRIPTIONS
 class ModelInfo:
     name: str
     type: str = ""
-    sequences: tuple = ()
+    sequences: tuple = ()  # what the model uses
+    required: tuple = ()  # what a study must have (the others may be missing); older servers: = sequences
     description: str = ""
     label_set: str = ""
     classes: tuple = ()
@@ -37,6 +38,7 @@ def models_from_info(info: dict) -> dict:
             name=name,
             type=str(m.get("type", "")),
             sequences=tuple(m.get("sequences") or ()),
+            required=tuple(m.get("required_sequences") or m.get("sequences") or ()),
             description=str(m.get("description", "")),
             label_set=str(ls.get("name", "")),
             classes=tuple(ls.get("classes") or ()),
@@ -73,8 +75,13 @@ def models_summary_html(info: dict) -> str:
         return f"<b>{title}</b>: the server offers no models."
     rows = []
     for m in models.values():
-        seqs = ", ".join(f"<span title='{html.escape(DESCRIPTIONS.get(s, s))}'>{html.escape(s)}</span>" for s in m.sequences) or "?"
+        def names(keys):
+            return ", ".join(f"<span title='{html.escape(DESCRIPTIONS.get(s, s))}'>{html.escape(s)}</span>" for s in keys)
+
+        seqs = names(m.required) or "?"
+        optional = [s for s in m.sequences if s not in m.required]
+        uses = f" (uses also {names(optional)} when present)" if optional else ""
         extra = f" &ndash; classes: {html.escape(', '.join(m.classes))}" if m.classes else ""
         ver = f" v{html.escape(m.version)}" if m.version else ""
-        rows.append(f"<li><b>{html.escape(m.name)}</b>{ver} ({html.escape(m.type or 'model')}): needs {seqs}{extra}</li>")
+        rows.append(f"<li><b>{html.escape(m.name)}</b>{ver} ({html.escape(m.type or 'model')}): needs {seqs}{uses}{extra}</li>")
     return f"<b>{title}</b><ul style='margin:0'>{''.join(rows)}</ul>"

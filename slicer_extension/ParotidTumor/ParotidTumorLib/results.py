@@ -5,6 +5,8 @@
 * :class:`ClassificationResult`: the JSON ``params`` of a classification task
   (``prediction: [{idx, label, score}]``, ``predicted_class``, ``malignancy_probability``,
   ``undetermined``, ``model``, ``version``, ``roi``, ``label_set``) and its heatmap, if any.
+* :func:`sequences_summary`: what every result says about the study's sequences (``sequences_used``,
+  ``sequences_missing``, ``expected_performance`` of that subset, validated on SYNTHETIC data).
 """
 
 from __future__ import annotations
@@ -19,11 +21,41 @@ from .geometry import array_from_image, same_grid
 from .responses import InferResponse, ResponseFormatError
 
 
+_METRIC_NAMES = {"roc_auc": "ROC-AUC (benign/malignant)", "macro_auc": "macro-AUC", "dice_tumor": "Dice tumour",
+                 "dice_gland": "Dice gland"}
+
+
+def _metric_text(name: str, value) -> str:
+    if isinstance(value, (list, tuple)) and len(value) == 3 and all(isinstance(v, (int, float)) for v in value):
+        return f"{_METRIC_NAMES.get(name, name)} {value[0]:.2f} ({value[1]:.2f}-{value[2]:.2f})"
+    return f"{_METRIC_NAMES.get(name, name)} {float(value):.2f}"
+
+
+def sequences_summary(params: dict) -> str:
+    """One line for the user: the sequences the model used and lacked, and the performance validated for
+    that subset; '' for an answer without these fields (an older server)."""
+    if not isinstance(params, dict) or "sequences_used" not in params:
+        return ""
+    used = ", ".join(params.get("sequences_used") or []) or "-"
+    missing = list(params.get("sequences_missing") or [])
+    text = f"Sequences used: {used}" + (f"; MISSING: {', '.join(missing)}" if missing else "; none missing")
+    perf = params.get("expected_performance") or {}
+    if perf.get("validated"):
+        shown = [_metric_text(k, v) for k, v in (perf.get("metrics") or {}).items() if k in _METRIC_NAMES]
+        subset = ", ".join(perf.get("measured_with") or []) or perf.get("subset", "")
+        text += (f". Expected performance with {subset} (SYNTHETIC validation, n = {perf.get('n', '?')}): "
+                 + ("; ".join(shown) if shown else "see the server's answer"))
+    elif perf:
+        text += f". Expected performance: not validated ({perf.get('reason', 'no table')})"
+    return text
+
+
 @dataclass
 class ResultVolume:
     array: np.ndarray  # [k, j, i] like slicer.util.arrayFromVolume
     ijk_to_ras: np.ndarray  # 4x4
     name: str = "result"
+    info: dict = field(default_factory=dict)  # the JSON params of the answer that carried the volume
 
     @property
     def shape_ijk(self):
@@ -68,6 +100,9 @@ class ClassificationResult:
     version: str = ""
     roi: list | None = None
     label_set: str = ""
+    sequences_used: list = field(default_factory=list)
+    sequences_missing: list = field(default_factory=list)
+    expected_performance: dict = field(default_factory=dict)
     heatmap: ResultVolume | None = None
     raw: dict = field(default_factory=dict)
 
@@ -94,6 +129,9 @@ class ClassificationResult:
             version=str(params.get("version", "")),
             roi=[int(v) for v in params["roi"]] if params.get("roi") is not None else None,
             label_set=str(ls),
+            sequences_used=list(params.get("sequences_used") or []),
+            sequences_missing=list(params.get("sequences_missing") or []),
+            expected_performance=dict(params.get("expected_performance") or {}),
             heatmap=heatmap,
             raw=params,
         )
@@ -129,4 +167,5 @@ class ClassificationResult:
             s += " -- UNDETERMINED: low confidence, do not rely on this class"
         if self.model:
             s += f"  [{self.model}{' ' + self.version if self.version else ''}]"
-        return s
+        seqs = sequences_summary(self.raw)
+        return f"{s}\n{seqs}" if seqs else s

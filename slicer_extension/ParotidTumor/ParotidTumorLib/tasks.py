@@ -51,7 +51,9 @@ def ensure_uploaded(client, prepared: PreparedStudy, token=None) -> str:
 def label_result(resp, what: str) -> ResultVolume:
     if not resp.has_image:
         raise ServerError(f"The server returned no label image for {what}.")
-    return ResultVolume.from_bytes(resp.image, resp.image_name or "label.nii.gz")
+    vol = ResultVolume.from_bytes(resp.image, resp.image_name or "label.nii.gz")
+    vol.info = dict(resp.params) if isinstance(resp.params, dict) else {}
+    return vol
 
 
 def segment(client, prepared, token=None, model="segmentation"):

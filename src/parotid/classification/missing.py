@@ -14,9 +14,13 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
-# Clinically motivated subsets a hospital sends (issue 15): contrast withheld, DWI left out, T2 only.
-SUBSETS = {"all": (), "no CE-T1": ("CET1",), "no DWI/ADC": ("DWI_B0", "DWI_B1000", "ADC"),
-           "T2 only": ("T1", "CET1", "DWI_B0", "DWI_B1000", "ADC")}
+from parotid.sequences import SEQUENCES
+from parotid.subsets import MINIMUM_SEQUENCES, NAMED_SUBSETS
+
+# The clinically motivated subsets a hospital sends (issue 15; defined in parotid.subsets): name -> the
+# sequences removed (contrast withheld, DWI left out, T2 only).
+SUBSETS = {name: removed if removed is not None else tuple(q.key for q in SEQUENCES if q.key not in MINIMUM_SEQUENCES)
+           for name, removed in NAMED_SUBSETS.items()}
 
 
 def branch_presence(groups: list[list[str]], available: Iterable[str]) -> list[bool]:

@@ -4,6 +4,7 @@
     parotid-eval holdout --cohort /tmp/cohort202 --models apps/parotid/model --out docs/results
     parotid-eval external --train /tmp/siteA --test /tmp/siteB --out docs/results     # train on sites, test on another
     parotid-eval external --leave-one-site-out --cohorts /tmp/siteA /tmp/siteB /tmp/siteC
+    parotid-eval subsets --cohort /tmp/cohort500 --models apps/parotid/model --write-tables   # per sequence subset
 
 Both write ``<out>/<name>.json`` (all numbers), PNG plots (ROC/PR, reliability, confusion) and a
 markdown table ``<out>/<name>.md`` that docs/results.md includes.

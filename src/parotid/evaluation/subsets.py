@@ -1,100 +1,206 @@
-"""Held-out metrics of served classifiers per available-sequence subset (issue 15), SYNTHETIC cohorts.
+"""``parotid-eval subsets``: every served model on a held-out SYNTHETIC cohort with sequences removed.
 
-The same studies (those with every sequence of the model) are classified with all sequences and with
-the subsets of ``parotid.classification.missing.SUBSETS`` removed, exactly as the server does (zero
-channel, absent late-fusion branch). ``served`` says whether the server answers that subset at all
-(the model's ``required`` sequences present); a model that does not is still evaluated zero-filled,
-to show what it would have said.
+Each complete study of the cohort (it has all of the model's sequences) is run through the SERVED
+inference path (``parotid.classification.predict.classify``, ``parotid.segmentation.inference``) once
+per named subset of ``parotid.subsets`` (all, no CE-T1, no DWI/ADC, T2 only), the removed sequences
+taken out of the study file as a site without them would send it. Paired: every subset is measured on
+the same studies.
+
+* classification: ROC-AUC / PR-AUC / accuracy / sensitivity / specificity of benign vs malignant
+  (P(malignant)), macro-AUC for more than two classes, undetermined rate (MC dropout + feature density;
+  the subset floor is applied by the server on top);
+* segmentation: Dice of gland and tumour on whole studies; contour_box: Dice of the tumour in the box
+  region with the tight box of the largest tumour as the prompt (the protocol of segmentation/train.py).
+
+Values: point estimate with a percentile-bootstrap 95 % CI over studies. Writes ``<out>/<name>.json``,
+``<out>/<name>.md`` and, with ``--write-tables``, ``<models>/<task>.subsets.json`` (stamped with the
+checkpoint's SHA-256) that the server reads for ``expected_performance``.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+import time
+from typing import Callable
 
 import numpy as np
 import torch
 
-from parotid.classification.missing import SUBSETS
-from parotid.labels import get_label_set
+from parotid import subsets
+from parotid.labels import GLAND, TUMOR, get_label_set
+from parotid.study import Study, read_label_map, read_study
+
+from .metrics import binary_report, bootstrap_ci, multiclass_metrics
+
+SEG_TASKS = ("segmentation", "contour_box")
 
 
-def subset_metrics(model, cfg: dict, cs, n_boot: int = 1000, seed: int = 0) -> dict:
-    from parotid.classification.train import predict_logits
+def removed_study(study: Study, model_sequences, used) -> Study:
+    """The study without the model's sequences that are not in `used` (other sequences kept)."""
+    return subsets.subset_study(study, [s for s in study.sequences if s not in model_sequences or s in used])
 
-    from .cli import _summarise
 
-    ls = get_label_set(cfg["label_set"])
-    seqs = [s for g in cfg["groups"] for s in g]
-    keep = [i for i, c in enumerate(cs.tumor_class) if ls.accepts(c) and cs.avail[i, cs.channels(seqs)].all()]
-    sub = cs.subset(keep)
-    y = sub.labels(ls)
-    T = float(cfg.get("temperature", 1.0))
-    req = cfg.get("required", cfg["sequences"])
-    out = {}
-    for name, drop in SUBSETS.items():
-        drop = tuple(q for q in drop if q in seqs)
-        logits = predict_logits(model, sub, np.arange(len(sub)), cfg["groups"], drop=drop)
-        prob = torch.softmax(logits / T, 1).numpy()
-        r = {"prob": prob, "score": prob[:, ls.malignant_indices].sum(1), "pred_bin": None}
-        s = _summarise(name, y, ls, r, n_boot, seed)
-        s["n"] = len(y)
-        s["sequences_used"] = [q for q in seqs if q not in drop]
-        s["served"] = all(q not in drop for q in req)
-        out[name] = s
+def _mean_ci(values, n_boot: int, seed: int) -> list[float]:
+    v = np.asarray(values, float)
+    return list(bootstrap_ci(np.mean, v, n_boot=n_boot, seed=seed))
+
+
+def _complete(records, model_sequences, limit: int | None):
+    out = []
+    for r in records:
+        s = read_study(r.image, r.study_id)
+        if all(q in s.sequences for q in model_sequences):
+            out.append((r, s))
+        if limit and len(out) >= limit:
+            break
     return out
 
 
-def cmd_subsets(a):
-    import json
-    import sys
-
-    from parotid.classification.data import build_cropset
+# ------------------------------------------------------------------------------------ classification
+def classification_rows(path: str, records, n_boot: int, seed: int, limit: int | None, progress: Callable) -> tuple[dict, list]:
+    from parotid.classification.predict import classify
     from parotid.classification.train import load_checkpoint
 
-    from .cli import _fmt
+    model, cfg = load_checkpoint(path)
+    seqs = list(cfg["sequences"])
+    ls = get_label_set(cfg["label_set"])
+    cfg = {**cfg, "required": list(subsets.minimum_for(seqs))}
+    studies = [(r, s) for r, s in _complete(records, seqs, None) if ls.accepts(r.tumor_class)][:limit or None]
+    y = np.array([ls.index(r.tumor_class) for r, _ in studies])
+    yb = np.isin(y, ls.malignant_indices).astype(int)
+    rows = []
+    for name, used in subsets.named_subsets(seqs).items():
+        prob, und = [], []
+        for r, s in studies:
+            res, _ = classify(model, cfg, removed_study(s, seqs, used), r.roi, heatmap=False)
+            prob.append([p["score"] for p in res["prediction"]])
+            und.append(bool(res["undetermined"]))
+        prob = np.array(prob)
+        b = binary_report(yb, prob[:, ls.malignant_indices].sum(1), n_boot=n_boot, seed=seed)
+        metrics = {k: list(b[k]) for k in ("roc_auc", "pr_auc", "accuracy", "sensitivity", "specificity")}
+        if len(ls.classes) > 2:
+            metrics["macro_auc"] = list(bootstrap_ci(lambda a, p: multiclass_metrics(a, p)["macro_auc"], y, prob,
+                                                     n_boot=n_boot, seed=seed))
+        metrics["undetermined_rate"] = float(np.mean(und))
+        rows.append({"name": name, "sequences_used": used, "sequences_missing": [q for q in seqs if q not in used],
+                     "n": len(studies), "metrics": metrics})
+        progress(f"{os.path.basename(path)} {name}: ROC-AUC {metrics['roc_auc'][0]:.3f}")
+    return {"label_set": ls.name, "sequences": seqs, "n": len(studies)}, rows
+
+
+# ------------------------------------------------------------------------------------ segmentation
+def segmentation_rows(path: str, task: str, records, n_boot: int, seed: int, limit: int | None,
+                      progress: Callable) -> tuple[dict, list]:
+    from parotid.model_space import checkpoint_spacing
+    from parotid.segmentation.inference import box_region, contour_study, dice, segment_study, tumour_roi
+    from parotid.segmentation.networks import SPECS, build_network
+
+    spec = SPECS[task]
+    net = build_network(spec)
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    net.load_state_dict(ck.get("model", ck))
+    net.eval()
+    spacing = checkpoint_spacing(ck)
+    seqs = list(spec.sequences)
+    studies = [(r, s, read_label_map(r.label)) for r, s in _complete([r for r in records if r.label], seqs, limit)]
+    rows = []
+    for name, used in subsets.named_subsets(seqs).items():
+        gland, tumour = [], []
+        for r, s, lab in studies:
+            sub = removed_study(s, seqs, used)
+            if spec.box_prompted:
+                roi = tumour_roi(lab)  # the tight box of the largest tumour is the prompt
+                if roi is None:
+                    continue
+                region = box_region(roi, lab.shape)
+                truth = np.zeros(lab.shape, bool)
+                truth[region] = lab[region] == TUMOR
+                pred, _ = contour_study(net, spec, sub, roi, spacing)
+                tumour.append(dice(pred == TUMOR, truth))
+            else:
+                pred, _ = segment_study(net, spec, sub, spacing)
+                gland.append(dice(pred == GLAND, lab == GLAND))
+                tumour.append(dice(pred == TUMOR, lab == TUMOR))
+        metrics = {"dice_tumor": _mean_ci(tumour, n_boot, seed)}
+        if gland:
+            metrics["dice_gland"] = _mean_ci(gland, n_boot, seed)
+        rows.append({"name": name, "sequences_used": used, "sequences_missing": [q for q in seqs if q not in used],
+                     "n": len(tumour), "metrics": metrics})
+        progress(f"{task} {name}: Dice tumour {metrics['dice_tumor'][0]:.3f}")
+    return {"sequences": seqs, "n": len(studies)}, rows
+
+
+# ------------------------------------------------------------------------------------ command
+def _fmt(v) -> str:
+    if isinstance(v, (list, tuple)):
+        return "n/a" if not np.isfinite(v[0]) else f"{v[0]:.2f} ({v[1]:.2f}–{v[2]:.2f})"
+    return f"{v:.2f}"
+
+
+def markdown(results: dict, cohort: str) -> str:
+    lines = [f"SYNTHETIC held-out cohort `{cohort}` (seed never used for training); every subset on the same "
+             "complete studies, removed sequences taken out of the study file; served inference path. "
+             "Values: point estimate (percentile-bootstrap 95 % CI over studies).", ""]
+    for task, r in results.items():
+        rows = r["subsets"]
+        keys = [k for k in rows[0]["metrics"]]
+        lines += [f"**{task}** (n = {r['n']}, sequences {', '.join(r['sequences'])})", "",
+                  "| Subset | Sequences used | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 2)]
+        for row in rows:
+            lines.append(f"| {row['name']} | {', '.join(row['sequences_used'])} | "
+                         + " | ".join(_fmt(row["metrics"][k]) for k in keys) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def cmd_subsets(a) -> dict:
+    import json
+
+    from parotid.classification.data import read_cohort
 
     torch.set_num_threads(a.threads)
+    records = read_cohort(a.cohort)
+    cohort = os.path.basename(os.path.abspath(a.cohort))
     os.makedirs(a.out, exist_ok=True)
-    results, lines = {}, []
-    for label, folder in (("before", a.before), ("after", a.models)):
-        if not folder:
+    command = " ".join(["parotid-eval"] + (sys.argv[1:] if a.argv is None else list(a.argv)))
+    results = {}
+    for task in a.tasks:
+        path = os.path.join(a.models, f"{task}.pt")
+        if not os.path.exists(path):
+            print(f"{task}: no checkpoint, skipped")
             continue
-        for task in a.tasks:
-            path = os.path.join(folder, f"{task}.pt")
-            model, cfg = load_checkpoint(path)
-            cs = build_cropset(a.cohort, size=cfg["size"], n_slices=cfg["n_slices"])
-            res = subset_metrics(model, cfg, cs, a.n_boot, a.seed)
-            results.setdefault(label, {})[task] = {"model": f"{cfg.get('fusion_mode', 'early')} fusion "
-                                                            f"{'+'.join(cfg['sequences'])}, requires {cfg.get('required')}",
-                                                   "subsets": res}
-            for name, s in res.items():
-                b = s["binary"]
-                mc = _fmt(s["multiclass"]["macro_auc"]) if "multiclass" in s else "–"
-                lines.append(f"| {label} | {task} | {cfg.get('fusion_mode', 'early')} | {name} | {s['n']} | "
-                             f"{'yes' if s['served'] else 'no (422)'} | {_fmt(b['roc_auc'])} | {mc} | {_fmt(b['accuracy'])} |")
-    head = ("| Checkpoints | Model | Fusion | Sequences | n | Served | ROC-AUC (b/m) | Macro-AUC | Accuracy (b/m) |\n"
-            "|---|---|---|---|---|---|---|---|---|")
-    md = (f"SYNTHETIC held-out cohort `{os.path.basename(os.path.abspath(a.cohort))}` (seed never used for training); "
-          "the same studies (all model sequences present) with sequences removed as the server does; calibrated "
-          f"probabilities; 95 % CIs: percentile bootstrap ({a.n_boot} resamples). 'Served: no' = the server refuses "
-          "that subset (422); its figures are what the model says zero-filled.\n\n" + head + "\n" + "\n".join(lines))
+        t0 = time.time()
+        if task in SEG_TASKS:
+            meta, rows = segmentation_rows(path, task, records, a.n_boot, a.seed, a.seg_limit, print)
+        else:
+            meta, rows = classification_rows(path, records, a.n_boot, a.seed, a.limit, print)
+        table = {"task": task, "synthetic": True, "checkpoint_sha256": subsets.file_sha256(path),
+                 "cohort": cohort, "source": command, "seconds": round(time.time() - t0, 1), **meta, "subsets": rows}
+        results[task] = table
+        if a.write_tables:
+            subsets.write_table(subsets.table_path(a.models, task), table)
     with open(os.path.join(a.out, f"{a.name}.json"), "w") as f:
-        json.dump({"meta": {"command": " ".join(["parotid-eval"] + sys.argv[1:]), "cohort": os.path.abspath(a.cohort),
-                            "synthetic": True}, "results": results}, f, indent=1, default=float)
+        json.dump({"meta": {"command": command, "synthetic": True, "cohort": cohort}, "results": results}, f,
+                  indent=1, default=float)
+    md = markdown(results, cohort)
     with open(os.path.join(a.out, f"{a.name}.md"), "w") as f:
         f.write(md + "\n")
     print(md)
+    return results
 
 
-def add_parser(sub):
-    p = sub.add_parser("subsets", help="held-out metrics per available-sequence subset (before/after checkpoints)")
-    p.add_argument("--cohort", required=True)
-    p.add_argument("--models", default="apps/parotid/model")
-    p.add_argument("--before", default=None, help="another checkpoint folder to compare (e.g. the previous models)")
-    p.add_argument("--tasks", nargs="+", default=["classify_malignancy", "classify_subtype"])
-    p.add_argument("--out", default="docs/results")
-    p.add_argument("--name", default="holdout_subsets")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-boot", type=int, default=1000)
-    p.add_argument("--threads", type=int, default=1)
-    p.set_defaults(fn=cmd_subsets)
+def add_parser(sub) -> None:
+    s = sub.add_parser("subsets", help="metrics per available-sequence subset (all, no CE-T1, no DWI/ADC, T2 only)")
+    s.add_argument("--cohort", required=True, help="held-out SYNTHETIC cohort folder (a seed never used for training)")
+    s.add_argument("--models", default="apps/parotid/model")
+    s.add_argument("--tasks", nargs="+", default=["classify_malignancy", "classify_subtype", "segmentation", "contour_box"])
+    s.add_argument("--out", default="docs/results")
+    s.add_argument("--name", default="subsets")
+    s.add_argument("--limit", type=int, default=None, help="at most this many studies per classifier")
+    s.add_argument("--seg-limit", type=int, default=None, help="at most this many studies per segmentation model")
+    s.add_argument("--write-tables", action="store_true", help="write <models>/<task>.subsets.json for the server")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--n-boot", type=int, default=1000)
+    s.add_argument("--threads", type=int, default=1)
+    s.set_defaults(fn=cmd_subsets)

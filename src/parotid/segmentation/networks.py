@@ -32,9 +32,10 @@ class SegModelSpec:
 
 
 ALL = ("T1", "T2", "CET1", "DWI_B0", "DWI_B1000", "ADC")
-SEGMENTATION = SegModelSpec("segmentation", ALL, ("CET1", "T2"), box_prompted=False, patch=(64, 64, 16))
+# required: the clinical minimum (parotid.subsets.MINIMUM_SEQUENCES); every other input may be missing
+SEGMENTATION = SegModelSpec("segmentation", ALL, ("T2",), box_prompted=False, patch=(64, 64, 16))
 CONTOUR_BOX = SegModelSpec(
-    "contour_box", ALL, ("CET1", "T2"), box_prompted=True, patch=(48, 48, 16),
+    "contour_box", ALL, ("T2",), box_prompted=True, patch=(48, 48, 16),
     labels={"background": 0, "tumor": 2},
 )
 SPECS = {s.name: s for s in (SEGMENTATION, CONTOUR_BOX)}

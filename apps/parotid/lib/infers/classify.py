@@ -7,7 +7,8 @@ model's tumour is used (422 if there is none).
 Response ``params`` (JSON): ``prediction`` [{idx, label, score}] (calibrated, sums to 1),
 ``predicted_class``, ``malignancy_probability``, ``undetermined`` (MC dropout), ``uncertainty``,
 ``model``, ``version``, ``roi``, ``roi_source``, ``label_set``, ``model_spacing`` / ``resampled`` (and
-``model_roi`` when resampled; parotid.model_space). Response image: heatmap volume
+``model_roi`` when resampled; parotid.model_space), ``sequences_used`` / ``sequences_missing`` /
+``expected_performance`` (parotid.subsets). Response image: heatmap volume
 (float32 0..1, NIfTI, the study's reference grid), normalised jointly over all slices: by default our
 hybrid map Grad-CAM x RoI-Align read-out weight, plain Grad-CAM with ``params.heatmap = "gradcam"``
 (``parotid.classification.predict.HEATMAP_METHODS``).
@@ -29,9 +30,9 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 
 from lib.errors import http_errors
 from lib.infers.study_task import StudyInferTask
-from parotid import input_check
+from parotid import input_check, subsets
 from parotid.classification.predict import HEATMAP_METHODS, classify
-from parotid.classification.train import DEFAULT_REQUIRED, DEFAULT_SEQS, load_checkpoint
+from parotid.classification.train import DEFAULT_SEQS, load_checkpoint
 from parotid.labels import INFO_ROI, classification_label_sets, get_label_set
 from parotid.study import Study, StudyError
 
@@ -54,19 +55,21 @@ def tumour_roi_from_segmentation(study: Study, seg_path: str) -> list[int]:
 
 
 class ClassifyStudy(StudyInferTask):
+    classification = True
+
     def __init__(self, name: str, path: str, label_set: str, seg_path: str, description: str = ""):
         ls = get_label_set(label_set)
-        self.name, self.label_set, self.seg_path = name, ls, seg_path
-        seqs, required = DEFAULT_SEQS, DEFAULT_REQUIRED
+        self.name, self.task_name, self.label_set, self.seg_path = name, name, ls, seg_path
+        seqs = DEFAULT_SEQS
         cfg = self._peek(path)
         if cfg:
-            seqs, required = tuple(cfg["sequences"]), tuple(cfg.get("required", cfg["sequences"]))
+            seqs = tuple(cfg["sequences"])
         super().__init__(
             path, None, InferType.CLASSIFICATION, {c: i for i, c in enumerate(ls.classes)},
             description or f"Tumour classification ({ls.name}: {', '.join(ls.classes)}) in a box; "
                            "returns calibrated probabilities + a heatmap (Grad-CAM x RoI-Align read-out weight; "
                            "plain Grad-CAM on request)",
-            seqs, config={INFO_ROI: [], "label_set": ls.name}, required=required,
+            seqs, config={INFO_ROI: [], "label_set": ls.name},
         )
 
     _peek_cache: Dict[str, Any] = {}
@@ -94,7 +97,8 @@ class ClassifyStudy(StudyInferTask):
                             "param": "params.heatmap", "late_fusion": "per branch, combined by the branches' shares of the class score",
                             "image": "float32 0..1 on the reference grid, jointly normalised"},
                 "uncertainty": cfg.get("uncertainty"), "sequences_used": cfg.get("sequences"),
-                "sequences_required": cfg.get("required")}
+                "sequences_required": list(subsets.minimum_for(cfg.get("sequences") or self.sequences)),
+                "trained_with_required": cfg.get("required")}
 
     def check_checkpoint(self, path: str) -> None:
         """Raise StudyError unless `path` is a classifier checkpoint for this task's label set."""
@@ -129,7 +133,11 @@ class ClassifyStudy(StudyInferTask):
 
     def predict(self, network, study: Study, data: Dict[str, Any]):
         model, cfg = network
-        cfg = {**cfg, "task": self.name}
+        # served for any study with the clinical minimum (parotid.subsets): other inputs -> zero channels
+        model_seqs = tuple(cfg["sequences"])
+        required = subsets.minimum_for(model_seqs)
+        self.require_sequences(study, required)
+        cfg = {**cfg, "task": self.name, "required": list(required)}
         req_set = data.get("label_set")
         if req_set and req_set != cfg["label_set"]:
             if req_set not in classification_label_sets():
@@ -149,4 +157,7 @@ class ClassifyStudy(StudyInferTask):
             result, heat = classify(model, cfg, study, roi, heatmap=not data.get("no_heatmap", False),
                                     heatmap_mode=str(data.get("heatmap", "gradcam_x_readout")), input_components=comps)
         result["roi_source"] = source
+        report = subsets.sequence_report(self.name, model_seqs, study, self.model_dir, self.get_path())
+        result.update(report)
+        subsets.mark_subset(result, report["sequences_missing"], report["expected_performance"])
         return heat, result

@@ -29,13 +29,14 @@ class SegmentStudy(StudyInferTask):
         super().__init__(path, network, InferType.SEGMENTATION, spec.labels,
                          "Parotid gland + tumour segmentation on multi-sequence MRI (whole study)", spec.sequences,
                          required=spec.required)
-        self.spec, self.version = spec, version
+        self.spec, self.version, self.task_name = spec, version, spec.name
 
     def predict(self, network, study: Study, data: Dict[str, Any]):
+        self.require_sequences(study)
         label, space = segment_study(network, self.spec, study, self.model_spacing())
         comps, _ = input_check.study_components(study, self.model_dir, label=label)
         return label, {"model": self.spec.name, **_summary(label, study), **space.params,
-                       "input_check": input_check.combine(comps)}
+                       **self.sequence_report(study), "input_check": input_check.combine(comps)}
 
 
 class ContourInBox(StudyInferTask):
@@ -43,9 +44,10 @@ class ContourInBox(StudyInferTask):
         super().__init__(path, network, InferType.SEGMENTATION, spec.labels,
                          "Box-prompted tumour contouring: params.roi = [i0, i1, j0, j1, k0, k1] (half-open, reference grid)",
                          spec.sequences, config={INFO_ROI: []}, required=spec.required)
-        self.spec, self.version = spec, version
+        self.spec, self.version, self.task_name = spec, version, spec.name
 
     def predict(self, network, study: Study, data: Dict[str, Any]):
+        self.require_sequences(study)
         roi = data.get(INFO_ROI)
         if roi is None or roi == []:
             raise StudyError("this model needs a box: params.roi = [i0, i1, j0, j1, k0, k1]")
@@ -58,4 +60,4 @@ class ContourInBox(StudyInferTask):
         space_params = space.params if space else {"model_spacing": self.model_spacing(), "resampled": False}
         return label, {"model": self.spec.name, INFO_ROI: [int(v) for v in roi], **_summary(label, study),
                        **space_params, "tumor_found": found, "message": None if found else input_check.NO_TUMOUR,
-                       "tumour_in_box": box, "input_check": input_check.combine(comps)}
+                       "tumour_in_box": box, **self.sequence_report(study), "input_check": input_check.combine(comps)}

@@ -24,6 +24,7 @@ from monailabel.tasks.infer.basic_infer import BasicInferTask
 from monailabel.utils.others.generic import file_checksum
 
 from lib.errors import http_errors
+from parotid import subsets
 from parotid.model_space import checkpoint_spacing
 from parotid.study import Study, StudyError, copy_geometry, read_study
 
@@ -48,7 +49,13 @@ def write_volume(array: np.ndarray, study: Study, suffix: str = ".nii.gz") -> st
 
 
 class StudyInferTask(BasicInferTask):
-    """Subclasses implement `predict(network, study, data) -> (array (I,J,K) | None, result_json)`."""
+    """Subclasses implement `predict(network, study, data) -> (array (I,J,K) | None, result_json)`.
+
+    `sequences`: the model's inputs; `required`: what a study must have (default: the clinical minimum of
+    parotid.subsets, T2), the other inputs may be missing (zero channels)."""
+
+    task_name = ""  # the model's name in /info (checkpoint <task_name>.pt, table <task_name>.subsets.json)
+    classification = False
 
     def __init__(self, path: str, network, type: str | InferType, labels, description: str,
                  sequences: Sequence[str], config: Dict[str, Any] | None = None,
@@ -56,11 +63,26 @@ class StudyInferTask(BasicInferTask):
         super().__init__(path=path, network=network, type=type, labels=labels, dimension=3,
                          description=description, config=config, **kwargs)
         self.sequences = tuple(sequences)
-        self.required = tuple(required if required is not None else sequences)
+        self.required = tuple(required if required is not None else subsets.minimum_for(self.sequences))
 
     def info(self) -> Dict[str, Any]:
-        # sequences: what the model uses; required_sequences: a study lacking one of these gets a 422
-        return {**super().info(), "sequences": list(self.sequences), "required_sequences": list(self.required)}
+        # sequences: what the model uses; required_sequences: a study lacking one of these gets a 422;
+        # minimum_sequences / subsets: what it serves, with the performance validated per subset
+        return {**super().info(), "sequences": list(self.sequences), "required_sequences": list(self.required),
+                **subsets.served_subsets(self.task_name, self.sequences, self.model_dir, self.get_path(),
+                                         classification=self.classification)}
+
+    def require_sequences(self, study: Study, required: Sequence[str] | None = None) -> None:
+        """422 naming what is missing when the study lacks a required sequence (default: self.required)."""
+        required = self.required if required is None else tuple(required)
+        missing = [s for s in required if s not in study.sequences]
+        if missing:
+            raise StudyError(f"study lacks sequence(s) {missing} needed by model {self.task_name} "
+                             f"(has {list(study.sequences)}; minimum: {list(required)}, the others may be missing)")
+
+    def sequence_report(self, study: Study) -> Dict[str, Any]:
+        """``sequences_used``, ``sequences_missing``, ``expected_performance`` (parotid.subsets)."""
+        return subsets.sequence_report(self.task_name, self.sequences, study, self.model_dir, self.get_path())
 
     @property
     def model_dir(self) -> str:
