@@ -95,3 +95,20 @@ def test_training_stops_early_and_records_sequences(trained):
     assert stats["required"] == ["T2"] and set(stats["subset_dice"]) == set(SUBSETS)
     assert ck["spacing"] == [1.5, 1.5, 3.0]
     assert stats["train_studies"] + stats["val_studies"] == sum(not is_holdout(it.study_id) for it in items)
+
+
+def test_a_dropped_sequence_in_training_is_what_inference_gives_a_study_lacking_it():
+    from dataclasses import replace
+
+    from parotid.segmentation.inference import study_input
+    from parotid.segmentation.subset_eval import without
+    from parotid.segmentation.train import drop_sequences
+    from parotid.study import read_study
+
+    study = read_study(str(SAMPLE / "syn7_0000.nii.gz"))
+    spec = replace(SEGMENTATION, required=("T2",))
+    full = study_input(study, spec)
+    for subset in SUBSETS:
+        lacking = without(study, missing_in(subset, spec.sequences))
+        assert set(lacking.sequences) == set(spec.sequences) - set(missing_in(subset, spec.sequences))
+        np.testing.assert_array_equal(study_input(lacking, spec), drop_sequences(full, spec, subset))

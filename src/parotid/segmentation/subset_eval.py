@@ -1,11 +1,11 @@
 """Held-out Dice of segmentation checkpoints per available-sequence subset (SYNTHETIC cohorts).
 
-    python -m parotid.segmentation.subset_eval --cohort /tmp/h521 --checkpoints old.pt new.pt --out res.json
+    python -m parotid.segmentation.subset_eval --cohort /tmp/h521 /tmp/h522 --checkpoints old.pt new.pt --out res.json
 
 Every study of the cohort with all the model's input sequences is segmented as it is and as a study
 lacking CE-T1, lacking DWI/ADC, and with its T2 only (the study is rebuilt without those sequences
 and goes through the served path, `segment_study`, model-space resampling included). Reported: mean
-gland and tumour Dice per subset and checkpoint, with n and the cohort's study ids' seed prefix.
+gland and tumour Dice per subset and checkpoint, with n and the study ids.
 """
 
 from __future__ import annotations
@@ -46,11 +46,11 @@ def load_checkpoint(path: str):
     return net.eval(), spec, checkpoint_spacing(ck)
 
 
-def evaluate_cohort(cohort: str, checkpoints: list[str]) -> dict:
+def evaluate_cohorts(cohorts: list[str], checkpoints: list[str]) -> dict:
     models = {p: load_checkpoint(p) for p in checkpoints}
     scores = {p: {s: {"gland": [], "tumor": []} for s in SUBSETS} for p in checkpoints}
     used, skipped = [], []
-    for it in load_cohort(cohort):
+    for it in [it for cohort in cohorts for it in load_cohort(cohort)]:
         study = read_study(it.image, it.study_id)
         spec0 = next(iter(models.values()))[1]
         if not all(s in study.sequences for s in spec0.sequences):
@@ -65,7 +65,7 @@ def evaluate_cohort(cohort: str, checkpoints: list[str]) -> dict:
                     pred, _ = segment_study(net, spec, sub, spacing)
                 scores[path][subset]["gland"].append(dice(pred == GLAND, lab == GLAND))
                 scores[path][subset]["tumor"].append(dice(pred == TUMOR, lab == TUMOR))
-    out = {"synthetic": True, "cohort": cohort, "n": len(used), "studies": used, "skipped_incomplete": skipped,
+    out = {"synthetic": True, "cohorts": cohorts, "n": len(used), "studies": used, "skipped_incomplete": skipped,
            "results": {}}
     for path in checkpoints:
         out["results"][path] = {
@@ -85,19 +85,19 @@ def table(res: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Held-out segmentation Dice per available-sequence subset (SYNTHETIC).")
-    ap.add_argument("--cohort", required=True)
+    ap.add_argument("--cohort", required=True, nargs="+", help="held-out cohort folder(s)")
     ap.add_argument("--checkpoints", nargs="+", required=True)
     ap.add_argument("--out", help="JSON file for all numbers")
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     t = time.time()
-    res = evaluate_cohort(a.cohort, a.checkpoints)
+    res = evaluate_cohorts(a.cohort, a.checkpoints)
     res["seconds"] = round(time.time() - t, 1)
     if a.out:
         with open(a.out, "w") as f:
             json.dump(res, f, indent=2)
-    print(f"SYNTHETIC held-out cohort {a.cohort}: n={res['n']} complete studies "
+    print(f"SYNTHETIC held-out cohort(s) {' '.join(a.cohort)}: n={res['n']} complete studies "
           f"({len(res['skipped_incomplete'])} incomplete skipped), {res['seconds']} s")
     print(table(res))
     return 0

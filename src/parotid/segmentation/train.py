@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import logging
 import os
 import time
 from typing import Callable, Sequence
@@ -46,6 +47,7 @@ from parotid.segmentation.sequence_dropout import MINIMUM, SUBSETS, RandSequence
 from parotid.study import read_label_map, read_study, roi_from_mask
 
 KEY_METRIC = "val_mean_dice"
+logger = logging.getLogger(__name__)
 
 
 def _load(items: Sequence[CohortItem], spec: SegModelSpec, spacing=None,
@@ -257,13 +259,18 @@ def build_engines(net, spec: SegModelSpec, trn, val, iterations: int, batch_size
     return trainer, evaluator
 
 
-def _keep_best(evaluator, net) -> dict:
-    """Copy of the weights each time the evaluator reports a new best key metric (after its comparison)."""
+def _keep_best(evaluator, net, publish: Callable[[], None] | None = None) -> dict:
+    """Copy of the weights each time the evaluator reports a new best key metric (after its comparison);
+    `publish` is called then too (an interrupted run leaves its best checkpoint, as MONAI Label does)."""
     best: dict = {"state": copy.deepcopy(net.state_dict())}
 
     def _save(engine):
+        logger.info(f"validation at epoch {engine.state.epoch}: {KEY_METRIC} {engine.state.metrics.get(KEY_METRIC):.4f} "
+                    f"(best {engine.state.best_metric:.4f} at epoch {engine.state.best_metric_epoch})")
         if engine.state.best_metric_epoch == engine.state.epoch:
             best["state"] = copy.deepcopy(net.state_dict())
+            if publish:
+                publish()
 
     evaluator.add_event_handler(Events.EPOCH_COMPLETED, _save)
     return best
@@ -304,8 +311,13 @@ def train(
         net.load_state_dict(torch.load(init_from, map_location="cpu")["model"])
     val_interval = val_interval or max(1, min(250, iterations // 4))
     trainer, evaluator = build_engines(net, spec, trn, val, iterations, batch_size, lr, seed, val_interval, patience, progress)
-    best = _keep_best(evaluator, net)
     start = time.time()
+
+    def publish():
+        interim = json.loads(json.dumps(prepare_stats(start, trainer, evaluator)))
+        save_checkpoint(net, spec, {**interim, "interim": True, "model": spec.name, "spacing": spacing}, out_path, spacing)
+
+    best = _keep_best(evaluator, net, publish)
     trainer.run()
     net.load_state_dict(best["state"])
     # MONAI Label's train stats, as plain JSON types (its keys are MONAI enums; checkpoints load weights_only)
@@ -355,8 +367,15 @@ def main(argv=None) -> int:
     torch.set_num_threads(a.threads)
     spec = SPECS[a.model]
     items = [it for folder in a.cohort for it in load_cohort(folder)]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    t0 = time.time()
+
+    def progress(it: int, loss: float) -> None:
+        if (it + 1) % 50 == 0:
+            logger.info(f"iteration {it + 1}: loss {loss:.3f} ({time.time() - t0:.0f} s)")
+
     stats = train(spec, items, os.path.join(a.out, f"{spec.name}.pt"), a.iterations, a.batch_size, lr=a.lr,
-                  seed=a.seed, init_from=a.init_from, val_interval=a.val_interval, patience=a.patience)
+                  seed=a.seed, init_from=a.init_from, val_interval=a.val_interval, patience=a.patience, progress=progress)
     print(json.dumps(stats, indent=2))
     return 0
 
