@@ -230,8 +230,11 @@ def _loader(samples, batch_size: int) -> torch.utils.data.DataLoader:
 
 
 def build_engines(net, spec: SegModelSpec, trn, val, iterations: int, batch_size: int, lr: float, seed: int,
-                  val_interval: int, patience: int, progress: Callable[[int, float], None] | None = None):
-    """(trainer, evaluator): one trainer 'epoch' is `val_interval` iterations, then a validation."""
+                  val_interval: int, patience: int, progress: Callable[[int, float], None] | None = None,
+                  stop_after: int | None = None):
+    """(trainer, evaluator): one trainer 'epoch' is `val_interval` iterations, then a validation.
+    `stop_after`: stop after that many iterations (rounded up to a validation), the learning-rate
+    schedule still planned for `iterations`."""
     device = torch.device("cpu")
     n_classes = spec.out_channels
     post = Compose([AsDiscreted("pred", argmax=True, to_onehot=n_classes), AsDiscreted("label", to_onehot=n_classes)])
@@ -245,7 +248,8 @@ def build_engines(net, spec: SegModelSpec, trn, val, iterations: int, batch_size
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * val_interval)
     trainer = SupervisedTrainer(
-        device=device, max_epochs=epochs, epoch_length=val_interval,
+        device=device, max_epochs=min(epochs, -(-stop_after // val_interval)) if stop_after else epochs,
+        epoch_length=val_interval,
         train_data_loader=_loader(RandomSamples(trn, spec, epochs * val_interval * batch_size, seed), batch_size),
         network=net, optimizer=opt, loss_function=DiceCELoss(to_onehot_y=True, softmax=True),
         train_handlers=[LrScheduleHandler(sched, print_lr=False, epoch_level=False),
@@ -290,6 +294,7 @@ def train(
     val_interval: int | None = None,
     patience: int = 4,
     max_val_studies: int = 16,
+    stop_after: int | None = None,
 ) -> dict:
     """Train `spec` on `items` (held-out studies excluded); write the best checkpoint atomically to
     `out_path` (+ stats json next to it); return the stats."""
@@ -310,7 +315,8 @@ def train(
     if init_from and os.path.exists(init_from):
         net.load_state_dict(torch.load(init_from, map_location="cpu")["model"])
     val_interval = val_interval or max(1, min(250, iterations // 4))
-    trainer, evaluator = build_engines(net, spec, trn, val, iterations, batch_size, lr, seed, val_interval, patience, progress)
+    trainer, evaluator = build_engines(net, spec, trn, val, iterations, batch_size, lr, seed, val_interval, patience, progress,
+                                       stop_after)
     start = time.time()
 
     def publish():
@@ -362,6 +368,7 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--val-interval", type=int, help="iterations between validations (default min(250, iterations/4))")
     p.add_argument("--patience", type=int, default=4, help="validations without improvement before stopping")
+    p.add_argument("--stop-after", type=int, help="stop after this many iterations (schedule still for --iterations)")
     p.add_argument("--init-from", help="checkpoint to fine-tune from")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -375,7 +382,8 @@ def main(argv=None) -> int:
             logger.info(f"iteration {it + 1}: loss {loss:.3f} ({time.time() - t0:.0f} s)")
 
     stats = train(spec, items, os.path.join(a.out, f"{spec.name}.pt"), a.iterations, a.batch_size, lr=a.lr,
-                  seed=a.seed, init_from=a.init_from, val_interval=a.val_interval, patience=a.patience, progress=progress)
+                  seed=a.seed, init_from=a.init_from, val_interval=a.val_interval, patience=a.patience, progress=progress,
+                  stop_after=a.stop_after)
     print(json.dumps(stats, indent=2))
     return 0
 
