@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # Rebuild every shipped checkpoint in apps/parotid/model from synthetic cohorts, on CPU.
 # This is the exact recipe of the shipped checkpoints (seeds, iterations, learning rates, fine-tuning
-# chain). Measured on the idle 2-core CPU: the last segmentation round 266 s, the last contour_box round
-# 172 s, both classifiers 52 s; 120 studies are generated in ~73 s. NOTE: the shipped segmentation checkpoints were trained on cohorts
-# 31/32 made by the generator at commit ffc85bd (smaller field of view) and 41 made at 105f260; with
-# today's generator the same commands give close but not bit-identical models.
+# chain). Measured on the idle 2-core CPU: the full-sequence segmentation round 266 s, the last
+# contour_box round 172 s, both classifiers 52 s; 120 studies are generated in ~73 s.
+# Segmentation: rounds a, b, c (full sequences, the plain-loop trainer of before) were trained on
+# cohorts 31/32 made by the generator at commit ffc85bd (smaller field of view) and 41 made at 105f260;
+# round d (sequence dropout, MONAI SupervisedTrainer/Evaluator, best-metric weights, early stopping,
+# held-out studies excluded) fine-tuned round c's weights (the checkpoint shipped before it) on cohorts
+# 31/32/41 made by TODAY's generator. Rerun from scratch, every round uses today's generator and
+# trainer: close but not bit-identical models.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
@@ -20,9 +24,12 @@ seg() { $PY -m parotid.segmentation.train --threads 2 "$@"; }
 # whole-study segmentation: from scratch, then two fine-tuning rounds on more data
 seg --cohort "$DATA/s31" "$DATA/s32" --model segmentation --out "$W/a" --iterations 1600 --seed 0
 seg --cohort "$DATA/s41" "$DATA/s31" --model segmentation --out "$W/b" --iterations 1200 --lr 1e-3 --seed 1 --init-from "$W/a/segmentation.pt"
-seg --cohort "$DATA/s41" "$DATA/s31" "$DATA/s32" --model segmentation --out "$OUT" --iterations 5000 --lr 1e-3 --seed 2 --init-from "$W/b/segmentation.pt"
+seg --cohort "$DATA/s41" "$DATA/s31" "$DATA/s32" --model segmentation --out "$W/c" --iterations 5000 --lr 1e-3 --seed 2 --init-from "$W/b/segmentation.pt"
+# sequence dropout (CE-T1, DWI/ADC, T1 zeroed at random; T2 required): validation every 250 iterations,
+# best weights kept, stop after 4 validations without improvement
+seg --cohort "$DATA/s41" "$DATA/s31" "$DATA/s32" --model segmentation --out "$OUT" --iterations 2500 --lr 1e-3 --seed 4 --val-interval 250 --patience 4 --init-from "$W/c/segmentation.pt"
 # box-prompted contouring: from scratch, then one fine-tuning round
-seg --cohort "$DATA/s41" "$DATA/s32" --model contour_box --out "$W/c" --iterations 2500 --seed 0
-seg --cohort "$DATA/s41" "$DATA/s31" "$DATA/s32" --model contour_box --out "$OUT" --iterations 4000 --lr 1e-3 --seed 3 --init-from "$W/c/contour_box.pt"
+seg --cohort "$DATA/s41" "$DATA/s32" --model contour_box --out "$W/e" --iterations 2500 --seed 0
+seg --cohort "$DATA/s41" "$DATA/s31" "$DATA/s32" --model contour_box --out "$OUT" --iterations 4000 --lr 1e-3 --seed 3 --init-from "$W/e/contour_box.pt"
 # classifiers (subtype4 and benign_malignant)
 $PY -m parotid.classification.train --cohort "$DATA/c101" --out "$OUT" --threads 2

@@ -1,17 +1,26 @@
-"""Training of the segmentation models on CPU (plain PyTorch loop over MONAI transforms/losses).
+"""Training of the segmentation models on MONAI's engines (Ignite), CPU by default.
 
-Reproduce the shipped checkpoints (see docs/model-card-segmentation.md):
+`SupervisedTrainer` runs the iterations over random patches (whole-study model) or jittered tumour
+boxes (box-prompted model); every `val_interval` iterations a `SupervisedEvaluator` scores the
+validation studies (mean Dice of gland and tumour); the best-scoring weights are kept and saved, and
+training stops early after `patience` validations without improvement. Train stats are in MONAI
+Label's format (`monailabel.tasks.train.handler.prepare_stats`: best_metric, best_metric_epoch, ...)
+plus the Dice per structure and per available-sequence subset of the saved weights.
 
-    parotid-synth --out /tmp/seg12 --n 60 --seed 12 --no-raw --keep CET1,T2
-    parotid-synth --out /tmp/seg13 --n 60 --seed 13 --no-raw --keep CET1,T2
-    python -m parotid.segmentation.train --cohort /tmp/seg12 /tmp/seg13 --model segmentation --out apps/parotid/model --iterations 1200
-    python -m parotid.segmentation.train --cohort /tmp/seg12 /tmp/seg13 --model contour_box --out apps/parotid/model --iterations 800
+Sequence dropout (`parotid.segmentation.sequence_dropout`): every input sequence but T2 is zeroed at
+random, so one network segments full, no-CE-T1, no-DWI/ADC and T2-only studies; the checkpoint
+records `required` (["T2"]) and `optional` (the other input sequences).
+
+Studies of the fixed held-out part (`parotid.cohort.is_holdout`) are never used here. The recipe of
+the shipped checkpoints is scripts/train_models.sh.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import logging
 import os
 import time
 from typing import Callable, Sequence
@@ -19,29 +28,55 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from ignite.engine import Events
+from monai.engines import SupervisedEvaluator, SupervisedTrainer
+from monai.handlers import EarlyStopHandler, LrScheduleHandler, MeanDice, ValidationHandler, from_engine, stopping_fn_from_metric
+from monai.inferers import SimpleInferer, SlidingWindowInferer
 from monai.losses import DiceCELoss
-from monai.transforms import Compose, RandFlip, RandScaleIntensity, RandShiftIntensity
+from monai.transforms import AsDiscreted, Compose, RandFlipd, RandScaleIntensityd, RandShiftIntensityd
 from monai.utils import set_determinism
+from monailabel.tasks.train.handler import prepare_stats
 from tqdm import tqdm
 
-from parotid.cohort import CohortItem, load_cohort
+from parotid.cohort import CohortItem, is_holdout, load_cohort
 from parotid.labels import GLAND, TUMOR
 from parotid.model_space import SPACING_KEY, checkpoint_spacing, file_spacing, label_to_model, to_model_space, training_spacing
 from parotid.segmentation.inference import box_input, box_region, contour_in_box, dice, segment, study_input
 from parotid.segmentation.networks import SPECS, SegModelSpec, build_network
+from parotid.segmentation.sequence_dropout import MINIMUM, SUBSETS, RandSequenceDropoutd, missing_in, optional_sequences
 from parotid.study import read_label_map, read_study, roi_from_mask
 
+KEY_METRIC = "val_mean_dice"
+logger = logging.getLogger(__name__)
 
-def _load(items: Sequence[CohortItem], spec: SegModelSpec, spacing=None) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Inputs and labels at the training `spacing` (studies on another grid are resampled, as at inference)."""
+
+def _load(items: Sequence[CohortItem], spec: SegModelSpec, spacing=None,
+          ids: list[str] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Inputs and labels at the training `spacing` (studies on another grid are resampled, as at inference);
+    a study without the MINIMUM sequences is skipped, other missing sequences are zero channels. The
+    loaded studies' ids are appended to `ids`."""
     data = []
     for it in tqdm(items, desc="loading", leave=False):
         study = read_study(it.image, it.study_id)
-        if not all(s in study.sequences for s in spec.required):
+        if not all(s in study.sequences for s in MINIMUM):
             continue
         space = to_model_space(study, spacing)
-        data.append((study_input(space.model_study, spec), label_to_model(read_label_map(it.label), space)))
+        model_study = space.model_study
+        data.append((_input(model_study, spec), label_to_model(read_label_map(it.label), space)))
+        if ids is not None:
+            ids.append(it.study_id)
     return data
+
+
+def _input(study, spec: SegModelSpec) -> np.ndarray:
+    """`study_input` for training: only the MINIMUM sequences are required."""
+    return study_input(study, _with_minimum(spec))
+
+
+def _with_minimum(spec: SegModelSpec) -> SegModelSpec:
+    from dataclasses import replace
+
+    return replace(spec, required=tuple(s for s in spec.sequences if s in MINIMUM))
 
 
 def _spacing_for(items: Sequence[CohortItem], init_from: str | None) -> list[float]:
@@ -81,44 +116,82 @@ def _jitter_box(roi: Sequence[int], shape, rng: np.random.Generator) -> list[int
     return out
 
 
-def _batch(data, spec: SegModelSpec, rng, batch_size: int, augment: Callable):
-    xs, ys = [], []
-    for _ in range(batch_size):
-        img, lab = data[rng.integers(len(data))]
-        if spec.box_prompted:
-            tumour = lab == TUMOR
-            if not tumour.any():
-                continue
-            comps = _tumour_components(tumour)
-            roi = _jitter_box(roi_from_mask(comps[rng.integers(len(comps))]), lab.shape, rng)
-            x, region = box_input(img, roi, spec)
-            y = (lab[region] == TUMOR).astype(np.float32)
-            y = F.interpolate(torch.from_numpy(y)[None, None], size=spec.patch, mode="nearest")[0]
-            x = x[0]
-        else:
-            xi, yi = _random_patch(img, lab, spec.patch, rng)
-            x, y = torch.from_numpy(np.ascontiguousarray(xi)), torch.from_numpy(yi[None].astype(np.float32))
-        x = _drop_optional(x, spec, rng)
-        xy = augment(torch.cat([x, y], 0))
-        xs.append(xy[:-1])
-        ys.append(xy[-1:])
-    return torch.stack(xs), torch.stack(ys).round().long()
-
-
-def _drop_optional(x: torch.Tensor, spec: SegModelSpec, rng: np.random.Generator, p: float = 0.15) -> torch.Tensor:
-    """Zero optional sequence channels at random, as when a study lacks them."""
-    x = x.clone()
-    for c, seq in enumerate(spec.sequences):
-        if seq not in spec.required and rng.random() < p:
-            x[c] = 0
-    return x
-
-
 def _tumour_components(tumour: np.ndarray) -> list[np.ndarray]:
     from scipy import ndimage
 
     comps, n = ndimage.label(tumour)
     return [comps == i for i in range(1, n + 1)]
+
+
+def _box_sample(img: np.ndarray, lab: np.ndarray, roi: Sequence[int], spec: SegModelSpec) -> dict:
+    """Box-model input (crop + box channel, resized to spec.patch) and its tumour label at that size."""
+    x, region = box_input(img, roi, spec)
+    y = torch.from_numpy((lab[region] == TUMOR).astype(np.float32))[None, None]
+    return {"image": x[0], "label": F.interpolate(y, size=spec.patch, mode="nearest")[0]}
+
+
+def augmentation(spec: SegModelSpec) -> Compose:
+    """MONAI transforms on {"image", "label"}: in-plane flips, intensity scale/shift, sequence dropout."""
+    return Compose([
+        RandFlipd(["image", "label"], prob=0.5, spatial_axis=0),
+        RandFlipd(["image", "label"], prob=0.5, spatial_axis=1),
+        RandScaleIntensityd("image", 0.1, prob=0.5),
+        RandShiftIntensityd("image", 0.1, prob=0.5),
+        RandSequenceDropoutd("image", spec.sequences, prob=0.5),
+    ])
+
+
+class RandomSamples(torch.utils.data.Dataset):
+    """`length` training samples drawn in order from one generator: a random patch of a random study
+    (whole-study model) or a random tumour of a random study under a jittered box (box model)."""
+
+    def __init__(self, data, spec: SegModelSpec, length: int, seed: int):
+        self.data, self.spec, self.length = data, spec, length
+        if spec.box_prompted:
+            self.data = [(img, lab) for img, lab in data if (lab == TUMOR).any()]
+        self.rng = np.random.default_rng(seed)
+        self.transform = augmentation(spec)
+        self.transform.set_random_state(seed)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> dict:
+        img, lab = self.data[self.rng.integers(len(self.data))]
+        if self.spec.box_prompted:
+            comps = _tumour_components(lab == TUMOR)
+            roi = _jitter_box(roi_from_mask(comps[self.rng.integers(len(comps))]), lab.shape, self.rng)
+            sample = _box_sample(img, lab, roi, self.spec)
+        else:
+            xi, yi = _random_patch(img, lab, self.spec.patch, self.rng)
+            sample = {"image": torch.from_numpy(np.ascontiguousarray(xi)), "label": torch.from_numpy(yi[None].astype(np.float32))}
+        out = self.transform(sample)
+        return {"image": torch.as_tensor(out["image"]).float(), "label": torch.as_tensor(out["label"]).round().long()}
+
+
+def drop_sequences(img: np.ndarray, spec: SegModelSpec, subset: str) -> np.ndarray:
+    """The input a study of `subset` gives: its missing sequences as zero channels (as study_input)."""
+    out = img.copy()
+    for seq in missing_in(subset, spec.sequences):
+        out[spec.sequences.index(seq)] = 0
+    return out
+
+
+def validation_samples(data, spec: SegModelSpec) -> list[dict]:
+    """Each validation study with all its sequences and once more as an incomplete study (no CE-T1,
+    no DWI/ADC, T2 only in turn), so the best weights are the best on both."""
+    subsets = [s for s in SUBSETS if s != "all"]
+    out = []
+    for i, (img, lab) in enumerate(data):
+        for subset in ("all", subsets[i % len(subsets)]):
+            x = drop_sequences(img, spec, subset)
+            if spec.box_prompted:
+                comps = _tumour_components(lab == TUMOR)
+                if comps:
+                    out.append(_box_sample(x, lab, roi_from_mask(max(comps, key=np.sum)), spec))
+            else:
+                out.append({"image": torch.from_numpy(x), "label": torch.from_numpy(lab[None].astype(np.int64))})
+    return out
 
 
 def evaluate(net, spec: SegModelSpec, data) -> dict:
@@ -146,6 +219,67 @@ def evaluate(net, spec: SegModelSpec, data) -> dict:
     return out
 
 
+def evaluate_subsets(net, spec: SegModelSpec, data) -> dict:
+    """`evaluate` for each available-sequence subset (SUBSETS) of the same studies."""
+    return {subset: evaluate(net, spec, [(drop_sequences(img, spec, subset), lab) for img, lab in data])
+            for subset in SUBSETS}
+
+
+def _loader(samples, batch_size: int) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(samples, batch_size=batch_size, shuffle=False, num_workers=0)
+
+
+def build_engines(net, spec: SegModelSpec, trn, val, iterations: int, batch_size: int, lr: float, seed: int,
+                  val_interval: int, patience: int, progress: Callable[[int, float], None] | None = None,
+                  stop_after: int | None = None):
+    """(trainer, evaluator): one trainer 'epoch' is `val_interval` iterations, then a validation.
+    `stop_after`: stop after that many iterations (rounded up to a validation), the learning-rate
+    schedule still planned for `iterations`."""
+    device = torch.device("cpu")
+    n_classes = spec.out_channels
+    post = Compose([AsDiscreted("pred", argmax=True, to_onehot=n_classes), AsDiscreted("label", to_onehot=n_classes)])
+    inferer = SimpleInferer() if spec.box_prompted else SlidingWindowInferer(
+        roi_size=spec.patch, sw_batch_size=2, overlap=0.25, mode="gaussian")
+    evaluator = SupervisedEvaluator(
+        device=device, val_data_loader=_loader(validation_samples(val, spec), 1), network=net, inferer=inferer,
+        postprocessing=post, key_val_metric={KEY_METRIC: MeanDice(include_background=False, output_transform=from_engine(["pred", "label"]))},
+    )
+    epochs = -(-iterations // val_interval)  # iterations rounded up to whole validation intervals
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * val_interval)
+    trainer = SupervisedTrainer(
+        device=device, max_epochs=min(epochs, -(-stop_after // val_interval)) if stop_after else epochs,
+        epoch_length=val_interval,
+        train_data_loader=_loader(RandomSamples(trn, spec, epochs * val_interval * batch_size, seed), batch_size),
+        network=net, optimizer=opt, loss_function=DiceCELoss(to_onehot_y=True, softmax=True),
+        train_handlers=[LrScheduleHandler(sched, print_lr=False, epoch_level=False),
+                        ValidationHandler(validator=evaluator, interval=1, epoch_level=True)],
+    )
+    EarlyStopHandler(patience=patience, score_function=stopping_fn_from_metric(KEY_METRIC), trainer=trainer,
+                     epoch_level=True).attach(evaluator)
+    if progress:
+        trainer.add_event_handler(Events.ITERATION_COMPLETED,
+                                  lambda e: progress(e.state.iteration - 1, float(from_engine("loss", first=True)(e.state.output))))
+    return trainer, evaluator
+
+
+def _keep_best(evaluator, net, publish: Callable[[], None] | None = None) -> dict:
+    """Copy of the weights each time the evaluator reports a new best key metric (after its comparison);
+    `publish` is called then too (an interrupted run leaves its best checkpoint, as MONAI Label does)."""
+    best: dict = {"state": copy.deepcopy(net.state_dict())}
+
+    def _save(engine):
+        logger.info(f"validation at epoch {engine.state.epoch}: {KEY_METRIC} {engine.state.metrics.get(KEY_METRIC):.4f} "
+                    f"(best {engine.state.best_metric:.4f} at epoch {engine.state.best_metric_epoch})")
+        if engine.state.best_metric_epoch == engine.state.epoch:
+            best["state"] = copy.deepcopy(net.state_dict())
+            if publish:
+                publish()
+
+    evaluator.add_event_handler(Events.EPOCH_COMPLETED, _save)
+    return best
+
+
 def train(
     spec: SegModelSpec,
     items: Sequence[CohortItem],
@@ -157,15 +291,22 @@ def train(
     val_fraction: float = 0.15,
     init_from: str | None = None,
     progress: Callable[[int, float], None] | None = None,
+    val_interval: int | None = None,
+    patience: int = 4,
+    max_val_studies: int = 16,
+    stop_after: int | None = None,
 ) -> dict:
-    """Train `spec` on `items`; write the checkpoint atomically to `out_path`; return the stats."""
+    """Train `spec` on `items` (held-out studies excluded); write the best checkpoint atomically to
+    `out_path` (+ stats json next to it); return the stats."""
     set_determinism(seed)
     rng = np.random.default_rng(seed)
+    items = [it for it in items if not is_holdout(it.study_id)]
     spacing = _spacing_for(items, init_from)
-    data = _load(items, spec, spacing)
+    ids: list[str] = []
+    data = _load(items, spec, spacing, ids)
     if len(data) < 2:
-        raise ValueError(f"need at least 2 labelled studies with {list(spec.sequences)}, got {len(data)}")
-    n_val = max(1, int(round(val_fraction * len(data))))
+        raise ValueError(f"need at least 2 labelled studies with {list(MINIMUM)}, got {len(data)}")
+    n_val = min(max_val_studies, max(1, int(round(val_fraction * len(data)))))
     order = rng.permutation(len(data))
     val = [data[i] for i in order[:n_val]]
     trn = [data[i] for i in order[n_val:]]
@@ -173,39 +314,40 @@ def train(
     net = build_network(spec)
     if init_from and os.path.exists(init_from):
         net.load_state_dict(torch.load(init_from, map_location="cpu")["model"])
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=iterations)
-    augment = Compose([RandFlip(prob=0.5, spatial_axis=0), RandFlip(prob=0.5, spatial_axis=1)])
-    intensity = Compose([RandScaleIntensity(0.1, prob=0.5), RandShiftIntensity(0.1, prob=0.5)])
+    val_interval = val_interval or max(1, min(250, iterations // 4))
+    trainer, evaluator = build_engines(net, spec, trn, val, iterations, batch_size, lr, seed, val_interval, patience, progress,
+                                       stop_after)
     start = time.time()
-    net.train()
-    bar = tqdm(range(iterations), desc=f"train {spec.name}", mininterval=5)
-    for it in bar:
-        x, y = _batch(trn, spec, rng, batch_size, augment)
-        x = torch.stack([intensity(xi) for xi in x])
-        opt.zero_grad()
-        loss = loss_fn(net(x), y)
-        loss.backward()
-        opt.step()
-        sched.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        if progress:
-            progress(it, float(loss.item()))
-    stats = evaluate(net, spec, val)
+
+    def publish():
+        interim = json.loads(json.dumps(prepare_stats(start, trainer, evaluator)))
+        save_checkpoint(net, spec, {**interim, "interim": True, "model": spec.name, "spacing": spacing}, out_path, spacing)
+
+    best = _keep_best(evaluator, net, publish)
+    trainer.run()
+    net.load_state_dict(best["state"])
+    # MONAI Label's train stats, as plain JSON types (its keys are MONAI enums; checkpoints load weights_only)
+    stats = json.loads(json.dumps(prepare_stats(start, trainer, evaluator)))
+    subsets = evaluate_subsets(net, spec, val)
+    stats.update(subsets["all"])
     stats.update(
-        model=spec.name, train_studies=len(trn), val_studies=len(val), iterations=iterations,
+        model=spec.name, train_studies=len(trn), val_studies=len(val), validation_ids=[ids[i] for i in order[:n_val]], iterations=trainer.state.iteration,
+        best_metric_iteration=int(evaluator.state.best_metric_epoch) * val_interval, val_interval=val_interval,
+        stopped_early=trainer.state.iteration < trainer.state.max_epochs * val_interval, subset_dice=subsets,
         train_seconds=round(time.time() - start, 1), version=time.strftime("%Y%m%d-%H%M%S"), spacing=spacing,
+        required=list(MINIMUM), optional=optional_sequences(spec.sequences),
     )
     save_checkpoint(net, spec, stats, out_path, spacing)
     return stats
 
 
 def save_checkpoint(net, spec: SegModelSpec, stats: dict, out_path: str, spacing=None) -> None:
-    """`spacing`: the training spacing [sx, sy, sz] mm (I, J, K), what inference resamples studies to."""
+    """`spacing`: the training spacing [sx, sy, sz] mm (I, J, K), what inference resamples studies to.
+    `required` / `optional`: the input sequences a study must have / may lack (zero channel)."""
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     tmp = out_path + ".tmp"
-    ck = {"model": net.state_dict(), "spec": spec.name, "sequences": list(spec.sequences), "stats": stats}
+    ck = {"model": net.state_dict(), "spec": spec.name, "sequences": list(spec.sequences), "stats": stats,
+          "required": list(MINIMUM), "optional": optional_sequences(spec.sequences)}
     if spacing is not None:
         ck[SPACING_KEY] = [float(v) for v in spacing]
     torch.save(ck, tmp)
@@ -224,13 +366,24 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--val-interval", type=int, help="iterations between validations (default min(250, iterations/4))")
+    p.add_argument("--patience", type=int, default=4, help="validations without improvement before stopping")
+    p.add_argument("--stop-after", type=int, help="stop after this many iterations (schedule still for --iterations)")
     p.add_argument("--init-from", help="checkpoint to fine-tune from")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     spec = SPECS[a.model]
     items = [it for folder in a.cohort for it in load_cohort(folder)]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    t0 = time.time()
+
+    def progress(it: int, loss: float) -> None:
+        if (it + 1) % 50 == 0:
+            logger.info(f"iteration {it + 1}: loss {loss:.3f} ({time.time() - t0:.0f} s)")
+
     stats = train(spec, items, os.path.join(a.out, f"{spec.name}.pt"), a.iterations, a.batch_size, lr=a.lr,
-                  seed=a.seed, init_from=a.init_from)
+                  seed=a.seed, init_from=a.init_from, val_interval=a.val_interval, patience=a.patience, progress=progress,
+                  stop_after=a.stop_after)
     print(json.dumps(stats, indent=2))
     return 0
 

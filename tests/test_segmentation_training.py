@@ -1,0 +1,114 @@
+"""Segmentation training on MONAI's engines: sequence dropout, best validated weights, early stopping,
+the checkpoint's required/optional sequences, held-out studies never trained on (SYNTHETIC sample data)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from parotid.cohort import is_holdout, load_cohort
+from parotid.segmentation.networks import CONTOUR_BOX, SEGMENTATION, build_network
+from parotid.segmentation.sequence_dropout import SUBSETS, RandSequenceDropout, missing_in
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "sample-data" / "studies"
+MODEL = ROOT / "apps" / "parotid" / "model" / "segmentation.pt"
+
+
+def _draws(transform, n=400):
+    x = torch.ones((len(SEGMENTATION.sequences) + 1, 2, 2, 2))  # + a box-prompt channel
+    return [tuple(bool(v) for v in transform(x)[:, 0, 0, 0]) for _ in range(n)]
+
+
+def test_sequence_dropout_zeroes_whole_optional_sequences_only():
+    t = RandSequenceDropout(SEGMENTATION.sequences, prob=0.5)
+    t.set_random_state(0)
+    draws = _draws(t)
+    t2 = SEGMENTATION.sequences.index("T2")
+    assert all(d[t2] and d[-1] for d in draws)  # T2 and the box channel are never dropped
+    full = sum(all(d) for d in draws) / len(draws)
+    assert 0.4 < full < 0.65, full  # half the samples keep every sequence (+ random draws dropping nothing)
+    kept = {tuple(s for s, k in zip(SEGMENTATION.sequences, d) if k) for d in draws}
+    for subset in ("no_CET1", "no_DWI_ADC", "T2_only"):  # every incomplete study type is trained on
+        missing = missing_in(subset, SEGMENTATION.sequences)
+        assert tuple(s for s in SEGMENTATION.sequences if s not in missing) in kept, subset
+    t0 = RandSequenceDropout(SEGMENTATION.sequences, prob=0.0)
+    assert all(all(d) for d in _draws(t0, 20))
+
+
+def test_subsets_name_what_they_lack():
+    seqs = SEGMENTATION.sequences
+    assert missing_in("all", seqs) == ()
+    assert missing_in("no_CET1", seqs) == ("CET1",)
+    assert set(missing_in("no_DWI_ADC", seqs)) == {"DWI_B0", "DWI_B1000", "ADC"}
+    assert set(missing_in("T2_only", seqs)) == set(seqs) - {"T2"}
+    assert set(SUBSETS) == {"all", "no_CET1", "no_DWI_ADC", "T2_only"}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A deliberately unstable fine-tune (huge learning rate) from the shipped weights: validation must
+    keep the best weights and stop early."""
+    from parotid.segmentation.train import train
+
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("segtrain") / "segmentation.pt"
+    items = load_cohort(str(SAMPLE))
+    stats = train(SEGMENTATION, items, str(out), iterations=12, batch_size=2, lr=0.5, seed=0, init_from=str(MODEL),
+                  val_interval=2, patience=2, max_val_studies=2)
+    return stats, torch.load(out, map_location="cpu", weights_only=True), items
+
+
+def test_training_keeps_the_best_validated_weights(trained):
+    from parotid.segmentation.train import _load, validation_samples
+    from monai.inferers import SlidingWindowInferer
+    from monai.metrics import DiceMetric
+    from monai.networks import one_hot
+
+    stats, ck, items = trained
+    assert stats["eval"]["key_metric_name"] == "val_mean_dice"
+    assert stats["best_metric"] == stats["eval"]["best_metric"] and stats["eval"]["best_metric_epoch"] >= 1
+    assert {"total_epochs", "total_iterations", "epoch", "start_ts"} <= set(stats)  # MONAI Label's format
+    # the saved weights score the best metric on the validation samples, not the last one
+    net = build_network(SEGMENTATION)
+    net.load_state_dict(ck["model"])
+    net.eval()
+    metric = DiceMetric(include_background=False)
+    inferer = SlidingWindowInferer(roi_size=SEGMENTATION.patch, sw_batch_size=2, overlap=0.25, mode="gaussian")
+    val = [it for it in items if it.study_id in stats["validation_ids"]]
+    val.sort(key=lambda it: stats["validation_ids"].index(it.study_id))
+    for s in validation_samples(_load(val, SEGMENTATION, ck["spacing"]), SEGMENTATION):
+        with torch.no_grad():
+            pred = inferer(s["image"][None], net).argmax(1, keepdim=True)
+        metric(one_hot(pred, 3), one_hot(s["label"][None], 3))
+    assert abs(metric.aggregate().mean().item() - stats["best_metric"]) < 1e-4
+    assert stats["best_metric"] > stats["eval"]["metrics"]["val_mean_dice"]  # the run got worse after its best
+
+
+def test_training_stops_early_and_records_sequences(trained):
+    stats, ck, items = trained
+    assert stats["stopped_early"] and stats["iterations"] < 12
+    assert ck["required"] == ["T2"] and set(ck["optional"]) == set(SEGMENTATION.sequences) - {"T2"}
+    assert stats["required"] == ["T2"] and set(stats["subset_dice"]) == set(SUBSETS)
+    assert ck["spacing"] == [1.5, 1.5, 3.0]
+    assert stats["train_studies"] + stats["val_studies"] == sum(not is_holdout(it.study_id) for it in items)
+
+
+def test_a_dropped_sequence_in_training_is_what_inference_gives_a_study_lacking_it():
+    from dataclasses import replace
+
+    from parotid.segmentation.inference import study_input
+    from parotid.segmentation.subset_eval import without
+    from parotid.segmentation.train import drop_sequences
+    from parotid.study import read_study
+
+    study = read_study(str(SAMPLE / "syn7_0000.nii.gz"))
+    spec = replace(SEGMENTATION, required=("T2",))
+    full = study_input(study, spec)
+    for subset in SUBSETS:
+        lacking = without(study, missing_in(subset, spec.sequences))
+        assert set(lacking.sequences) == set(spec.sequences) - set(missing_in(subset, spec.sequences))
+        np.testing.assert_array_equal(study_input(lacking, spec), drop_sequences(full, spec, subset))
