@@ -15,18 +15,12 @@ import numpy as np
 import torch
 from monai.transforms import MapTransform, RandomizableTransform
 
-# the sequences a study must have; every other input sequence is optional
-MINIMUM: tuple[str, ...] = ("T2",)
-DIFFUSION = ("DWI_B0", "DWI_B1000", "ADC")
+from parotid.subsets import DIFFUSION, MINIMUM_SEQUENCES, NAMED_SUBSETS
 
-# available-sequence subsets, by the sequences they lack (None = "everything but MINIMUM");
-# the evaluation reports Dice for each (parotid.segmentation.subset_eval)
-SUBSETS: dict[str, tuple[str, ...] | None] = {
-    "all": (),
-    "no_CET1": ("CET1",),
-    "no_DWI_ADC": DIFFUSION,
-    "T2_only": None,
-}
+# the sequences a study must have (every other input sequence is optional) and the available-sequence
+# subsets by the sequences they lack (None = "everything but MINIMUM"): defined once, in parotid.subsets
+MINIMUM: tuple[str, ...] = MINIMUM_SEQUENCES
+SUBSETS: dict[str, tuple[str, ...] | None] = NAMED_SUBSETS
 
 
 def missing_in(subset: str, sequences: Sequence[str], minimum: Sequence[str] = MINIMUM) -> tuple[str, ...]:
