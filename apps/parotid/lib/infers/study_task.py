@@ -25,6 +25,7 @@ from monailabel.utils.others.generic import file_checksum
 
 from lib.errors import http_errors
 from parotid.model_space import checkpoint_spacing
+from parotid.registry import ModelRegistry
 from parotid.study import Study, StudyError, copy_geometry, read_study
 
 logger = logging.getLogger(__name__)
@@ -60,7 +61,15 @@ class StudyInferTask(BasicInferTask):
 
     def info(self) -> Dict[str, Any]:
         # sequences: what the model uses; required_sequences: a study lacking one of these gets a 422
-        return {**super().info(), "sequences": list(self.sequences), "required_sequences": list(self.required)}
+        return {**super().info(), "sequences": list(self.sequences), "required_sequences": list(self.required),
+                "version": self.served_version()}
+
+    def served_version(self) -> int | None:
+        """The served checkpoint's version in the model registry (parotid.registry), None if unregistered."""
+        path = self.path[0] if isinstance(self.path, (list, tuple)) else self.path
+        if not path:
+            return None
+        return ModelRegistry(os.path.dirname(path), os.path.splitext(os.path.basename(path))[0]).served_version()
 
     @property
     def model_dir(self) -> str:
@@ -100,11 +109,13 @@ class StudyInferTask(BasicInferTask):
 
     def run_inferer(self, data: Dict[str, Any], convert_to_batch=True, device="cpu"):
         checkpoint = self.checkpoint_identity()  # read before loading: a swap in between is reloaded next time
+        version = self.served_version()
         network = self._get_network(device, data)
         with http_errors():
             array, result = self.predict(network, data["study"], data)
         data["result_array"] = array
-        data["result_json"] = {**result, "checkpoint": checkpoint}
+        # version: the registry's number of the served checkpoint (also in the PACS SR's model version)
+        data["result_json"] = {**result, "version": version, "checkpoint": checkpoint}
         return data
 
     _identities: Dict[tuple, Dict[str, Any]] = {}
