@@ -72,7 +72,13 @@ class GatedTrainTask(TrainTask):
     def registry_stats(self) -> Dict[str, Any]:
         reg = self.registry
         last = reg.last_candidate()
-        out: Dict[str, Any] = {"version": reg.served_version(), "gate": self.gate.describe()}
+        version = reg.served_version()
+        out: Dict[str, Any] = {"version": version, "gate": self.gate.describe()}
+        if version is not None and not reg.read_only:
+            meta = reg.meta(version)
+            out.update(version_source=meta.get("source"), version_created=meta.get("created"))
+            if "n_holdout" in (meta.get("data") or {}):
+                out["n_holdout"] = meta["data"]["n_holdout"]  # studies held out of its training (the gate's)
         if last:
             out["last_candidate"] = {k: last.get(k) for k in ("version", "created", "status", "reason", "forced")}
             out["last_candidate"]["summary"] = outcome_words(last)
