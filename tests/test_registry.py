@@ -155,3 +155,25 @@ def test_gate_rejects_a_miscalibrated_classifier_on_real_held_out_studies(tmp_pa
     assert cand["auc"] == pytest.approx(served["auc"])  # same ranking: the temperature does not change it
     d = decide(CLS, cand, served)
     assert not d.promote and "log-loss" in d.reason and "> served" in d.reason, d.reason
+
+
+def test_gate_rejects_an_untrained_segmentation_on_real_held_out_studies(tmp_path):
+    """The shipped segmentation model against the same network untrained (random weights), scored on the
+    sample studies' held-out part: tumour Dice decides."""
+    from parotid.cohort import load_cohort, split_holdout
+    from parotid.holdout_scores import segmentation_scores
+    from parotid.segmentation.networks import SPECS, build_network
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    held = split_holdout(load_cohort(str(SAMPLE)))[1]
+    spec = SPECS["segmentation"]
+    ck = torch.load(APP / "model" / "segmentation.pt", map_location="cpu", weights_only=True)
+    ck["model"] = build_network(spec).state_dict()
+    torch.save(ck, tmp_path / "untrained.pt")
+    served = segmentation_scores(str(APP / "model" / "segmentation.pt"), spec, held)
+    cand = segmentation_scores(str(tmp_path / "untrained.pt"), spec, held)
+    assert served["n"] == cand["n"] == len(held) and served["dice_tumor"] > 0.5 > cand["dice_tumor"]
+    d = decide(SEG, cand, served)
+    assert not d.promote and d.reason.startswith("rejected: tumour Dice"), d.reason
+    assert decide(SEG, served, served).promote  # the same checkpoint passes its own gate
