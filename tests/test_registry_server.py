@@ -140,3 +140,27 @@ def test_tracked_checkpoints_are_unchanged(srv, tracked_before):
     """Runs last in this module: after trainings, rollback and upload, apps/parotid/model is as committed."""
     assert tracked_model_files() == tracked_before
     assert not (APP / "model" / "registry").exists()
+
+
+def test_a_server_on_the_repository_model_dir_never_changes_it(tracked_before, tmp_path):
+    """Started on the tracked app itself (no --conf model_dir): inference works, version 1; uploads,
+    deletions, rollbacks and trainings are refused with 409 and the tracked files stay as committed."""
+    from conftest import Server, copy_studies
+
+    s = Server(copy_studies(SAMPLE, tmp_path / "studies"), tmp_path / "server.log", models="contour_box").start()
+    try:
+        assert get(s, "/model/info/contour_box")["version"] == 1
+        assert get(s, "/info/")["train_stats"]["contour_box"]["version"] == 1
+        with open(APP / "model" / "contour_box.pt", "rb") as f:
+            r = requests.put(f"{s.url}/model/contour_box", files={"file": ("m.pt", f)}, timeout=60)
+        assert r.status_code == 409 and "git checkout" in r.json()["detail"], r.text[:300]
+        r = requests.delete(f"{s.url}/model/contour_box", timeout=30)
+        assert r.status_code == 409 and "git checkout" in r.json()["detail"], r.text[:300]
+        r = requests.post(f"{s.url}/model/rollback/contour_box", params={"version": 1}, timeout=30)
+        assert r.status_code == 409, r.text[:300]
+        r = requests.post(f"{s.url}/train/contour_box", params={"run_sync": "true"}, json={"iterations": 1}, timeout=300)
+        assert r.status_code >= 400 and "git checkout" in r.text, r.text[:300]
+    finally:
+        s.stop()
+    assert tracked_model_files() == tracked_before
+    assert not (APP / "model" / "registry").exists()

@@ -6,6 +6,8 @@
                                              atomically and inference hot-reloads it
     GET  /train/                             MONAI Label's training status + ``candidate``: what the gate
                                              did with the candidate of the training shown
+    DELETE /model/{model}                    MONAI Label's (the file is moved aside), admin role as its summary
+                                             says, and 409 on a read-only model dir
 
 Unknown model or version: 404 JSON; a version that was never served (rejected by the gate): 409; a model
 dir in a git checkout (the repository's tracked checkpoints, never rewritten by a server): 409.
@@ -85,6 +87,15 @@ def install_registry_routes(app, get_registry: Callable[[str], Optional[ModelReg
             out.append(t)
         return out if isinstance(res, list) else out[0]
 
+    async def api_delete_model(model: str, user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))):
+        from monailabel.endpoints.model import delete_model
+
+        reg = get_registry(model)
+        if reg is not None and reg.read_only:
+            raise HTTPException(409, f"the model dir {reg.model_dir} is in a git checkout (tracked checkpoints), which a "
+                                     "running server never changes; start it with --conf model_dir DIR on a copy")
+        return delete_model(model)
+
     prefix = settings.MONAI_LABEL_API_STR
     app.router.add_api_route(f"{prefix}/model/versions/{{model}}", api_model_versions, methods=["GET"], tags=["Model"],
                              summary=f"{RBAC_ADMIN}List the versions of a model (registry) and which is served")
@@ -97,4 +108,6 @@ def install_registry_routes(app, get_registry: Callable[[str], Optional[ModelReg
     routes.insert(0, routes.pop())
     replace_route(app, f"{prefix}/train/", "GET", api_train_status, tags=["Train"],
                   summary=f"{RBAC_USER}Get Status of Training Task (and what the promotion gate did with its candidate)")
+    replace_route(app, f"{prefix}/model/{{model}}", "DELETE", api_delete_model, tags=["Model"],
+                  summary=f"{RBAC_ADMIN}Delete Model File (moved aside; refused on a read-only model dir)")
     app.openapi_schema = None
