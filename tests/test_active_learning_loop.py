@@ -98,13 +98,14 @@ def test_label_train_reload_rescore_next_sample(loop_server, tmp_path):
     assert _segment(url, remaining[0])["checkpoint"]["checksum"] == ckpt_before["checksum"]
 
     # 4. the admin trains on every final label, the three new ones included
-    r = requests.post(f"{url}/train/segmentation", json={"iterations": 20, "batch_size": 2}, timeout=30)
+    r = requests.post(f"{url}/train/segmentation", json={"iterations": 20, "batch_size": 2, "force": True},
+                      timeout=30)  # forced past the promotion gate: this test is about the loop
     assert r.status_code == 200, r.text
     task = _wait(lambda: (lambda t: t if t.get("status") in ("DONE", "ERROR") else None)(
         requests.get(f"{url}/train/", timeout=30).json()), 900, "training", step=2)
     assert task["status"] == "DONE", task.get("details")
     stats = requests.get(f"{url}/info/", timeout=30).json()["train_stats"]["segmentation"]
-    assert stats["train_studies"] + stats["val_studies"] == labelled_before + len(labelled)
+    assert stats["train_studies"] + stats["val_studies"] + stats["n_holdout"] == labelled_before + len(labelled)
 
     # 5. the checkpoint changed, and the next inference comes from the new one
     ckpt_after = requests.get(f"{url}/model/info/segmentation", timeout=30).json()

@@ -198,10 +198,10 @@ def test_train_task_reads_datastore_and_hot_reloads(server, labelled):
     before = infer(server, "classify_malignancy", sid, {"roi": info["roi"]}).json()["trained_at"]
     time.sleep(1.1)
     r = requests.post(f"{server.url}/train/classify_malignancy", params={"run_sync": "true"},
-                      json={"epochs1": 1, "epochs2": 2, "val_frac": 0.25}, timeout=600)
+                      json={"epochs1": 1, "epochs2": 2, "val_frac": 0.25, "force": True}, timeout=600)
     assert r.status_code == 200, r.text[:500]
     stats = requests.get(server.url + "/info/", timeout=30).json()["train_stats"]["classify_malignancy"]
-    assert stats["trained"] and stats["source"] == "datastore" and stats["n_train"] + stats["n_val"] == len(labelled)
+    assert stats["trained"] and stats["source"] == "datastore" and stats["n_train"] + stats["n_val"] + stats["n_holdout"] == len(labelled)
     after = infer(server, "classify_malignancy", sid, {"roi": info["roi"]}).json()
     assert after["trained_at"] == stats["date"] and after["trained_at"] != before
     assert sum(p["score"] for p in after["prediction"]) == pytest.approx(1.0, abs=1e-5)

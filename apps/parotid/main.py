@@ -32,12 +32,15 @@ from lib.cors import restrict_cors
 from lib.datastore import StudyDatastore
 from lib.errors import http_errors
 from lib.image_upload import install_image_upload
+from lib.model_registry_api import install_registry_routes
 from lib.model_upload import install_checkpoint_upload_check
+from lib.trainers.gated import GatedTrainTask
 from lib.sessions import StudySessions
 from lib.study_support import skipping_unprocessable
 from parotid.labels import classification_label_sets
 from parotid.pacs.auth import fix_monailabel_jwt
 from parotid.pacs.sr_policy import install_infer_caller, sr_params, write_back
+from parotid.registry import ModelRegistry
 
 fix_monailabel_jwt()  # MONAI Label 0.8.5 + PyJWT 2.x: tokens are decoded without `algorithms` (see docs/pacs.md)
 
@@ -76,6 +79,22 @@ class ParotidApp(MONAILabelApp):
             description="Parotid gland and tumour contouring and tumour classification on multi-sequence MRI",
             version="0.1.0",
         )
+        for t in self._trainers.values():  # first start: the shipped checkpoints become version 1
+            if isinstance(t, GatedTrainTask):
+                t.registry.sync_served()
+
+    def registry(self, model: str) -> ModelRegistry | None:
+        """The model registry of a trainable model (parotid.registry), None for an unknown name."""
+        t = self._trainers.get(model)
+        return t.registry if isinstance(t, GatedTrainTask) else None
+
+    def model_info(self, model):
+        """MONAI Label's (checksum, modified_time, train_stats) + the served checkpoint's registry version."""
+        info = super().model_info(model)
+        reg = self.registry(model)
+        if info and reg is not None:
+            info["version"] = reg.served_version()
+        return info
 
     def init_datastore(self) -> Datastore:
         if self.studies.startswith(("http://", "https://")):
@@ -128,7 +147,8 @@ class ParotidApp(MONAILabelApp):
         super().on_init_complete()
         from monailabel.app import app as fastapi_app  # the server's FastAPI app (server mode only)
 
-        install_checkpoint_upload_check(fastapi_app, self._infers.get)
+        install_checkpoint_upload_check(fastapi_app, self._infers.get, self._trainers.get)
+        install_registry_routes(fastapi_app, self.registry)
         install_image_upload(fastapi_app)
         install_infer_caller(fastapi_app)  # the caller's role decides whether a classification SR is stored
         if not getattr(fastapi_app.state, "parotid_http_layer", False):  # not served via parotid.asgi (before start)

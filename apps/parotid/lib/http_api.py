@@ -108,8 +108,9 @@ _JOB_PATH = re.compile(r"^/(train|scoring|batch/infer)/([^/]+)$")
 class UnknownJobGuard:
     """ASGI middleware: POST /train/{model}, /scoring/{method} or /batch/infer/{model} for a name the
     app does not have is a 404 (MONAI Label would answer 200 and fail in the background); batch
-    inference may not write `final` labels (annotators' work) -- checked here because the async job's
-    own check runs only after the 200."""
+    inference may not write `final` labels (annotators' work) and a training's `force` (the promotion
+    gate's override) must be a boolean -- checked here because the async job's own check runs only
+    after the 200."""
 
     def __init__(self, app, names: Callable[[str], Iterable[str]]):
         self.app, self.names = app, names
@@ -123,7 +124,7 @@ class UnknownJobGuard:
         if name not in known:
             return await _json(404, f"unknown {'method' if kind == 'scoring' else 'model'} '{name}' for /{kind}; "
                                     f"available: {known}")(scope, receive, send)
-        if kind != "batch/infer":
+        if kind == "scoring":
             return await self.app(scope, receive, send)
         body, more = b"", True
         while more:  # read the JSON body, then replay it to the endpoint
@@ -131,12 +132,16 @@ class UnknownJobGuard:
             body += message.get("body", b"")
             more = message.get("more_body", False)
         try:
-            tag = (json.loads(body or b"{}") or {}).get("label_tag")
+            request = json.loads(body or b"{}") or {}
+            tag, force = request.get("label_tag"), request.get("force", False)
         except (ValueError, AttributeError):
-            tag = None  # malformed bodies are FastAPI's to reject (422)
-        if str(tag) == "final":
+            tag, force = None, False  # malformed bodies are FastAPI's to reject (422)
+        if kind == "batch/infer" and str(tag) == "final":
             return await _json(422, "batch inference cannot write the 'final' label; final labels come from "
                                     "annotators")(scope, receive, send)
+        if kind == "train" and not isinstance(force, bool):  # the promotion gate's override (docs/admin.md)
+            return await _json(422, f"force must be true or false (true: serve the trained model even if the "
+                                    f"promotion gate rejects it), got {force!r}")(scope, receive, send)
         replayed = False
 
         async def replay():

@@ -4,7 +4,10 @@ MONAI Label 0.8.5's endpoint copies any upload over the model file (and lets the
 it, although its summary says admin): one wrong file and every later inference of that model fails.
 This route takes precedence over it: admin role, the upload must load (weights only, no pickled
 code) into the task's network, and it replaces the checkpoint atomically (rename) so a concurrent
-inference never reads half a file. The response is MONAI Label's (checksum, modified_time).
+inference never reads half a file. An accepted upload is registered as a new version of the model
+(parotid.registry: source "upload", promoted without the gate: an admin chose it), so /info and
+/model/info describe the served checkpoint. The response is MONAI Label's (checksum, modified_time)
++ ``version``.
 """
 
 from __future__ import annotations
@@ -20,12 +23,16 @@ from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.utils.others.generic import file_checksum
 
 from lib.errors import http_errors
+from lib.trainers.gated import GatedTrainTask
+from parotid.registry import RegistryError
 from parotid.routes import replace_route
 
 
-def install_checkpoint_upload_check(app, get_task: Callable[[str], Optional[object]]) -> None:
+def install_checkpoint_upload_check(app, get_task: Callable[[str], Optional[object]],
+                                    get_trainer: Callable[[str], Optional[object]] = lambda m: None) -> None:
     """`get_task(model)` returns the infer task that serves `model` (with `check_checkpoint` and
-    `path`), or None."""
+    `path`), or None; `get_trainer(model)` its train task (a lib.trainers.gated.GatedTrainTask holds
+    the model's registry), or None."""
 
     async def api_update_model(background_tasks: BackgroundTasks, model: str, file: UploadFile = File(...),
                                user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))):
@@ -39,11 +46,22 @@ def install_checkpoint_upload_check(app, get_task: Callable[[str], Optional[obje
                 shutil.copyfileobj(file.file, out)
             with http_errors():
                 task.check_checkpoint(staged)
-            os.replace(staged, target)
+            trainer = get_trainer(model)
+            version = None
+            if isinstance(trainer, GatedTrainTask):
+                who = f" ({user.username})" if user and user.username else ""
+                try:
+                    version = trainer.registry.register_file(
+                        staged, "upload", f"uploaded by an admin{who} (PUT /model/{model}); not gated",
+                        sidecar=trainer.sidecar(staged))["version"]
+                except RegistryError as e:
+                    raise HTTPException(e.status, str(e)) from None
+            else:
+                os.replace(staged, target)
         finally:
             if os.path.exists(staged):
                 os.remove(staged)
-        return {"checksum": file_checksum(target), "modified_time": int(os.stat(target).st_mtime)}
+        return {"checksum": file_checksum(target), "modified_time": int(os.stat(target).st_mtime), "version": version}
 
     path = f"{settings.MONAI_LABEL_API_STR}/model/{{model}}"
     replace_route(app, path, "PUT", api_update_model, tags=["Model"],

@@ -6,7 +6,7 @@ model's tumour is used (422 if there is none).
 
 Response ``params`` (JSON): ``prediction`` [{idx, label, score}] (calibrated, sums to 1),
 ``predicted_class``, ``malignancy_probability``, ``undetermined`` (MC dropout), ``uncertainty``,
-``model``, ``version``, ``roi``, ``roi_source``, ``label_set``, ``model_spacing`` / ``resampled`` (and
+``model``, ``version`` (the served checkpoint's registry version), ``roi``, ``roi_source``, ``label_set``, ``model_spacing`` / ``resampled`` (and
 ``model_roi`` when resampled; parotid.model_space), ``sequences_used`` / ``sequences_missing`` /
 ``expected_performance`` (parotid.subsets). Response image: heatmap volume
 (float32 0..1, NIfTI, the study's reference grid), normalised jointly over all slices: by default our
@@ -90,7 +90,7 @@ class ClassifyStudy(StudyInferTask):
 
     def info(self) -> Dict[str, Any]:
         cfg = self._peek(self.path[0] if isinstance(self.path, list) else self.path) or {}
-        return {**super().info(), "label_set": self.label_set.to_dict(), "version": cfg.get("version"),
+        return {**super().info(), "label_set": self.label_set.to_dict(),
                 "trained": cfg.get("trained"), "temperature": cfg.get("temperature"),
                 "fusion": cfg.get("fusion_mode", cfg.get("fusion")),
                 "heatmap": {"default": "gradcam_x_readout", "methods": HEATMAP_METHODS,

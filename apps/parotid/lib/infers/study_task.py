@@ -26,6 +26,7 @@ from monailabel.utils.others.generic import file_checksum
 from lib.errors import http_errors
 from parotid import subsets
 from parotid.model_space import checkpoint_spacing
+from parotid.registry import ModelRegistry
 from parotid.study import Study, StudyError, copy_geometry, read_study
 
 logger = logging.getLogger(__name__)
@@ -70,7 +71,8 @@ class StudyInferTask(BasicInferTask):
         # minimum_sequences / subsets: what it serves, with the performance validated per subset
         return {**super().info(), "sequences": list(self.sequences), "required_sequences": list(self.required),
                 **subsets.served_subsets(self.task_name, self.sequences, self.model_dir, self.get_path(),
-                                         classification=self.classification)}
+                                         classification=self.classification),
+                "version": self.served_version()}
 
     def require_sequences(self, study: Study, required: Sequence[str] | None = None) -> None:
         """422 naming what is missing when the study lacks a required sequence (default: self.required)."""
@@ -83,6 +85,12 @@ class StudyInferTask(BasicInferTask):
     def sequence_report(self, study: Study) -> Dict[str, Any]:
         """``sequences_used``, ``sequences_missing``, ``expected_performance`` (parotid.subsets)."""
         return subsets.sequence_report(self.task_name, self.sequences, study, self.model_dir, self.get_path())
+    def served_version(self) -> int | None:
+        """The served checkpoint's version in the model registry (parotid.registry), None if unregistered."""
+        path = self.path[0] if isinstance(self.path, (list, tuple)) else self.path
+        if not path:
+            return None
+        return ModelRegistry(os.path.dirname(path), os.path.splitext(os.path.basename(path))[0]).served_version()
 
     @property
     def model_dir(self) -> str:
@@ -122,11 +130,13 @@ class StudyInferTask(BasicInferTask):
 
     def run_inferer(self, data: Dict[str, Any], convert_to_batch=True, device="cpu"):
         checkpoint = self.checkpoint_identity()  # read before loading: a swap in between is reloaded next time
+        version = self.served_version()
         network = self._get_network(device, data)
         with http_errors():
             array, result = self.predict(network, data["study"], data)
         data["result_array"] = array
-        data["result_json"] = {**result, "checkpoint": checkpoint}
+        # version: the registry's number of the served checkpoint (also in the PACS SR's model version)
+        data["result_json"] = {**result, "version": version, "checkpoint": checkpoint}
         return data
 
     _identities: Dict[tuple, Dict[str, Any]] = {}

@@ -1,47 +1,61 @@
-"""Train task for the segmentation models: runs in MONAI Label's training subprocess."""
+"""Train task for the segmentation models: runs in MONAI Label's training subprocess.
+
+Fine-tunes from the served checkpoint on the datastore's final labels outside the fixed held-out part
+(``parotid.cohort.split_holdout``), writes a candidate version into the model registry, and the
+promotion gate compares it with the served checkpoint by mean tumour Dice on the held-out studies
+(parotid.registry). Promoted, it replaces the served checkpoint atomically (hot reload by mtime).
+"""
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from typing import Any, Dict
 
+import torch
 from monailabel.interfaces.datastore import Datastore
-from monailabel.interfaces.tasks.train import TrainTask
 
-from parotid.cohort import cohort_items
+from lib.trainers.gated import GatedTrainTask
+from parotid.cohort import cohort_items, split_holdout
+from parotid.holdout_scores import segmentation_scores
 from parotid.segmentation.networks import SegModelSpec
 from parotid.segmentation.train import train
 
 logger = logging.getLogger(__name__)
 
 
-class TrainSegmentation(TrainTask):
-    """Fine-tunes from the current checkpoint on the datastore's final labels; the new checkpoint
-    replaces the old one atomically, so running inference hot-reloads it."""
+class TrainSegmentation(GatedTrainTask):
+    gate_kind = "segmentation"
 
     def __init__(self, spec: SegModelSpec, path: str, iterations: int = 300):
-        super().__init__(f"Train {spec.name} on submitted gland/tumour labels")
-        self.spec, self.path, self.iterations = spec, path, iterations
+        super().__init__(f"Train {spec.name} on submitted gland/tumour labels", spec.name, path)
+        self.spec, self.iterations = spec, iterations
 
     def config(self) -> Dict[str, Any]:
-        return {"iterations": self.iterations, "batch_size": 4, "seed": 0, "from_scratch": False}
+        return {"iterations": self.iterations, "batch_size": 4, "seed": 0, "from_scratch": False, "force": False}
+
+    def sidecar(self, path: str) -> dict:
+        return dict(torch.load(path, map_location="cpu", weights_only=True).get("stats") or {})
+
+    def describe(self, path: str) -> dict:
+        stats = self.sidecar(path)
+        if "version" in stats:  # the training's time stamp; `version` is the registry's number
+            stats["run_id"] = stats.pop("version")
+        return stats
 
     def stats(self) -> Dict[str, Any]:
-        stats_path = os.path.splitext(self.path)[0] + ".json"
-        if not os.path.exists(stats_path):
-            return {}
-        with open(stats_path) as f:
-            return json.load(f)
+        served = self.served_description()
+        return {**(served or {}), **self.registry_stats()} if served is not None else {}
 
     def __call__(self, request: Dict[str, Any], datastore: Datastore):
-        items = cohort_items(datastore)
         conf = {**self.config(), **(request or {})}
-        logger.info(f"training {self.spec.name} on {len(items)} labelled studies: {conf}")
-        stats = train(
-            self.spec, items, self.path, iterations=int(conf["iterations"]), batch_size=int(conf["batch_size"]),
-            seed=int(conf["seed"]), init_from=None if conf.get("from_scratch") else self.path,
-        )
-        logger.info(f"training finished: {stats}")
-        return stats
+        train_items, holdout_items = split_holdout(cohort_items(datastore))
+        logger.info(f"training {self.spec.name} on {len(train_items)} labelled studies "
+                    f"({len(holdout_items)} held out for the promotion gate): {conf}")
+        init_from = None if conf.get("from_scratch") else self.path
+
+        def train_candidate(path: str) -> dict:
+            return train(self.spec, train_items, path, iterations=int(conf["iterations"]),
+                         batch_size=int(conf["batch_size"]), seed=int(conf["seed"]), init_from=init_from)
+
+        return self.run_gated(conf, train_items, holdout_items, train_candidate,
+                              lambda path: segmentation_scores(path, self.spec, holdout_items), config=conf)
