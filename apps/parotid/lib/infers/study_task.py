@@ -85,6 +85,7 @@ class StudyInferTask(BasicInferTask):
     def sequence_report(self, study: Study) -> Dict[str, Any]:
         """``sequences_used``, ``sequences_missing``, ``expected_performance`` (parotid.subsets)."""
         return subsets.sequence_report(self.task_name, self.sequences, study, self.model_dir, self.get_path())
+
     def served_version(self) -> int | None:
         """The served checkpoint's version in the model registry (parotid.registry), None if unregistered."""
         path = self.path[0] if isinstance(self.path, (list, tuple)) else self.path
