@@ -183,3 +183,28 @@ def test_floor_makes_a_weak_subset_undetermined(tmp_path):
     assert perf["validated"] is False
     assert subsets.mark_subset({"undetermined": False}, [], perf)["undetermined"] is False
     assert subsets.mark_subset({"undetermined": False}, ["CET1"], perf)["undetermined"] is True
+
+
+def test_parotid_eval_subsets_writes_the_tables_the_server_reads(tmp_path):
+    """`parotid-eval subsets --write-tables` on a tiny cohort: one row per named subset, stamped with the
+    checkpoint's SHA-256 (so validated_table accepts it); `--before` runs other checkpoints on the same studies."""
+    import shutil
+
+    from parotid.evaluation.cli import main
+
+    src = SAMPLE.parents[1] / "apps" / "parotid" / "model"
+    models = tmp_path / "model"
+    models.mkdir()
+    for task in (CLASSIFY, "contour_box"):
+        shutil.copy(src / f"{task}.pt", models / f"{task}.pt")
+    main(["subsets", "--cohort", str(SAMPLE), "--models", str(models), "--before", str(src), "--tasks", CLASSIFY,
+          "contour_box", "--limit", "8", "--seg-limit", "1", "--n-boot", "20", "--write-tables", "--out",
+          str(tmp_path / "out")])
+    for task in (CLASSIFY, "contour_box"):
+        table, why = subsets.validated_table(str(models), task, str(models / f"{task}.pt"))
+        assert table is not None, why
+        assert [r["name"] for r in table["subsets"]] == list(subsets.NAMED_SUBSETS) and table["synthetic"] is True
+        assert table["subsets"][-1]["sequences_used"] == ["T2"]
+    report = json.loads((tmp_path / "out" / "subsets.json").read_text())
+    assert report["before"][CLASSIFY]["subsets"] == report["results"][CLASSIFY]["subsets"]  # same weights, same figures
+    assert "BEFORE" in (tmp_path / "out" / "subsets.md").read_text()

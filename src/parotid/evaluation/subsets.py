@@ -14,7 +14,8 @@ the same studies.
 
 Values: point estimate with a percentile-bootstrap 95 % CI over studies. Writes ``<out>/<name>.json``,
 ``<out>/<name>.md`` and, with ``--write-tables``, ``<models>/<task>.subsets.json`` (stamped with the
-checkpoint's SHA-256) that the server reads for ``expected_performance``.
+checkpoint's SHA-256) that the server reads for ``expected_performance``. ``--before DIR`` evaluates the
+checkpoints of DIR too (e.g. the previous models), on the same studies, for before/after figures.
 """
 
 from __future__ import annotations
@@ -138,14 +139,16 @@ def _fmt(v) -> str:
     return f"{v:.2f}"
 
 
-def markdown(results: dict, cohort: str) -> str:
+def markdown(results: dict, cohort: str, before: dict | None = None) -> str:
     lines = [f"SYNTHETIC held-out cohort `{cohort}` (seed never used for training); every subset on the same "
              "complete studies, removed sequences taken out of the study file; served inference path. "
              "Values: point estimate (percentile-bootstrap 95 % CI over studies).", ""]
-    for task, r in results.items():
+    runs = [(task, r, "") for task, r in results.items()]
+    runs += [(task, r, " — BEFORE: " + r["models"]) for task, r in (before or {}).items()]
+    for task, r, label in runs:
         rows = r["subsets"]
         keys = [k for k in rows[0]["metrics"]]
-        lines += [f"**{task}** (n = {r['n']}, sequences {', '.join(r['sequences'])})", "",
+        lines += [f"**{task}**{label} (n = {r['n']}, sequences {', '.join(r['sequences'])})", "",
                   "| Subset | Sequences used | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 2)]
         for row in rows:
             lines.append(f"| {row['name']} | {', '.join(row['sequences_used'])} | "
@@ -164,26 +167,27 @@ def cmd_subsets(a) -> dict:
     cohort = os.path.basename(os.path.abspath(a.cohort))
     os.makedirs(a.out, exist_ok=True)
     command = " ".join(["parotid-eval"] + (sys.argv[1:] if a.argv is None else list(a.argv)))
-    results = {}
-    for task in a.tasks:
-        path = os.path.join(a.models, f"{task}.pt")
-        if not os.path.exists(path):
-            print(f"{task}: no checkpoint, skipped")
-            continue
-        t0 = time.time()
-        if task in SEG_TASKS:
-            meta, rows = segmentation_rows(path, task, records, a.n_boot, a.seed, a.seg_limit, print)
-        else:
-            meta, rows = classification_rows(path, records, a.n_boot, a.seed, a.limit, print)
-        table = {"task": task, "synthetic": True, "checkpoint_sha256": subsets.file_sha256(path),
-                 "cohort": cohort, "source": command, "seconds": round(time.time() - t0, 1), **meta, "subsets": rows}
-        results[task] = table
-        if a.write_tables:
-            subsets.write_table(subsets.table_path(a.models, task), table)
+    results, before = {}, {}
+    for folder, out in ((a.models, results), (a.before, before)):
+        for task in a.tasks if folder else ():
+            path = os.path.join(folder, f"{task}.pt")
+            if not os.path.exists(path):
+                print(f"{task}: no checkpoint in {folder}, skipped")
+                continue
+            t0 = time.time()
+            if task in SEG_TASKS:
+                meta, rows = segmentation_rows(path, task, records, a.n_boot, a.seed, a.seg_limit, print)
+            else:
+                meta, rows = classification_rows(path, records, a.n_boot, a.seed, a.limit, print)
+            out[task] = {"task": task, "synthetic": True, "checkpoint_sha256": subsets.file_sha256(path),
+                         "models": folder, "cohort": cohort, "source": command, "seconds": round(time.time() - t0, 1),
+                         **meta, "subsets": rows}
+            if a.write_tables and out is results:
+                subsets.write_table(subsets.table_path(a.models, task), out[task])
     with open(os.path.join(a.out, f"{a.name}.json"), "w") as f:
-        json.dump({"meta": {"command": command, "synthetic": True, "cohort": cohort}, "results": results}, f,
-                  indent=1, default=float)
-    md = markdown(results, cohort)
+        json.dump({"meta": {"command": command, "synthetic": True, "cohort": cohort}, "results": results,
+                   **({"before": before} if before else {})}, f, indent=1, default=float)
+    md = markdown(results, cohort, before)
     with open(os.path.join(a.out, f"{a.name}.md"), "w") as f:
         f.write(md + "\n")
     print(md)
@@ -194,6 +198,7 @@ def add_parser(sub) -> None:
     s = sub.add_parser("subsets", help="metrics per available-sequence subset (all, no CE-T1, no DWI/ADC, T2 only)")
     s.add_argument("--cohort", required=True, help="held-out SYNTHETIC cohort folder (a seed never used for training)")
     s.add_argument("--models", default="apps/parotid/model")
+    s.add_argument("--before", default=None, help="another checkpoint folder evaluated too (e.g. the previous models)")
     s.add_argument("--tasks", nargs="+", default=["classify_malignancy", "classify_subtype", "segmentation", "contour_box"])
     s.add_argument("--out", default="docs/results")
     s.add_argument("--name", default="subsets")
