@@ -13,6 +13,7 @@ import pytest
 import requests
 
 from conftest import APP, SAMPLE, infer, private_server
+from parotid.cohort import load_cohort, split_holdout
 
 MODEL = "classify_subtype"
 
@@ -95,6 +96,10 @@ def test_gate_rejects_promotes_rolls_back(srv, tmp_path):
     meta = {v["version"]: v for v in get(srv, f"/model/versions/{MODEL}")["versions"]}
     assert meta[3]["parent"] == 1 and meta[3]["metrics"]["candidate"]["n"] == meta[3]["metrics"]["served"]["n"] == 3
     assert meta[2]["status"] == "rejected" and meta[1]["status"] == "superseded" and meta[3]["served"]
+    data = meta[3]["data"]  # trained only outside the fixed held-out part, which both were scored on
+    held = sorted(it.study_id for it in split_holdout(load_cohort(str(SAMPLE)))[1])
+    assert sorted(data["holdout_study_ids"]) == sorted(meta[3]["metrics"]["candidate"]["study_ids"]) == held
+    assert data["n_train"] == 17 and not set(data["train_study_ids"]) & set(held)
 
     # rollback to the shipped version: old checksum, /info and /model/info describe it
     r = requests.post(f"{srv.url}/model/rollback/{MODEL}", params={"version": 1}, timeout=60)

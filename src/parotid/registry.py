@@ -391,13 +391,7 @@ def outcome_words(meta: Mapping[str, Any] | None) -> str | None:
 
 
 def describe_versions(metas: Sequence[Mapping[str, Any]]) -> list[dict]:
-    """The list GET /model/versions/{name} answers (heavy fields left out)."""
+    """The list GET /model/versions/{name} answers (the training's own stats and config are in meta.json)."""
     keep = ("version", "parent", "created", "sha256", "source", "status", "reason", "served", "forced", "metrics",
             "data", "history")
-    out = []
-    for m in metas:
-        d = {k: m[k] for k in keep if k in m}
-        if isinstance(d.get("data"), dict):  # study id lists can be long: counts only
-            d["data"] = {k: v for k, v in d["data"].items() if not isinstance(v, list)}
-        out.append(d)
-    return out
+    return [{k: m[k] for k in keep if k in m} for m in metas]
