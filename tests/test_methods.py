@@ -198,3 +198,16 @@ def test_holdout_reports_precision_recall_f1(tmp_path):
     assert set(res["prf"]) == {"pleomorphic_adenoma", "warthin", "basal_cell_adenoma", "malignant", "macro"}
     assert res["binary"]["ci_method"]["roc_auc"] == "DeLong"
     assert "Macro precision / recall / F1" in (tmp_path / "out" / "holdout.md").read_text()
+
+
+def test_bootstrap_cis_equal_one_bootstrap_per_metric():
+    from parotid.evaluation.metrics import binary_metrics, bootstrap_ci, bootstrap_cis
+
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 40)
+    s = rng.random(40)
+    p = (s > 0.5).astype(int)
+    keys = ("accuracy", "pr_auc", "sensitivity", "specificity")
+    many = bootstrap_cis(binary_metrics, keys, y, s, p, n_boot=200, seed=1)
+    for k in keys:
+        assert many[k] == bootstrap_ci(lambda a, b, c: binary_metrics(a, b, c)[k], y, s, p, n_boot=200, seed=1)

@@ -146,6 +146,35 @@ def bootstrap_ci(metric_fn, *arrays, n_boot: int = 1000, alpha: float = 0.05, se
     return point, float(lo), float(hi)
 
 
+def bootstrap_cis(metrics_fn, keys, *arrays, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0) -> dict:
+    """``bootstrap_ci`` for several metrics of one function (a dict) on the SAME resamples, computing the
+    function once per resample: {key: (point, lower, upper)}, equal to one ``bootstrap_ci`` per key."""
+    arrays = [np.asarray(a) for a in arrays]
+    n = len(arrays[0])
+    point = metrics_fn(*arrays)
+    rng = np.random.default_rng(seed)
+    vals: dict = {k: [] for k in keys}
+    for _ in range(n_boot):
+        idx = rng.integers(0, n, n)
+        with np.errstate(all="ignore"):
+            try:
+                m = metrics_fn(*(a[idx] for a in arrays))
+            except ValueError:
+                continue
+        for k in keys:
+            v = float(m[k])
+            if np.isfinite(v):
+                vals[k].append(v)
+    out = {}
+    for k in keys:
+        if not vals[k]:
+            out[k] = (float(point[k]), float("nan"), float("nan"))
+            continue
+        lo, hi = np.percentile(vals[k], [100 * alpha / 2, 100 * (1 - alpha / 2)])
+        out[k] = (float(point[k]), float(lo), float(hi))
+    return out
+
+
 def binary_report(y, score, pred=None, n_boot: int = 1000, seed: int = 0) -> dict:
     """Binary metrics, each as (value, lo, hi): ROC-AUC with DeLong's 95 % CI, the others with percentile
     bootstrap 95 % CIs."""
@@ -153,8 +182,8 @@ def binary_report(y, score, pred=None, n_boot: int = 1000, seed: int = 0) -> dic
     score = np.asarray(score, float)
     pred = (score >= 0.5).astype(int) if pred is None else np.asarray(pred).astype(int)
     out = {"roc_auc": delong_auc_ci(y, score)}
-    for k in ("accuracy", "pr_auc", "sensitivity", "specificity"):
-        out[k] = bootstrap_ci(lambda a, b, c, k=k: binary_metrics(a, b, c)[k], y, score, pred, n_boot=n_boot, seed=seed)
+    out.update(bootstrap_cis(binary_metrics, ("accuracy", "pr_auc", "sensitivity", "specificity"), y, score, pred,
+                             n_boot=n_boot, seed=seed))
     out["confusion_matrix"] = confusion_matrix(y, pred, labels=[0, 1]).tolist()
     out["ci_method"] = {"roc_auc": "DeLong", "others": f"percentile bootstrap ({n_boot} resamples, seed {seed})"}
     return out
@@ -165,9 +194,8 @@ def prf_report(y, pred, classes, n_boot: int = 1000, seed: int = 0) -> dict:
     95 % CIs (seed 004's measures)."""
     y, pred = np.asarray(y).astype(int), np.asarray(pred).astype(int)
     out = per_class_prf(y, pred, classes)
-    for k in ("precision", "recall", "f1"):
-        out["macro"][k] = bootstrap_ci(lambda a, b, k=k: per_class_prf(a, b, classes)["macro"][k], y, pred,
-                                       n_boot=n_boot, seed=seed)
+    out["macro"].update(bootstrap_cis(lambda a, b: per_class_prf(a, b, classes)["macro"], ("precision", "recall", "f1"),
+                                      y, pred, n_boot=n_boot, seed=seed))
     return out
 
 
