@@ -143,16 +143,17 @@ def test_every_worker_serves_a_replaced_checkpoint(workers, tmp_path):
     sid, info = next((k, v["labels"]["final"]["info"]) for k, v in sorted(objects.items())
                      if "roi" in v["labels"].get("final", {}).get("info", {}))
 
-    def checksums() -> dict[str, set[str]]:
-        """checkpoint.checksum answered by each worker (until every worker answered)."""
-        got: dict[str, set[str]] = {}
+    def checksums() -> dict[str, set[tuple]]:
+        """(checkpoint.checksum, scores) answered by each worker (until every worker answered)."""
+        got: dict[str, set[tuple]] = {}
         deadline = time.time() + 240
         while len(got) < WORKERS and time.time() < deadline:
             with ThreadPoolExecutor(4) as pool:
                 rs = list(pool.map(lambda _: infer(workers, "classify_subtype", sid, {"roi": info["roi"]}), range(4)))
             for r in rs:
                 assert r.status_code == 200, r.text[:300]
-                got.setdefault(r.headers["x-served-by"], set()).add(r.json()["checkpoint"]["checksum"])
+                scores = tuple(round(p["score"], 6) for p in r.json()["prediction"])
+                got.setdefault(r.headers["x-served-by"], set()).add((r.json()["checkpoint"]["checksum"], scores))
         assert len(got) == WORKERS, got
         return got
 
@@ -160,15 +161,18 @@ def test_every_worker_serves_a_replaced_checkpoint(workers, tmp_path):
     ck = torch.load(workers.app_dir / "model" / "classify_subtype.pt", map_location="cpu", weights_only=True)
     state = ck["state_dict"]
     name = next(k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point())
-    state[name] = state[name] + 1e-3  # other weights, same architecture and label set
+    state[name] = state[name] * 1.5  # other weights, same architecture and label set
     new = tmp_path / "classify_subtype.pt"
     torch.save(ck, new)
     r = requests.put(f"{workers.url}/model/classify_subtype", files={"file": ("c.pt", new.read_bytes())}, timeout=120)
     assert r.status_code == 200, r.text
     new_sum = r.json()["checksum"]
-    assert all(new_sum not in s for s in before.values())
+    old_scores = {scores for answers in before.values() for _, scores in answers}
+    assert len(old_scores) == 1 and all(new_sum != c for answers in before.values() for c, _ in answers)
     after = checksums()
-    assert all(s == {new_sum} for s in after.values()), after
+    # every worker names the new checkpoint and answers with its weights (other scores than before)
+    assert all({c for c, _ in answers} == {new_sum} for answers in after.values()), after
+    assert all(not ({s for _, s in answers} & old_scores) for answers in after.values()), (before, after)
 
 
 def test_index_writes_in_one_clock_tick_are_not_lost(tmp_path):

@@ -51,8 +51,8 @@ class StudyDatastore(LocalDatastore):
     # kernel's clock-tick granularity: two writes by two processes in one tick left the second process
     # with a stale in-memory index, which its next write put back (a lost label save; reproduced by
     # tests/test_workers.py). And its reconciliation (run by the file watcher on every label file another
-    # process writes) re-read and wrote the index under two separate locks, putting back a stale copy
-    # over a save made in between. Here the index is re-read whenever its bytes differ from the ones this
+    # process writes) re-read and wrote the index under two separate locks, which can put back a stale
+    # copy over a save made in between (read in the code; no test provokes that interleaving). Here the index is re-read whenever its bytes differ from the ones this
     # process last read or wrote, and every read-modify-write, reconciliation included, runs under one
     # hold of the file lock.
 
