@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install everything the server and the tests need on a fresh machine (idempotent).
-#   system: Orthanc + DICOMweb plugin (PACS tests), via deploy/orthanc/install.sh when present
+#   system: Orthanc + DICOMweb plugin (PACS tests), via deploy/orthanc/install.sh when present;
+#           nginx (replica tests), via deploy/nginx/install.sh
 #   python: a venv in .venv with this project (editable) and its pinned dependencies
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,6 +9,9 @@ PY=${PYTHON:-python3}
 
 if [ "${PAROTID_SKIP_APT:-0}" != "1" ] && [ -f deploy/orthanc/install.sh ]; then
   bash deploy/orthanc/install.sh
+fi
+if [ "${PAROTID_SKIP_APT:-0}" != "1" ] && [ -f deploy/nginx/install.sh ]; then
+  bash deploy/nginx/install.sh  # the load balancer of tests/test_replicas.py and deploy/nginx/start.sh
 fi
 
 if [ ! -x .venv/bin/python ]; then

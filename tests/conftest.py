@@ -33,20 +33,25 @@ class Server:
     ready_path = "/info/"
 
     def __init__(self, studies: str | Path, log: Path, models: str = "all", env: dict | None = None,
-                 app: str | Path = APP):
+                 app: str | Path = APP, workers: int = 1):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log
         self.studies = str(studies)
         self.models = models
         self.app = str(app)
+        self.workers = workers
         self.env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **(env or {})}
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 180) -> "Server":
-        cmd = [str(BIN / "monailabel"), "start_server", "--app", self.app, "--studies", self.studies,
+        # several workers: MONAI Label's command with a worker health check that survives the start (parotid.serve)
+        launcher = [str(BIN / "monailabel")] if self.workers == 1 else [sys.executable, "-m", "parotid.serve"]
+        cmd = [*launcher, "start_server", "--app", self.app, "--studies", self.studies,
                "--conf", "models", self.models, "--host", "127.0.0.1", "--port", str(self.port),
                "--uvicorn_app", "parotid.asgi:app"]  # the app's HTTP layer installed before start
+        if self.workers > 1:
+            cmd += ["--workers", str(self.workers)]
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
                                      start_new_session=True)

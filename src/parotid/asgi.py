@@ -13,6 +13,8 @@ Label's settings initialised (``monailabel start_server`` does that before uvico
 
 from __future__ import annotations
 
+import os
+import socket
 import sys
 
 from monailabel.app import app
@@ -34,8 +36,28 @@ def _job_names(kind: str):
     return {"train": instance._trainers, "scoring": instance._scoring_methods, "batch/infer": instance._infers}[kind].keys()
 
 
+class ServedBy:
+    """ASGI middleware: every answer names the process that produced it (``X-Served-By: host/pid``), so an
+    operator (and tests/test_workers.py) can tell workers and replicas apart behind a load balancer."""
+
+    def __init__(self, app, name: str):
+        self.app, self.header = app, (b"x-served-by", name.encode())
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_named(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), self.header]}
+            await send(message)
+
+        return await self.app(scope, receive, send_named)
+
+
 http_api.install(app, _job_names)
 restrict_cors(app)
+app.add_middleware(ServedBy, name=f"{socket.gethostname()}/{os.getpid()}")
 app.state.parotid_http_layer = True
 
 __all__ = ["app"]

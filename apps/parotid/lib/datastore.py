@@ -38,19 +38,70 @@ class StudyDatastore(LocalDatastore):
         # thread reconciles too ("dictionary changed size during iteration", seen on DELETE). All
         # in-process index access goes through this lock, taken before the cross-process file lock.
         self._index_lock = threading.RLock()
+        self._file_lock_depth = 0  # the thread holding _index_lock holds the file lock this many times
+        self._index_bytes = b""  # the index file content the in-memory index was read from / written as
         kwargs.setdefault("auto_reload", settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD)  # sees the scoring subprocess' writes
         kwargs.setdefault("read_only", settings.MONAI_LABEL_DATASTORE_READ_ONLY)
         super().__init__(studies, extensions=("*.nii.gz", "*.nii"), **kwargs)
         if getattr(self, "_handler", None) is not None:
             self._handler.on_moved = self._on_moved_event
 
-    def _reconcile_datastore(self):
+    # Several processes share the index: `--workers N`, replicas on one study folder, the scoring and
+    # training subprocesses. LocalDatastore decides that the file changed by its mtime, which has the
+    # kernel's clock-tick granularity: two writes by two processes in one tick left the second process
+    # with a stale in-memory index, which its next write put back (a lost label save; reproduced by
+    # tests/test_workers.py). And its reconciliation (run by the file watcher on every label file another
+    # process writes) re-read and wrote the index under two separate locks, which can put back a stale
+    # copy over a save made in between (read in the code; no test provokes that interleaving). Here the index is re-read whenever its bytes differ from the ones this
+    # process last read or wrote, and every read-modify-write, reconciliation included, runs under one
+    # hold of the file lock.
+
+    @contextmanager
+    def _index_file_lock(self) -> Iterator[None]:
+        """The in-process lock, then the cross-process file lock, re-entrant (filelock refuses a second
+        instance on the same file in one thread)."""
         with self._index_lock:
+            if self._file_lock_depth:
+                self._file_lock_depth += 1
+                try:
+                    yield
+                finally:
+                    self._file_lock_depth -= 1
+                return
+            with FileLock(self._lock_file):
+                self._file_lock_depth = 1
+                try:
+                    yield
+                finally:
+                    self._file_lock_depth = 0
+
+    def _load_index_if_changed(self, throw_exception: bool = False) -> None:
+        """Caller holds the file lock."""
+        try:
+            with open(self._datastore_config_path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return
+        if data == self._index_bytes:
+            return
+        try:
+            index = LocalDatastoreModel.model_validate_json(data)
+        except ValueError as e:
+            logger.error(f"+++ Failed to load datastore => {e}")
+            if throw_exception:
+                raise
+            return
+        index.base_path = self._datastore_path
+        self._datastore, self._index_bytes = index, data
+        self._config_ts = os.stat(self._datastore_config_path).st_mtime
+
+    def _reconcile_datastore(self):
+        with self._index_file_lock():
             return super()._reconcile_datastore()
 
     def _init_from_datastore_file(self, throw_exception=False):
-        with self._index_lock:
-            return super()._init_from_datastore_file(throw_exception)
+        with self._index_file_lock():
+            self._load_index_if_changed(throw_exception)
 
     def _on_moved_event(self, event) -> None:
         """Index, labels and uploads are written here by rename (atomic), which the file watcher reports
@@ -214,29 +265,19 @@ class StudyDatastore(LocalDatastore):
     @contextmanager
     def _index_transaction(self) -> Iterator[LocalDatastoreModel]:
         """Lock, re-read the index if another process changed it, let the caller change it, write it."""
-        with self._index_lock, FileLock(self._lock_file):
-            path = self._datastore_config_path
-            if os.path.exists(path) and os.stat(path).st_mtime != self._config_ts:
-                with open(path) as f:
-                    index = LocalDatastoreModel.model_validate_json(f.read())
-                index.base_path = self._datastore_path
-                self._datastore = index
-                self._config_ts = os.stat(path).st_mtime
+        with self._index_file_lock():
+            self._load_index_if_changed(throw_exception=True)
             yield self._datastore
-            self._update_datastore_file(lock=False)
+            self._update_datastore_file()
 
     def _update_datastore_file(self, lock=True):
-        def write():
+        """Write the in-memory index (always under the file lock; `lock` is LocalDatastore's signature)."""
+        with self._index_file_lock():
             self._ignore_event_config = True
-            data = json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str)
-            _atomic_write(self._datastore_config_path, data.encode())
+            data = json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str).encode()
+            _atomic_write(self._datastore_config_path, data)
+            self._index_bytes = data
             self._config_ts = os.stat(self._datastore_config_path).st_mtime
-
-        if lock:
-            with FileLock(self._lock_file):
-                write()
-        else:
-            write()
 
 
 _SERVER_IMAGE_KEYS = {"name", "ts", "sequences", "archived", *FLAG_KEYS}  # file name, upload time, sequences, replaced study, model flags
