@@ -145,9 +145,10 @@ def train_sequence_head(model: SequenceModel, feats: torch.Tensor, y: np.ndarray
 
 
 def sequence_features(model: SequenceModel, nets: list[ImageNet], cs: CropSet, idx, chans: list[list[int]], flip=False,
-                      present: torch.Tensor | None = None):
-    """Fused slice features; `present` (n, branches): absent branches contribute zeros (missing.py)."""
-    fs = [slice_outputs(n, cs, idx, c, flip)[0] for n, c in zip(nets, chans)]
+                      present: torch.Tensor | None = None, branch_feats: list[torch.Tensor] | None = None):
+    """Fused slice features; `present` (n, branches): absent branches contribute zeros (missing.py).
+    `branch_feats`: the branches' slice features when already computed."""
+    fs = branch_feats if branch_feats is not None else [slice_outputs(n, cs, idx, c, flip)[0] for n, c in zip(nets, chans)]
     if present is not None:
         fs = [f * present[:, b].to(f.dtype)[:, None, None] for b, f in enumerate(fs)]
     return model.fuse(fs)
@@ -191,7 +192,8 @@ def fit_sequence_model(cs: CropSet, train_idx, label_set, groups: list[list[str]
         rng = np.random.default_rng(seed + 7)
         copies += [pres & dropout_masks(groups, [q for g in groups for q in g if q not in optional], len(fit_idx),
                                         branch_dropout, rng) for _ in range(2)]
-    feats = [sequence_features(model, branch_nets, cs, fit_idx, chans, flip=k % 2 == 1, present=m)
+    per_branch = [[slice_outputs(n, cs, fit_idx, c, flip)[0] for n, c in zip(branch_nets, chans)] for flip in (False, True)]
+    feats = [sequence_features(model, branch_nets, cs, fit_idx, chans, present=m, branch_feats=per_branch[k % 2])
              for k, m in enumerate(copies)]
     clin = torch.from_numpy(cs.clinical[fit_idx]) if clinical else None
     train_sequence_head(model, torch.cat(feats), np.concatenate([y_all[fit_idx]] * len(copies)),
@@ -362,14 +364,26 @@ def subset_features(model: SequenceModel, groups, cs: CropSet, idx) -> np.ndarra
 
     from .missing import SUBSETS
 
+    from parotid.input_check import pooled_features
+
     seqs = [s for g in groups for s in g]
+    late = all(len(g) == 1 for g in groups)
+    if late:  # branch features once; a subset = a presence mask on them
+        chans = cs.channels(seqs)
+        with torch.no_grad():
+            parts = [model.branch_features(torch.from_numpy(cs.slices[ii][:, :, chans].astype(np.float32)),
+                                           torch.from_numpy(cs.box[ii]))
+                     for ii in np.array_split(np.asarray(idx), max(1, len(idx) // 16))]
+        bf = [torch.cat([p[b] for p in parts]) for b in range(len(groups))]
     rows = []
     for drop in SUBSETS.values():
         if all(q not in seqs for q in drop) and rows:
             continue  # same as "all"
-        if not cropset_presence(cs, groups, idx, drop).all(0).any():
-            continue
-        rows.append(classifier_features_cropset(model, {"groups": groups}, cs, idx, drop=drop))
+        if late:
+            m = cropset_presence(cs, groups, idx, drop)
+            rows.append(pooled_features(model, model.fuse([f * m[:, b].to(f.dtype)[:, None, None] for b, f in enumerate(bf)])))
+        else:
+            rows.append(classifier_features_cropset(model, {"groups": groups}, cs, idx, drop=drop))
     return np.concatenate(rows)
 
 
