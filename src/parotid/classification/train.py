@@ -114,9 +114,10 @@ def train_sequence_head(model: SequenceModel, feats: torch.Tensor, y: np.ndarray
                         epochs: int = 60, lr: float = 1e-3, seed: int = 0, batch: int = 32,
                         val_feats: torch.Tensor | None = None, val_y: np.ndarray | None = None,
                         val_clinical: torch.Tensor | None = None, patience: int = 0,
-                        stats: dict | None = None) -> SequenceModel:
+                        stats: dict | None = None, optimizer_fn=None) -> SequenceModel:
     """Liu stage 2: transformer + max-pool + FC over frozen slice features (branches untouched), on
-    MONAI's SupervisedTrainer; with validation features the best validation epoch's weights are kept."""
+    MONAI's SupervisedTrainer; with validation features the best validation epoch's weights are kept.
+    `optimizer_fn(params) -> optimizer` replaces AdamW(lr, weight decay 1e-4)."""
     _seed(seed)
     n_classes = model.head[-1].out_features
     head = engine.SequenceHead(model)
@@ -129,7 +130,7 @@ def train_sequence_head(model: SequenceModel, feats: torch.Tensor, y: np.ndarray
         st = engine.run_supervised(
             head, engine.FeatureDataset(feats, y, clinical), val_ds,
             engine.WeightedCrossEntropy(class_weights(y, n_classes)),
-            lambda m: torch.optim.AdamW(params(m), lr=lr, weight_decay=1e-4), epochs, batch,
+            lambda m: (optimizer_fn or (lambda p: torch.optim.AdamW(p, lr=lr, weight_decay=1e-4)))(params(m)), epochs, batch,
             engine.prepare_features, seed=seed, patience=patience, desc="stage2")
     finally:
         for p in frozen:
