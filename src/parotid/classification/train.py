@@ -359,7 +359,8 @@ def train_task_model(cs: CropSet, label_set_name: str, seqs=DEFAULT_SEQS, fusion
 
     Patients: the temperature and the undetermined threshold are fitted on patients excluded from
     every training stage: the `holdout` CropSet when given (the app passes the datastore's
-    ``cohort.split_holdout`` part), else a stratified `cal_frac` of `cs`. Of the rest, `val_frac`
+    ``cohort.split_holdout`` part), else a stratified `cal_frac` of `cs` (none when that would be fewer
+    than ``calibration.MIN_CALIBRATION`` patients: T = 1, default thresholds). Of the rest, `val_frac`
     validates both stages (best-epoch weights, early stopping). ``cfg["split"]`` records the study
     ids of each role."""
     ls = get_label_set(label_set_name)
@@ -376,8 +377,12 @@ def train_task_model(cs: CropSet, label_set_name: str, seqs=DEFAULT_SEQS, fusion
             raise ValueError(f"holdout studies are also training studies: {sorted(shared)[:5]}")
         train_idx, cal_cs, cal_idx, source = np.asarray(keep), holdout, usable(holdout), "holdout"
     else:
-        train_idx, cal_idx = patient_split(keep, y, cal_frac, seed + 1)
+        from .calibration import MIN_CALIBRATION
+
         cal_cs, source = cs, "calibration split"
+        train_idx, cal_idx = np.asarray(keep), np.array([], int)
+        if np.ceil(cal_frac * len(keep)) >= MIN_CALIBRATION:  # else too few to fit anything: train on all
+            train_idx, cal_idx = patient_split(keep, y, cal_frac, seed + 1)
     if len(train_idx) < 10:
         raise SystemExit(f"only {len(train_idx)} studies usable for training label set {label_set_name}")
     groups = [list(seqs)] if fusion == "early" else [[s] for s in seqs]
