@@ -169,10 +169,10 @@ def run_supervised(network: nn.Module, train_ds: Dataset, val_ds: Dataset | None
                    optimizer_fn: Callable[[nn.Module], torch.optim.Optimizer], epochs: int, batch: int,
                    prepare_batch: Callable, seed: int = 0, patience: int = 0,
                    scheduler_fn: Callable[[torch.optim.Optimizer, int], object] | None = None,
-                   val_batch: int = 256, desc: str = "") -> dict:
+                   val_batch: int = 256, desc: str = "", min_epochs: int = 0) -> dict:
     """Train `network` in place on MONAI's SupervisedTrainer; with `val_ds` validate every epoch,
     load the best epoch's weights at the end and stop after `patience` epochs without improvement
-    (0: never). `batch` is the global batch. Returns MONAI Label-style stats (rank 0's view)."""
+    counted after epoch `min_epochs` (patience 0: never). `batch` is the global batch. Returns MONAI Label-style stats (rank 0's view)."""
     from ignite.engine import Events
     from ignite.metrics import Accuracy, Average, Loss
     from monai.engines import SupervisedEvaluator, SupervisedTrainer
@@ -231,8 +231,11 @@ def run_supervised(network: nn.Module, train_ds: Dataset, val_ds: Dataset | None
     if hasattr(train_ds, "set_epoch"):
         trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: train_ds.set_epoch(e.state.epoch))
     if evaluator is not None and patience > 0:
-        EarlyStopHandler(patience=patience, score_function=lambda e: -float(e.state.metrics["val_loss"]),
-                         trainer=trainer, epoch_level=True).attach(evaluator)
+        stopper = EarlyStopHandler(patience=patience, score_function=lambda e: -float(e.state.metrics["val_loss"]),
+                                   trainer=trainer, epoch_level=True)
+        # counted only after `min_epochs` (e.g. the warm-up of a one-cycle schedule, when the loss is noisy)
+        evaluator.add_event_handler(Events.EPOCH_COMPLETED(event_filter=lambda e, _: trainer.state.epoch > min_epochs),
+                                    stopper)
     trainer.run()
     if best:
         network.load_state_dict(best["state"])

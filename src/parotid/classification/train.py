@@ -81,7 +81,7 @@ def train_image_net(cs: CropSet, idx, channels: list[int], y: np.ndarray, n_clas
         lambda m: torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=1e-4), epochs, batch,
         engine.prepare_image_box, seed=seed, patience=patience,
         scheduler_fn=lambda opt, steps: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps),
-        desc=desc)
+        desc=desc, min_epochs=int(np.ceil(0.3 * epochs)))  # early stopping after one-cycle's warm-up (30 %)
     st["study_ids"] = {"train": [cs.study_ids[i] for i in train_ds.idx],
                        "validation": [cs.study_ids[i] for i in (val_ds.idx if val_ds else [])]}
     if stats is not None:
