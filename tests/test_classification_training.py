@@ -26,8 +26,14 @@ def _train(cs, **kw):
                             required=("T2", "CET1"), **kw)
 
 
-def test_calibration_patients_never_trained_on(toy_cs):
-    model, cfg = _train(toy_cs)
+def test_calibration_patients_never_trained_on(toy_cs, tmp_path):
+    from parotid.classification.train import load_checkpoint, save_checkpoint
+
+    cs = toy_cs.subset(range(len(toy_cs)))
+    cs.study_ids = np.array(cs.study_ids)  # ids as numpy strings (as some cropsets hold them)
+    model, cfg = _train(cs)
+    save_checkpoint(str(tmp_path / "m.pt"), model, cfg)
+    assert load_checkpoint(str(tmp_path / "m.pt"))[1]["split"] == cfg["split"]  # plain data (weights_only load)
     sp = cfg["split"]
     cal = set(sp["calibration"])
     assert len(cal) == cfg["trained"]["n_calibration"] == cfg["calibration"]["n"] >= 8

@@ -61,7 +61,7 @@ def calibrate(model: SequenceModel, groups: list[list[str]], cs, idx, label_set,
     from .train import predict_logits
 
     idx = np.asarray(idx, int)
-    rec = {"source": source, "n": int(len(idx)), "study_ids": [cs.study_ids[i] for i in idx]}
+    rec = {"source": source, "n": int(len(idx)), "study_ids": [str(cs.study_ids[i]) for i in idx]}
     unc = dict(DEFAULT_UNCERTAINTY)
     if len(idx) < MIN_CALIBRATION:
         rec.update(temperature=1.0, fitted=False,

@@ -82,8 +82,8 @@ def train_image_net(cs: CropSet, idx, channels: list[int], y: np.ndarray, n_clas
         engine.prepare_image_box, seed=seed, patience=patience,
         scheduler_fn=lambda opt, steps: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps),
         desc=desc, min_epochs=int(np.ceil(0.3 * epochs)))  # early stopping after one-cycle's warm-up (30 %)
-    st["study_ids"] = {"train": [cs.study_ids[i] for i in train_ds.idx],
-                       "validation": [cs.study_ids[i] for i in (val_ds.idx if val_ds else [])]}
+    st["study_ids"] = {"train": [str(cs.study_ids[i]) for i in train_ds.idx],
+                       "validation": [str(cs.study_ids[i]) for i in (val_ds.idx if val_ds else [])]}
     if stats is not None:
         stats.update(st)
     return net
@@ -202,8 +202,8 @@ def fit_sequence_model(cs: CropSet, train_idx, label_set, groups: list[list[str]
                         None if clin is None else torch.cat([clin, clin]), epochs2, seed=seed,
                         val_feats=vf, val_y=y_all[val_idx], patience=patience2, stats=stats["stage2"],
                         val_clinical=torch.from_numpy(cs.clinical[val_idx]) if clinical and len(val_idx) else None)
-    stats["stage2"]["study_ids"] = {"train": [cs.study_ids[i] for i in fit_idx],
-                                    "validation": [cs.study_ids[i] for i in val_idx]}
+    stats["stage2"]["study_ids"] = {"train": [str(cs.study_ids[i]) for i in fit_idx],
+                                    "validation": [str(cs.study_ids[i]) for i in val_idx]}
     return model, {"temperature": 1.0, "fit_idx": fit_idx, "val_idx": val_idx, "branch_nets": branch_nets,
                    "stats": stats}
 
@@ -393,7 +393,7 @@ def train_task_model(cs: CropSet, label_set_name: str, seqs=DEFAULT_SEQS, fusion
     stats = info["stats"]
     split = {"stage1": sorted({i for st in stats["stage1"].values() for i in st.pop("study_ids")["train"]}),
              "stage2": stats["stage2"].pop("study_ids")["train"],
-             "early_stopping": [cs.study_ids[i] for i in info["val_idx"]]}
+             "early_stopping": [str(cs.study_ids[i]) for i in info["val_idx"]]}
     from .calibration import calibrate
 
     cal = calibrate(model, groups, cal_cs, cal_idx, ls, source, seed=seed)
