@@ -1,0 +1,105 @@
+"""Classifier training on MONAI's engines: patient roles (calibration never trained on), best-epoch
+weights, MONAI Label-style train stats. DDP equivalence: tests/test_classification_ddp.py."""
+
+import numpy as np
+import pytest
+import torch
+
+from parotid.classification.toy import write_toy_cohort
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def toy_cs(tmp_path_factory):
+    from parotid.classification.data import build_cropset
+
+    d = tmp_path_factory.mktemp("toytrain")
+    write_toy_cohort(str(d), 40, seed=3)
+    return build_cropset(str(d), size=32, n_slices=4)
+
+
+def _train(cs, **kw):
+    from parotid.classification.train import train_task_model
+
+    return train_task_model(cs, "subtype4", ("T2", "CET1", "ADC"), "early", epochs1=2, epochs2=4,
+                            required=("T2", "CET1"), **kw)
+
+
+def test_calibration_patients_never_trained_on(toy_cs, tmp_path):
+    from parotid.classification.train import load_checkpoint, save_checkpoint
+
+    cs = toy_cs.subset(range(len(toy_cs)))
+    cs.study_ids = np.array(cs.study_ids)  # ids as numpy strings (as some cropsets hold them)
+    model, cfg = _train(cs)
+    save_checkpoint(str(tmp_path / "m.pt"), model, cfg)
+    assert load_checkpoint(str(tmp_path / "m.pt"))[1]["split"] == cfg["split"]  # plain data (weights_only load)
+    sp = cfg["split"]
+    cal = set(sp["calibration"])
+    assert len(cal) == cfg["trained"]["n_calibration"] == cfg["calibration"]["n"] >= 8
+    assert cfg["calibration"]["source"] == "calibration split" and cfg["calibration"]["fitted"]
+    for role in ("stage1", "stage2", "early_stopping"):
+        assert sp[role], role
+        assert not cal & set(sp[role]), f"calibration patients in {role}"
+    assert set(sp["stage1"]) == set(sp["stage2"])  # both stages train on the same patients
+    assert not set(sp["early_stopping"]) & set(sp["stage1"])
+    assert len(cal | set(sp["stage1"]) | set(sp["early_stopping"])) == len(toy_cs)  # every usable study has a role
+    c = cfg["calibration"]
+    assert c["temperature"] == cfg["temperature"] > 0 and c["nll_after"] <= c["nll_before"] + 1e-9
+    assert 0.5 <= cfg["uncertainty"]["max_top_prob_below"] <= 0.95
+    assert "patients excluded from training" in cfg["uncertainty"]["fitted_on"]
+
+
+def test_holdout_cropset_is_the_calibration_set(toy_cs):
+    ids = toy_cs.study_ids
+    train_idx, held_idx = list(range(0, 30)), list(range(30, 40))
+    train, held = toy_cs.subset(train_idx), toy_cs.subset(held_idx)
+    model, cfg = _train(train, holdout=held)
+    assert sorted(cfg["split"]["calibration"]) == sorted(ids[i] for i in held_idx)
+    assert cfg["calibration"]["source"] == "holdout"
+    assert set(cfg["split"]["stage1"]) | set(cfg["split"]["early_stopping"]) == {ids[i] for i in train_idx}
+    with pytest.raises(ValueError, match="also training studies"):
+        _train(train, holdout=toy_cs.subset([0, 1, 30, 31, 32, 33, 34, 35, 36, 37]))
+
+
+class _MeanIntensityNet(torch.nn.Module):
+    """(image, box) -> logits from per-channel means: no BatchNorm, so the validation loss moves only
+    with the weights."""
+
+    def __init__(self, c: int, k: int):
+        super().__init__()
+        self.fc = torch.nn.Linear(c, k)
+
+    def forward(self, x, box):
+        return self.fc(x.mean((2, 3)))
+
+
+def test_train_stats_in_monai_label_format_and_best_epoch_weights_kept(toy_cs):
+    """run_supervised returns BasicTrainTask-style stats and the network holds the BEST epoch's
+    weights: its validation loss equals the recorded best metric. Training never sees class 0 and
+    every validation label is class 0, so the validation loss grows from epoch 1 on: early stopping
+    after `patience` epochs, and the epoch-1 weights are returned, not the last ones."""
+    from parotid.classification import engine
+
+    cs = toy_cs
+    y = 1 + np.arange(len(cs)) % 3  # classes 1..3 for training
+    ch = cs.channels(["T2", "CET1"])
+    torch.manual_seed(0)
+    net = _MeanIntensityNet(2, 4)
+    tr, va = np.arange(0, 28), np.arange(28, 40)
+    loss = engine.WeightedCrossEntropy(torch.ones(4))
+    yv = np.zeros_like(y)
+    st = engine.run_supervised(net, engine.TumourSliceDataset(cs, tr, ch, y), engine.AllSlicesDataset(cs, va, ch, yv),
+                               loss, lambda m: torch.optim.SGD(m.parameters(), lr=0.5), 6, 16,
+                               engine.prepare_image_box, patience=2)
+    for k in ("best_metric", "best_metric_epoch", "epochs", "total_time", "train", "eval", "total_epochs"):
+        assert k in st, k
+    assert st["eval"]["key_metric_name"] == "val_loss" and "val_acc" in st["eval"]["metrics"]
+    assert "train_acc" in st["train"]["metrics"] and "train_loss" in st["train"]["metrics"]
+    assert st["kept"] == "best validation epoch" and st["best_metric_epoch"] == 1
+    assert st["stopped_early"] and st["epochs"] == 3  # patience 2
+    ds = engine.AllSlicesDataset(cs, va, ch, yv)
+    b = torch.utils.data.default_collate([ds[i] for i in range(len(ds))])
+    with torch.no_grad():
+        v = float(loss(net(b["image"], b["box"]), b["label"]))
+    assert v == pytest.approx(st["best_metric"], rel=1e-4)
