@@ -40,7 +40,8 @@ def test_train_segmentation_updates_stats_and_hot_reloads(server, app_copy, samp
     assert task["status"] == "DONE", task.get("details")
     after = requests.get(server.url + "/info/", timeout=30).json()["train_stats"]["segmentation"]
     assert after["iterations"] == 30 and after.get("version") != before.get("version")
-    assert after["train_studies"] + after["val_studies"] == len(labelled)  # every study with a final label
+    # every study with a final label, the fixed held-out part (parotid.cohort.is_holdout) never trained on
+    assert after["train_studies"] + after["val_studies"] + after["holdout_studies"] == len(labelled)
     assert ckpt.stat().st_mtime > before_mtime
     r = requests.post(f"{server.url}/infer/segmentation", params={"image": sample_ids[0], "output": "json"}, timeout=120)
     assert r.status_code == 200
