@@ -4,11 +4,12 @@
 # chain). Measured on the idle 2-core CPU: the full-sequence segmentation round 266 s, the last
 # contour_box round 172 s, both classifiers 52 s; 120 studies are generated in ~73 s.
 # Segmentation: rounds a, b, c (full sequences, the plain-loop trainer of before) were trained on
-# cohorts 31/32 made by the generator at commit ffc85bd (smaller field of view) and 41 made at 105f260;
-# round d (sequence dropout, MONAI SupervisedTrainer/Evaluator, best-metric weights, early stopping,
-# held-out studies excluded) fine-tuned round c's weights (the checkpoint shipped before it) on cohorts
-# 31/32/41 made by TODAY's generator. Rerun from scratch, every round uses today's generator and
-# trainer: close but not bit-identical models.
+# cohorts 31/32 made by the generator at commit ffc85bd (smaller field of view) and 41 made at 105f260,
+# with the trainer of commit 2ba7931 (src/parotid/segmentation/train.py). Rerun from scratch, every round uses today's
+# generator and trainer (with sequence dropout and early stopping): close, not bit-identical, models.
+# Round d (sequence dropout, issue 15) is a CANDIDATE, not shipped: it fine-tunes round c's weights (the
+# shipped checkpoint) on cohorts 31/32/41 made by today's generator and loses a little full-sequence
+# tumour Dice (docs/model-card-segmentation.md), so apps/parotid/model/segmentation.pt is round c.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
@@ -24,10 +25,11 @@ seg() { $PY -m parotid.segmentation.train --threads 2 "$@"; }
 # whole-study segmentation: from scratch, then two fine-tuning rounds on more data
 seg --cohort "$DATA/s31" "$DATA/s32" --model segmentation --out "$W/a" --iterations 1600 --seed 0
 seg --cohort "$DATA/s41" "$DATA/s31" --model segmentation --out "$W/b" --iterations 1200 --lr 1e-3 --seed 1 --init-from "$W/a/segmentation.pt"
-seg --cohort "$DATA/s41" "$DATA/s31" "$DATA/s32" --model segmentation --out "$W/c" --iterations 5000 --lr 1e-3 --seed 2 --init-from "$W/b/segmentation.pt"
+seg --cohort "$DATA/s41" "$DATA/s31" "$DATA/s32" --model segmentation --out "$OUT" --iterations 5000 --lr 1e-3 --seed 2 --init-from "$W/b/segmentation.pt"
 # sequence dropout (CE-T1, DWI/ADC, T1 zeroed at random; T2 required): validation every 250 iterations,
-# best weights kept, stop after 4 validations without improvement
-seg --cohort "$DATA/s41" "$DATA/s31" "$DATA/s32" --model segmentation --out "$OUT" --iterations 2500 --lr 1e-3 --seed 4 --val-interval 250 --patience 4 --init-from "$W/c/segmentation.pt"
+# best weights kept, stop after 3 validations without improvement. The measured run (1 thread, on a
+# 2-core machine shared with other jobs): stopped early at 1750 iterations in 2924 s, best at 1000.
+seg --cohort "$DATA/s41" "$DATA/s31" "$DATA/s32" --model segmentation --iterations 2000 --lr 1e-3 --seed 4 --val-interval 250 --patience 3 --threads 1 --init-from "$OUT/segmentation.pt" --out "$W/d"
 # box-prompted contouring: from scratch, then one fine-tuning round
 seg --cohort "$DATA/s41" "$DATA/s32" --model contour_box --out "$W/e" --iterations 2500 --seed 0
 seg --cohort "$DATA/s41" "$DATA/s31" "$DATA/s32" --model contour_box --out "$OUT" --iterations 4000 --lr 1e-3 --seed 3 --init-from "$W/e/contour_box.pt"

@@ -46,9 +46,9 @@ def load_checkpoint(path: str):
     return net.eval(), spec, checkpoint_spacing(ck)
 
 
-def evaluate_cohorts(cohorts: list[str], checkpoints: list[str]) -> dict:
+def evaluate_cohorts(cohorts: list[str], checkpoints: list[str], subsets=tuple(SUBSETS)) -> dict:
     models = {p: load_checkpoint(p) for p in checkpoints}
-    scores = {p: {s: {"gland": [], "tumor": []} for s in SUBSETS} for p in checkpoints}
+    scores = {p: {s: {"gland": [], "tumor": []} for s in subsets} for p in checkpoints}
     used, skipped = [], []
     for it in [it for cohort in cohorts for it in load_cohort(cohort)]:
         study = read_study(it.image, it.study_id)
@@ -58,7 +58,7 @@ def evaluate_cohorts(cohorts: list[str], checkpoints: list[str]) -> dict:
             continue
         used.append(it.study_id)
         lab = read_label_map(it.label)
-        for subset in SUBSETS:
+        for subset in subsets:
             sub = without(study, missing_in(subset, spec0.sequences))
             for path, (net, spec, spacing) in models.items():
                 with torch.no_grad():
@@ -70,7 +70,8 @@ def evaluate_cohorts(cohorts: list[str], checkpoints: list[str]) -> dict:
     for path in checkpoints:
         out["results"][path] = {
             subset: {"dice_gland": float(np.mean(v["gland"])), "dice_tumor": float(np.mean(v["tumor"])),
-                     "dice_tumor_sd": float(np.std(v["tumor"])), "n": len(v["tumor"])}
+                     "dice_tumor_sd": float(np.std(v["tumor"])), "n": len(v["tumor"]),
+                     "per_study_gland": v["gland"], "per_study_tumor": v["tumor"]}
             for subset, v in scores[path].items()}
     return out
 
@@ -89,10 +90,11 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoints", nargs="+", required=True)
     ap.add_argument("--out", help="JSON file for all numbers")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--subsets", nargs="+", choices=list(SUBSETS), default=list(SUBSETS))
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     t = time.time()
-    res = evaluate_cohorts(a.cohort, a.checkpoints)
+    res = evaluate_cohorts(a.cohort, a.checkpoints, a.subsets)
     res["seconds"] = round(time.time() - t, 1)
     if a.out:
         with open(a.out, "w") as f:

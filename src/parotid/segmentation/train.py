@@ -280,6 +280,16 @@ def _keep_best(evaluator, net, publish: Callable[[], None] | None = None) -> dic
     return best
 
 
+def default_val_interval(iterations: int, most: int = 250) -> int:
+    """Iterations between validations: at most `most`, about 4 validations in short runs, and a divisor
+    of `iterations` when one is close (so the run does exactly `iterations`)."""
+    cap = max(1, min(most, iterations // 4))
+    for v in range(cap, max(1, cap // 2) - 1, -1):
+        if iterations % v == 0:
+            return v
+    return cap
+
+
 def train(
     spec: SegModelSpec,
     items: Sequence[CohortItem],
@@ -300,6 +310,7 @@ def train(
     `out_path` (+ stats json next to it); return the stats."""
     set_determinism(seed)
     rng = np.random.default_rng(seed)
+    n_items = len(items)
     items = [it for it in items if not is_holdout(it.study_id)]
     spacing = _spacing_for(items, init_from)
     ids: list[str] = []
@@ -314,7 +325,7 @@ def train(
     net = build_network(spec)
     if init_from and os.path.exists(init_from):
         net.load_state_dict(torch.load(init_from, map_location="cpu")["model"])
-    val_interval = val_interval or max(1, min(250, iterations // 4))
+    val_interval = val_interval or default_val_interval(iterations)
     trainer, evaluator = build_engines(net, spec, trn, val, iterations, batch_size, lr, seed, val_interval, patience, progress,
                                        stop_after)
     start = time.time()
@@ -331,7 +342,7 @@ def train(
     subsets = evaluate_subsets(net, spec, val)
     stats.update(subsets["all"])
     stats.update(
-        model=spec.name, train_studies=len(trn), val_studies=len(val), validation_ids=[ids[i] for i in order[:n_val]], iterations=trainer.state.iteration,
+        model=spec.name, train_studies=len(trn), val_studies=len(val), holdout_studies=n_items - len(items), validation_ids=[ids[i] for i in order[:n_val]], iterations=trainer.state.iteration,
         best_metric_iteration=int(evaluator.state.best_metric_epoch) * val_interval, val_interval=val_interval,
         stopped_early=trainer.state.iteration < trainer.state.max_epochs * val_interval, subset_dice=subsets,
         train_seconds=round(time.time() - start, 1), version=time.strftime("%Y%m%d-%H%M%S"), spacing=spacing,
