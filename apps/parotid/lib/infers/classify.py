@@ -52,6 +52,10 @@ def tumour_roi_from_segmentation(study: Study, seg_path: str) -> list[int]:
 
 
 class ClassifyStudy(StudyInferTask):
+    # requests run concurrently: the network work of concurrent requests is micro-batched (and so
+    # serialised) by parotid.classification.batched; study reading and checks run in parallel
+    concurrent_requests = True
+
     def __init__(self, name: str, path: str, label_set: str, seg_path: str, description: str = ""):
         ls = get_label_set(label_set)
         self.name, self.label_set, self.seg_path = name, ls, seg_path
@@ -142,6 +146,7 @@ class ClassifyStudy(StudyInferTask):
         with http_errors():
             comps = input_check.box_components(study, roi, self.model_dir, self.seg_path)  # 422: bad or tiny box
             result, heat = classify(model, cfg, study, roi, heatmap=not data.get("no_heatmap", False),
-                                    heatmap_mode=str(data.get("heatmap", "roi")), input_components=comps)
+                                    heatmap_mode=str(data.get("heatmap", "roi")), input_components=comps,
+                                    batched=True)
         result["roi_source"] = source
         return heat, result
