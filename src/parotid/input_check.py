@@ -336,13 +336,19 @@ _REFS: dict[str, tuple] = {}
 
 
 def study_key(study: Study) -> str:
-    """Content hash of a study (voxel values, grid, sequence names): the segmentation cache key."""
+    """Content hash of a study (voxel values, grid, sequence names): the segmentation cache key. Kept on
+    the Study object (studies are not modified; the server reuses parsed studies, parotid.study_cache)."""
     import SimpleITK as sitk
 
+    memo = study.__dict__.get("_content_key")
+    if memo and memo[0] is study.image:
+        return memo[1]
     h = hashlib.blake2b(digest_size=16)
     h.update(np.ascontiguousarray(sitk.GetArrayViewFromImage(study.image)).tobytes())
     h.update(repr((study.sequences, study.image.GetSpacing(), study.image.GetOrigin(), study.image.GetDirection())).encode())
-    return h.hexdigest()
+    key = h.hexdigest()
+    study.__dict__["_content_key"] = (study.image, key)
+    return key
 
 
 def segment_study(study: Study, seg_path: str) -> np.ndarray:
