@@ -7,7 +7,8 @@ owns run that work with ``await offload(key, fn, *args)`` instead:
 * in a worker thread (``anyio.to_thread.run_sync``, context variables are copied into it), at most
   ``PAROTID_WORKERS`` (default 2, the cores of the reference machine) at a time across the routes'
   blocking work (label saves, uploads, ...); reads that may wait for a lock a save holds (the datastore
-  listing) have their own pool (``PAROTID_READ_THREADS``, default 4); inference has its own pool (``pool="infer"``) of
+  listing) have their own pool (``PAROTID_READ_THREADS``, default 4), so have synchronous batch jobs
+  (``PAROTID_JOB_THREADS``, default 2); inference has its own pool (``pool="infer"``) of
   ``PAROTID_INFER_THREADS`` (default 16) threads, which mostly wait for their model's micro-batch
   (parotid.batching), so that many inferences never delay a label save or the other way round;
 * one call per ``key`` at a time (a lock per key, e.g. per model) unless ``key`` is None: a served
@@ -45,7 +46,8 @@ def workers(env: str = ENV, default: int = 2) -> int:
     return n
 
 
-POOLS = {"requests": (ENV, 2), "reads": ("PAROTID_READ_THREADS", 4), "infer": (INFER_ENV, 16)}
+POOLS = {"requests": (ENV, 2), "reads": ("PAROTID_READ_THREADS", 4), "jobs": ("PAROTID_JOB_THREADS", 2),
+         "infer": (INFER_ENV, 16)}
 
 
 def limiter(pool: str = "requests") -> anyio.CapacityLimiter:

@@ -5,14 +5,16 @@ MONAI Label 0.8.5's endpoints are ``async def`` functions that call synchronous 
 query held the event loop, and ``GET /info/`` or ``GET /datastore/`` waited for it. These routes keep
 their parameters and RBAC but run MONAI Label's own synchronous functions in parotid.worker_pool:
 writes in the "requests" pool, the datastore listing (it waits for the index lock a save holds) in the
-"reads" pool. The app's own routes (image and checkpoint upload, /infer) offload their work themselves.
+"reads" pool, batch inference and scoring (``run_sync=true`` runs them in the request) in the "jobs" pool. The app's own routes (image and checkpoint upload, /infer) offload their work themselves.
 """
 
 from __future__ import annotations
 
 from monailabel.config import settings
 from monailabel.endpoints import activelearning as al
+from monailabel.endpoints import batch_infer as bi
 from monailabel.endpoints import datastore as ds
+from monailabel.endpoints import scoring as sc
 
 from parotid.routes import offload_route
 
@@ -33,3 +35,9 @@ def install_offloaded_routes(app) -> None:
     route(ds.router, "/datastore/label/info", "PUT",
           lambda label, tag, info, user: ds.update_label_info(label, tag, info, user.username))
     route(al.router, "/activelearning/{strategy}", "POST", lambda strategy, params, user: al.sample(strategy, params, user.username))
+    # run_sync=true ran a whole batch inference or scoring (minutes) on the event loop; /train is left to
+    # its own route (the job guard); a job started without run_sync returns at once either way
+    route(bi.router, "/batch/infer/{model}", "POST",
+          lambda model, images, params, run_sync, user: bi.run(model, images, params, run_sync), pool="jobs")
+    route(sc.router, "/scoring/{method}", "POST",
+          lambda method, params, run_sync, user: sc.run_method(method, params, run_sync), pool="jobs")
