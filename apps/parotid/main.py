@@ -35,6 +35,7 @@ from lib.image_upload import install_image_upload
 from lib.model_registry_api import install_registry_routes
 from lib.model_upload import install_checkpoint_upload_check
 from lib.trainers.gated import GatedTrainTask
+from lib.offloaded_routes import install_offloaded_routes
 from lib.sessions import StudySessions
 from lib.single_training import install_single_training
 from lib.study_support import skipping_unprocessable
@@ -153,6 +154,7 @@ class ParotidApp(MONAILabelApp):
         install_image_upload(fastapi_app)
         install_infer_caller(fastapi_app)  # the caller's role decides whether a classification SR is stored
         install_single_training(fastapi_app, self.model_dir)  # one training across workers and replicas
+        install_offloaded_routes(fastapi_app)  # label saves and other blocking MONAI Label routes off the event loop
         if not getattr(fastapi_app.state, "parotid_http_layer", False):  # not served via parotid.asgi (before start)
             jobs = {"train": self._trainers, "scoring": self._scoring_methods, "batch/infer": self._infers}
             http_api.install(fastapi_app, lambda kind: jobs[kind].keys())

@@ -336,13 +336,19 @@ _REFS: dict[str, tuple] = {}
 
 
 def study_key(study: Study) -> str:
-    """Content hash of a study (voxel values, grid, sequence names): the segmentation cache key."""
+    """Content hash of a study (voxel values, grid, sequence names): the segmentation cache key. Kept on
+    the Study object (studies are not modified; the server reuses parsed studies, parotid.study_cache)."""
     import SimpleITK as sitk
 
+    memo = study.__dict__.get("_content_key")
+    if memo and memo[0] is study.image:
+        return memo[1]
     h = hashlib.blake2b(digest_size=16)
     h.update(np.ascontiguousarray(sitk.GetArrayViewFromImage(study.image)).tobytes())
     h.update(repr((study.sequences, study.image.GetSpacing(), study.image.GetOrigin(), study.image.GetDirection())).encode())
-    return h.hexdigest()
+    key = h.hexdigest()
+    study.__dict__["_content_key"] = (study.image, key)
+    return key
 
 
 def segment_study(study: Study, seg_path: str) -> np.ndarray:
@@ -393,7 +399,42 @@ def load_reference(model_dir: str) -> dict | None:
 def study_components(study: Study, model_dir: str, label: np.ndarray | None = None,
                      seg_path: str | None = None) -> tuple[dict, np.ndarray | None]:
     """Physical, intensity and anatomy components for a study (+ the segmentation label used).
-    `label`: the whole-study segmentation when the caller has it; else it is computed (cached)."""
+    `label`: the whole-study segmentation when the caller has it; else it is computed. Cached per study
+    content, reference file and segmentation checkpoint (parotid.study_cache: every classification of a
+    study repeated ~1 s of intensity statistics and segmentation); callers get their own copy."""
+    import copy
+
+    if label is not None:
+        return _study_components(study, model_dir, label, seg_path)
+    seg = seg_path or os.path.join(model_dir, "segmentation.pt")
+    ref = os.path.join(model_dir, REFERENCE_FILE)
+    key = (study_key(study), ref, _mtime(ref), seg, _mtime(seg))
+    hit = _components_cache().get(key)
+    if hit is None:
+        hit = _components_cache().put(key, _study_components(study, model_dir, None, seg_path))
+    return copy.deepcopy(hit[0]), hit[1]
+
+
+def _mtime(path: str) -> int | None:
+    return os.stat(path).st_mtime_ns if os.path.exists(path) else None
+
+
+_COMPONENTS = None
+
+
+def _components_cache():
+    global _COMPONENTS
+    if _COMPONENTS is None:
+        from parotid.study_cache import ByteLRU, budget_mib
+
+        _COMPONENTS = ByteLRU(budget_mib("PAROTID_CHECK_CACHE_MB", 128) * 2**20,
+                              lambda v: 4096 + (v[1].nbytes if v[1] is not None else 0))
+    return _COMPONENTS
+
+
+def _study_components(study: Study, model_dir: str, label: np.ndarray | None = None,
+                     seg_path: str | None = None) -> tuple[dict, np.ndarray | None]:
+    """study_components, uncached."""
     ref = load_reference(model_dir)
     comps: dict[str, Any] = {"physical": physical_check(study)}
     if ref is None:

@@ -27,6 +27,7 @@ from lib.datastore import StudyDatastore
 from lib.study_support import FLAG_KEYS
 from parotid.cohort import split_image_name
 from parotid.routes import replace_route
+from parotid.worker_pool import offload
 
 OVERWRITE_HELP = ("replace the study that has this id; its labels and label info are archived in the study "
                   "folder's .archive/ (admin role). Without it an existing id is a 409.")
@@ -50,10 +51,14 @@ async def api_add_image(
     if user and user.username:
         info["user"] = user.username
     fd, path = tempfile.mkstemp(suffix=ext or ".nii.gz")
+    background_tasks.add_task(remove_file, path)
+    # copying, reading and indexing the study block: in the worker pool (one upload per id at a time)
+    return await offload(f"image:{image_id}", _store, fd, path, file, image_id, info, overwrite)
+
+
+def _store(fd: int, path: str, file: UploadFile, image_id: str, info: dict, overwrite: bool) -> dict:
     with os.fdopen(fd, "wb") as out:
         shutil.copyfileobj(file.file, out)
-    background_tasks.add_task(remove_file, path)
-
     ds = app_instance().datastore()
     if isinstance(ds, StudyDatastore):  # archives the replaced study in the same index transaction
         image_id = ds.add_image(image_id, path, info, overwrite=overwrite)

@@ -26,6 +26,7 @@ from lib.errors import http_errors
 from lib.trainers.gated import GatedTrainTask
 from parotid.registry import RegistryError
 from parotid.routes import replace_route
+from parotid.worker_pool import offload
 
 
 def install_checkpoint_upload_check(app, get_task: Callable[[str], Optional[object]],
@@ -40,6 +41,10 @@ def install_checkpoint_upload_check(app, get_task: Callable[[str], Optional[obje
         if task is None:
             raise HTTPException(404, f"unknown model '{model}'")
         target = task.path[0] if isinstance(task.path, (list, tuple)) else task.path
+        # copying and loading the checkpoint block: in the worker pool, the event loop stays free
+        return await offload(f"model:{model}", _check_and_replace, task, file, target)
+
+    def _check_and_replace(task, file: UploadFile, target: str) -> dict:
         fd, staged = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".upload-", suffix=".pt")
         try:
             with os.fdopen(fd, "wb") as out:

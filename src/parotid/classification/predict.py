@@ -23,15 +23,14 @@ import threading
 
 import numpy as np
 import torch
-from monai.visualize import GradCAM
 
-from parotid.input_check import combine, feature_density_check, mark_classification
+from parotid.input_check import combine, mark_classification
 from parotid.model_space import checkpoint_spacing, to_model_space
 from parotid.study import Study, StudyError, check_roi
 
 from .crops import Crop, extract_crop, paste_heatmap
 from .missing import presence_tensor, used_and_missing
-from .models import GradCamWrapper, SequenceModel
+from .models import SequenceModel
 
 
 def prepare(study: Study, roi, cfg: dict) -> tuple[torch.Tensor, torch.Tensor, Crop]:
@@ -119,36 +118,16 @@ def gradcam_volume(model: SequenceModel, x: torch.Tensor, box: torch.Tensor, cro
     because the classifier pools layer2 only through roi_align on the box: plain Grad-CAM spreads
     over the whole crop window (measured: no more mass in the box than a uniform map).
     """
-    N = x.shape[1]
-    wrapper = GradCamWrapper(model, N, box, clinical, present)
-    xf = x.reshape(1, -1, *x.shape[-2:])
+    from .batched import gradcam_slice_maps  # one implementation, batched or not
+
     if weights is None:
         weights = branch_weights(model, x, box, class_idx, clinical, present)
-    total = None
-    for b in range(len(model.branches)):
-        if weights[b] <= 0:
-            continue  # missing branch or no contribution to the class score
-        layer = f"model.branches.{b}.trunk.layer2"
-        with _GRADCAM_LOCK, _hooks_removed_after(model), torch.enable_grad():
-            cam = GradCAM(nn_module=wrapper, target_layers=layer, postprocessing=_identity)
-            m = cam(xf, class_idx=class_idx)  # (N, 1, S, S), >= 0 (ReLU inside GradCAM)
-            grads = cam.nn_module.gradients[layer].detach()
-            model.zero_grad(set_to_none=True)  # drop the parameter gradients the backward pass left
-            # The stored activations reach, through their autograd graph, the C++ hook that holds the
-            # backward-hook closure that holds these dicts: a cycle Python's gc cannot see (measured:
-            # ~0.5 MiB kept per request). Clearing them breaks it.
-            cam.nn_module.activations.clear()
-            cam.nn_module.gradients.clear()
-            cam.nn_module.score = None
-        if mode == "gradcam_x_readout":
-            g = grads.detach().abs().sum(1, keepdim=True)
-            g = torch.nn.functional.interpolate(g, size=m.shape[-2:], mode="bilinear", align_corners=False)
-            m = m * g / g.max().clamp_min(1e-12)
-        m = float(weights[b]) * m / m.max().clamp_min(1e-12)
-        total = m if total is None else total + m
-    if total is None:
-        total = torch.zeros(N, 1, *x.shape[-2:])
-    maps = total[:, 0].detach().numpy()
+    maps = gradcam_slice_maps(model, x, box, [class_idx], clinical, mode, present, np.asarray(weights)[None])[0]
+    return heatmap_volume(maps, crop, shape, roi)
+
+
+def heatmap_volume(maps: np.ndarray, crop: Crop, shape, roi) -> np.ndarray:
+    """(N, S, S) slice maps pasted onto the (I, J, K) grid, divided by the volume maximum (float32 0..1)."""
     vol = paste_heatmap(maps, crop, shape, roi)
     mx = float(vol.max())
     return (vol / mx).astype(np.float32) if mx > 0 else vol
@@ -169,13 +148,16 @@ def mc_dropout(model: SequenceModel, feats: torch.Tensor, temperature: float, pa
 
 
 def classify(model: SequenceModel, cfg: dict, study: Study, roi, heatmap: bool = True, clinical=None,
-             heatmap_mode: str = "gradcam_x_readout", input_components: dict | None = None) -> tuple[dict, np.ndarray | None]:
+             heatmap_mode: str = "gradcam_x_readout", input_components: dict | None = None,
+             batched: bool = False) -> tuple[dict, np.ndarray | None]:
     """Returns (result JSON, heatmap volume (I, J, K) or None), both on the STUDY grid.
 
     The study is resampled to the checkpoint's training spacing (``cfg["spacing"]``, see
     parotid.model_space) and the box mapped onto that grid; the heatmap comes back linearly. The result's
     ``input_check`` combines `input_components` (study and box checks of parotid.input_check, computed by
-    the caller) with the classifier-feature density check; a failed check makes the result undetermined."""
+    the caller) with the classifier-feature density check; a failed check makes the result undetermined.
+    ``batched``: the network part goes through the model's micro-batcher (parotid.classification.batched),
+    shared with concurrent calls on the same model (the server); same results within float tolerance."""
     roi = [int(v) for v in roi]
     check_roi(roi, study.shape)  # errors name the study's grid, not the model's
     space = to_model_space(study, checkpoint_spacing(cfg))
@@ -183,19 +165,20 @@ def classify(model: SequenceModel, cfg: dict, study: Study, roi, heatmap: bool =
     x, box, crop = prepare(space.model_study, mroi, cfg)
     present = presence_tensor(cfg["groups"], study.sequences)  # absent branches drop out (missing.py)
     used, missing = used_and_missing(cfg["groups"], study.sequences)
-    model.eval()
+    heatmap_mode = HEATMAP_ALIASES.get(heatmap_mode, heatmap_mode)
+    if heatmap_mode not in HEATMAP_METHODS:
+        raise StudyError(f"heatmap must be one of {sorted(HEATMAP_METHODS)}, got {heatmap_mode!r}")
     T = float(cfg.get("temperature", 1.0))
-    with torch.no_grad():
-        feats = model.slice_features(x, box, present)
-        logits = model.forward_features(feats, clinical)
-        prob = torch.softmax(logits / T, 1)[0].numpy().astype(np.float64)
-    prob = prob / prob.sum()
+    unc = cfg.get("uncertainty", {})
+    passes = int(unc.get("passes", 20))
+    from .batched import NetworkRequest, run_network  # the network part, micro-batched when `batched`
+
+    net = run_network(model, NetworkRequest(x, box, T, passes, clinical, heatmap_mode if heatmap else None,
+                                            present=present), batched)
+    prob, mc = net.prob, net.mc
     classes = cfg["classes"]
     mal_idx = [i for i, c in enumerate(classes) if c in cfg.get("malignant", [])]
     top = int(np.argmax(prob))
-    unc = cfg.get("uncertainty", {})
-    passes = int(unc.get("passes", 20))
-    mc = mc_dropout(model, feats, T, passes, clinical=clinical)
     mc_mean = mc.mean(0)
     mal_std = float(mc[:, mal_idx].sum(1).std()) if mal_idx else 0.0
     undetermined = bool(mc_mean.max() < unc.get("max_top_prob_below", 0.6) or mal_std > unc.get("max_std_above", 0.15))
@@ -226,17 +209,13 @@ def classify(model: SequenceModel, cfg: dict, study: Study, roi, heatmap: bool =
     }
     if space.resampled:
         result["model_roi"] = mroi  # the box on the model's grid (same physical region)
-    mark_classification(result, combine({**(input_components or {}), "feature_density": feature_density_check(model, feats)}))
-    heatmap_mode = HEATMAP_ALIASES.get(heatmap_mode, heatmap_mode)
-    if heatmap_mode not in HEATMAP_METHODS:
-        raise StudyError(f"heatmap must be one of {sorted(HEATMAP_METHODS)}, got {heatmap_mode!r}")
-    weights = branch_weights(model, x, box, top, clinical, present) if heatmap else None
+    mark_classification(result, combine({**(input_components or {}), "feature_density": net.density}))
+    weights = net.weights
     result["heatmap"] = {"method": HEATMAP_METHODS[heatmap_mode]
                          + (", per branch, combined by the branches' shares of the class score" if len(model.branches) > 1 else ""),
                          "mode": heatmap_mode, "class": classes[top], "normalisation": "joint (volume maximum)",
                          "branch_weights": {"+".join(g): round(float(w), 4) for g, w in zip(cfg["groups"], weights)}} if heatmap else None
-    vol = gradcam_volume(model, x, box, crop, space.model_study.shape, mroi, top, clinical, heatmap_mode,
-                         present, weights) if heatmap else None
+    vol = heatmap_volume(net.maps, crop, space.model_study.shape, mroi) if heatmap else None
     if vol is not None and space.resampled:
         vol = space.values_to_study(vol)
         mx = float(vol.max())

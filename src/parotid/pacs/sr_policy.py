@@ -4,8 +4,9 @@ MONAI Label 0.8.5 checks the caller's role on ``POST /infer/{model}`` (``monaila
 pass the caller to the app, so the app cannot tell a read-only radiologist from an annotator.
 ``install_infer_caller(app)`` replaces that route with the same endpoint (same parameters, same RBAC
 dependency) that also records the caller's roles in a context variable for the duration of the request;
-``caller_may_write()`` reads it. The inference runs in parotid.worker_pool (a bounded thread pool, one
-inference per model at a time), not on the event loop as MONAI Label's own route does.
+``caller_may_write()`` reads it. The inference runs in parotid.worker_pool (a bounded thread pool; one
+inference per model at a time unless the model micro-batches), not on the event loop as MONAI Label's
+own route does.
 Writers are the roles that may write to the datastore (``PUT /datastore/label``): annotator and admin.
 With auth disabled MONAI Label treats every caller as admin (all roles), so the SR is written. An
 inference with no HTTP caller (batch inference, started by an admin, runs in a separate process) counts
@@ -75,6 +76,7 @@ def install_infer_caller(app) -> None:
     from monailabel.config import RBAC_USER, settings
     from monailabel.endpoints import infer as ep
     from monailabel.endpoints.user.auth import RBAC, User
+    from monailabel.interfaces.utils.app import app_instance
 
     from parotid.worker_pool import offload
 
@@ -98,9 +100,13 @@ def install_infer_caller(app) -> None:
         if isinstance(p, dict) and "write_sr" in p:
             parse_write_sr(p["write_sr"])
         token = _CALLER_ROLES.set(tuple(user.roles or ()))
-        try:  # in the bounded worker pool, one inference per model at a time: the event loop stays free
-            return await offload(f"infer:{model}", ep.run_inference, background_tasks, model, image, session_id,
-                                 params, file, label, output)
+        # in the inference worker pool, the event loop stays free; one inference per model at a time,
+        # except for models that micro-batch their network work (parotid.batching), which serialises it
+        task = app_instance()._infers.get(model)
+        key = None if getattr(task, "concurrent_requests", False) else f"infer:{model}"
+        try:
+            return await offload(key, ep.run_inference, background_tasks, model, image, session_id,
+                                 params, file, label, output, pool="infer")
         finally:
             _CALLER_ROLES.reset(token)
 

@@ -56,6 +56,9 @@ def tumour_roi_from_segmentation(study: Study, seg_path: str) -> list[int]:
 
 class ClassifyStudy(StudyInferTask):
     classification = True
+    # requests run concurrently: the network work of concurrent requests is micro-batched (and so
+    # serialised) by parotid.classification.batched; study reading and checks run in parallel
+    concurrent_requests = True
 
     def __init__(self, name: str, path: str, label_set: str, seg_path: str, description: str = ""):
         ls = get_label_set(label_set)
@@ -155,7 +158,8 @@ class ClassifyStudy(StudyInferTask):
         with http_errors():
             comps = input_check.box_components(study, roi, self.model_dir, self.seg_path)  # 422: bad or tiny box
             result, heat = classify(model, cfg, study, roi, heatmap=not data.get("no_heatmap", False),
-                                    heatmap_mode=str(data.get("heatmap", "gradcam_x_readout")), input_components=comps)
+                                    heatmap_mode=str(data.get("heatmap", "gradcam_x_readout")), input_components=comps,
+                                    batched=True)
         result["roi_source"] = source
         report = subsets.sequence_report(self.name, model_seqs, study, self.model_dir, self.get_path())
         result.update(report)

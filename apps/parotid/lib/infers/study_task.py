@@ -27,17 +27,19 @@ from lib.errors import http_errors
 from parotid import subsets
 from parotid.model_space import checkpoint_spacing
 from parotid.registry import ModelRegistry
-from parotid.study import Study, StudyError, copy_geometry, read_study
+from parotid.study import Study, StudyError, copy_geometry
+from parotid.study_cache import read_study_cached
 
 logger = logging.getLogger(__name__)
 
 
 class LoadStudyd:
-    """Pre-transform: read the study file named by data['image'] into data['study']."""
+    """Pre-transform: read the study file named by data['image'] into data['study'] (a parsed study is
+    reused while its file is unchanged: parotid.study_cache)."""
 
     def __call__(self, data: Dict[str, Any]) -> Dict[str, Any]:
         with http_errors():
-            data["study"] = read_study(data["image"], name=os.path.basename(str(data["image"])))
+            data["study"] = read_study_cached(data["image"], name=os.path.basename(str(data["image"])))
         return data
 
 

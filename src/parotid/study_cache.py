@@ -1,0 +1,95 @@
+"""Small, size-bounded caches of per-study work that every classification repeated (issue 11).
+
+Profiled on the sample studies (1 torch thread, contended 2-core machine; benchmarks/bench_load.py,
+docs/benchmarks.md): of a classify request's ~1.2 s outside MONAI Label, reading and decompressing the
+study took ~0.14 s, the input check's intensity statistics ~0.56 s and its whole-study segmentation
+~0.53 s (cache miss), the classification network with MC dropout and Grad-CAM ~0.29 s. A radiologist
+segments, then classifies, then re-classifies with another box the SAME study, so:
+
+* ``read_study_cached(path)``: parsed studies keyed by (real path, modification time in ns, size): a
+  replaced or rewritten file is a different key;
+* ``ByteLRU``: a thread-safe LRU bounded by bytes (``PAROTID_STUDY_CACHE_MB``, default 512, for studies;
+  parotid.input_check keeps its study-level components in another one).
+
+Cached objects are shared between concurrent requests and must not be modified (nothing does).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from typing import Any, Callable, Hashable
+
+from parotid.study import Study, read_study
+
+
+def budget_mib(env: str, default: int) -> int:
+    value = os.environ.get(env, "")
+    try:
+        n = int(value) if value else default
+    except ValueError:
+        raise ValueError(f"{env} must be a whole number of MiB, got {value!r}") from None
+    if n < 0:
+        raise ValueError(f"{env} must not be negative, got {n}")
+    return n
+
+
+class ByteLRU:
+    """Least-recently-used cache holding at most `max_bytes` (as measured by `size_of` at insertion)."""
+
+    def __init__(self, max_bytes: int, size_of: Callable[[Any], int]):
+        self.max_bytes, self.size_of = max_bytes, size_of
+        self._items: "OrderedDict[Hashable, tuple[Any, int]]" = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def get(self, key: Hashable) -> Any:
+        with self._lock:
+            hit = self._items.get(key)
+            if hit is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return hit[0]
+
+    def put(self, key: Hashable, value: Any) -> Any:
+        size = int(self.size_of(value))
+        if size > self.max_bytes:
+            return value  # larger than the whole cache: not kept
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self._bytes -= old[1]
+            self._items[key] = (value, size)
+            self._bytes += size
+            while self._bytes > self.max_bytes:
+                _, (_, s) = self._items.popitem(last=False)
+                self._bytes -= s
+        return value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._bytes = 0
+
+
+def study_nbytes(study: Study) -> int:
+    img = study.image
+    n = img.GetNumberOfPixels() * img.GetNumberOfComponentsPerPixel()
+    return n * img.GetSizeOfPixelComponent()
+
+
+_STUDIES = ByteLRU(budget_mib("PAROTID_STUDY_CACHE_MB", 512) * 2**20, study_nbytes)
+
+
+def read_study_cached(path: str, name: str = "study") -> Study:
+    """``parotid.study.read_study(path, name)``, reused while the file keeps its path, time and size."""
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_mtime_ns, st.st_size, name)
+    study = _STUDIES.get(key)
+    if study is None:
+        study = _STUDIES.put(key, read_study(path, name=name))
+    return study
