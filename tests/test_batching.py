@@ -46,7 +46,10 @@ def cases():
     from parotid.classification.train import load_checkpoint
     from parotid.study import read_study
 
+    from parotid.subsets import minimum_for
+
     model, cfg = load_checkpoint(str(CKPT))
+    cfg = {**cfg, "required": list(minimum_for(cfg["sequences"]))}  # what the served task does (T2 only)
     objects = json.loads((SAMPLE / "datastore_v2.json").read_text())["objects"]
     ids = sorted(objects)[:4]
     studies = [(read_study(str(SAMPLE / f"{sid}.nii.gz")), objects[sid]["labels"]["final"]["info"]["roi"]) for sid in ids]
