@@ -18,27 +18,15 @@ reloaded checkpoint is a new object and so gets a new batcher), which calls ``ru
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 import weakref
 from typing import Any, Callable, Generic, List, Optional, Sequence, TypeVar
 
+from parotid.env_settings import env_number
+
 T = TypeVar("T")
 R = TypeVar("R")
-
-
-def _env_number(name: str, default: float, kind=int) -> float:
-    value = os.environ.get(name, "")
-    if not value:
-        return default
-    try:
-        n = kind(value)
-    except ValueError:
-        raise ValueError(f"{name} must be a number, got {value!r}") from None
-    if n < 0:
-        raise ValueError(f"{name} must not be negative, got {n}")
-    return n
 
 
 class _Slot:
@@ -130,8 +118,8 @@ def batcher_for(owner: Any, run_batch: Callable[[Any, list], Sequence[Any]], max
     with _GUARD:
         b = _BATCHERS.get(owner)
         if b is None:
-            size = max_size if max_size is not None else int(_env_number("PAROTID_BATCH_MAX", 8))
-            wait = max_wait_s if max_wait_s is not None else _env_number("PAROTID_BATCH_WAIT_MS", 5.0, float) / 1000
+            size = max_size if max_size is not None else int(env_number("PAROTID_BATCH_MAX", 8, int, 1, "a whole number of requests per batch"))
+            wait = max_wait_s if max_wait_s is not None else env_number("PAROTID_BATCH_WAIT_MS", 5.0, float, 0, "a number of milliseconds") / 1000
             ref = weakref.ref(owner)  # the batcher must not keep `owner` alive
             b = _BATCHERS[owner] = MicroBatcher(lambda items: run_batch(ref(), items), max(1, size), wait)
         return b

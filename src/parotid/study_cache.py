@@ -21,18 +21,12 @@ import threading
 from collections import OrderedDict
 from typing import Any, Callable, Hashable
 
+from parotid.env_settings import env_number
 from parotid.study import Study, read_study
 
 
 def budget_mib(env: str, default: int) -> int:
-    value = os.environ.get(env, "")
-    try:
-        n = int(value) if value else default
-    except ValueError:
-        raise ValueError(f"{env} must be a whole number of MiB, got {value!r}") from None
-    if n < 0:
-        raise ValueError(f"{env} must not be negative, got {n}")
-    return n
+    return env_number(env, default, int, 0, "a whole number of MiB")
 
 
 class ByteLRU:

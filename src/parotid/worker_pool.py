@@ -20,12 +20,13 @@ owns run that work with ``await offload(key, fn, *args)`` instead:
 from __future__ import annotations
 
 import functools
-import os
 import threading
 from typing import Any, Callable, Dict, Optional
 
 import anyio
 import anyio.to_thread
+
+from parotid.env_settings import env_number
 
 ENV = "PAROTID_WORKERS"
 INFER_ENV = "PAROTID_INFER_THREADS"
@@ -36,14 +37,7 @@ _locks_guard = threading.Lock()
 
 
 def workers(env: str = ENV, default: int = 2) -> int:
-    value = os.environ.get(env, str(default))
-    try:
-        n = int(value)
-    except ValueError:
-        raise ValueError(f"{env} must be a whole number of worker threads (e.g. {default}), got {value!r}") from None
-    if n < 1:
-        raise ValueError(f"{env} must be at least 1, got {n}")
-    return n
+    return env_number(env, default, int, 1, f"a whole number of worker threads (e.g. {default})")
 
 
 POOLS = {"requests": (ENV, 2), "reads": ("PAROTID_READ_THREADS", 4), "jobs": ("PAROTID_JOB_THREADS", 2),
