@@ -33,5 +33,5 @@ seg --cohort "$DATA/s41" "$DATA/s31" "$DATA/s32" --model segmentation --iteratio
 # box-prompted contouring: from scratch, then one fine-tuning round
 seg --cohort "$DATA/s41" "$DATA/s32" --model contour_box --out "$W/e" --iterations 2500 --seed 0
 seg --cohort "$DATA/s41" "$DATA/s31" "$DATA/s32" --model contour_box --out "$OUT" --iterations 4000 --lr 1e-3 --seed 3 --init-from "$W/e/contour_box.pt"
-# classifiers (subtype4 and benign_malignant)
+# classifiers (subtype4 and benign_malignant): late fusion Spl, T2 required, branch dropout (train.py defaults)
 $PY -m parotid.classification.train --cohort "$DATA/c101" --out "$OUT" --threads 2
