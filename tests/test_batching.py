@@ -7,6 +7,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import torch
 import pytest
 
 from conftest import ROOT, SAMPLE
@@ -124,3 +125,23 @@ def test_concurrent_batched_classify_equals_serial(cases):
         assert res["roi"] == ref_res["roi"] and res["predicted_class"] == ref_res["predicted_class"]
         _assert_same(res, ref_res)
         np.testing.assert_allclose(vol, ref_vol, rtol=1e-4, atol=1e-5)
+
+
+def test_heatmaps_leave_the_served_network_unchanged(cases):
+    """Grad-CAM passes (both modes, one batch) leave the shared network in eval mode with every weight
+    and BatchNorm statistic as loaded: a heatmap request must not change the served model for the next one."""
+    from parotid.classification.batched import NetworkRequest, run_network_batch
+    from parotid.classification.missing import presence_tensor
+    from parotid.classification.predict import prepare
+
+    model, cfg, studies = cases
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    reqs = []
+    for i, (study, roi) in enumerate(studies):
+        x, box, _ = prepare(study, roi, cfg)
+        reqs.append(NetworkRequest(x, box, float(cfg["temperature"]), 2, None, ("gradcam", "gradcam_x_readout")[i % 2],
+                                   present=presence_tensor(cfg["groups"], study.sequences)))
+    run_network_batch(model, reqs)
+    assert not model.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k

@@ -79,7 +79,11 @@ def gradcam_slice_maps(model: SequenceModel, x: torch.Tensor, box: torch.Tensor,
     B, N = x.shape[:2]
     nb = len(model.branches)
     w = np.ones((B, nb)) if weights is None else np.asarray(weights, dtype=float).reshape(B, nb)
-    wrapper = _OwnClassScore(model, N, box, torch.as_tensor(classes, dtype=torch.long), clinical, present)
+    # eval(): MONAI's ModelWithHooks restores the wrapper's training flag after its pass, and a new module
+    # is in training mode: that would leave the served network in training mode, so that the next pass
+    # without model.eval() (e.g. branch_weights) updates BatchNorm running statistics, i.e. changes the
+    # served model (seen: probabilities of later requests moved by up to 2.5e-3).
+    wrapper = _OwnClassScore(model, N, box, torch.as_tensor(classes, dtype=torch.long), clinical, present).eval()
     xf = x.reshape(B, -1, *x.shape[-2:])
     total = None
     for b in range(nb):

@@ -145,21 +145,6 @@ class ResNet18SliceClassifier(nn.Module):
         return self.head(self.trunk(x))
 
 
-class GradCamWrapper(nn.Module):
-    """Adapter for ``monai.visualize.GradCAM``: one study as a batch of 1 with slices folded into
-    channels, (1, N*C, S, S) -> logits (1, n_classes); target layer activations then have the slices
-    as their batch axis, so GradCAM returns one map per slice (N, 1, S, S)."""
-
-    def __init__(self, model: SequenceModel, n_slices: int, box: torch.Tensor, clinical=None, present=None):
-        super().__init__()
-        self.model, self.n_slices, self.box, self.clinical, self.present = model, n_slices, box, clinical, present
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        N = self.n_slices
-        x = x.reshape(1, N, x.shape[1] // N, *x.shape[-2:])
-        return self.model(x, self.box, self.clinical, self.present)
-
-
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 200) -> float:
     """Temperature scaling (Guo et al. 2017): T minimising the NLL of logits / T on a validation split."""
     logits, labels = logits.detach().double(), labels.long()
