@@ -42,9 +42,9 @@ def install_checkpoint_upload_check(app, get_task: Callable[[str], Optional[obje
             raise HTTPException(404, f"unknown model '{model}'")
         target = task.path[0] if isinstance(task.path, (list, tuple)) else task.path
         # copying and loading the checkpoint block: in the worker pool, the event loop stays free
-        return await offload(f"model:{model}", _check_and_replace, task, file, target)
+        return await offload(f"model:{model}", _check_and_replace, model, user, task, file, target)
 
-    def _check_and_replace(task, file: UploadFile, target: str) -> dict:
+    def _check_and_replace(model: str, user: User, task, file: UploadFile, target: str) -> dict:
         fd, staged = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".upload-", suffix=".pt")
         try:
             with os.fdopen(fd, "wb") as out:
