@@ -145,6 +145,7 @@ def test_tracked_checkpoints_are_unchanged(srv, tracked_before):
     """Runs last in this module: after trainings, rollback and upload, apps/parotid/model is as committed."""
     assert tracked_model_files() == tracked_before
     assert not (APP / "model" / "registry").exists()
+    assert not (APP / "model" / ".training.lock").exists()  # refused before any file is written there
 
 
 def test_a_server_on_the_repository_model_dir_never_changes_it(tracked_before, tmp_path):
