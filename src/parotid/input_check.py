@@ -46,6 +46,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from parotid.checksums import sha256_of
 from parotid.study import Study, StudyError
 
 REFERENCE_FILE = "input_check.json"
@@ -659,7 +660,7 @@ def _fit_reference_file(models, train_dir, cal_dir, seg_path, train_seed, train_
     ref = fit_reference(study_rows(train_dir, seg_path), study_rows(cal_dir, seg_path))
     ref["fitted"] = {"command": "python -m parotid.input_check fit", "train_cohort": f"parotid-synth --seed {train_seed} --n {train_n}",
                      "calibration_cohort": f"parotid-synth --seed {cal_seed} --n {cal_n}", "margin": MARGIN,
-                     "segmentation_checkpoint_sha256": _sha256(seg_path), "synthetic": True}
+                     "segmentation_checkpoint_sha256": sha256_of(seg_path), "synthetic": True}
     tmp = os.path.join(models, REFERENCE_FILE + ".part")
     with open(tmp, "w") as f:
         json.dump(ref, f, indent=1)
@@ -674,14 +675,6 @@ def _usable(cs, cfg: dict) -> list[int]:
     ls = get_label_set(cfg["label_set"])
     req = cs.channels(cfg.get("required", cfg["sequences"]))
     return [i for i, c in enumerate(cs.tumor_class) if ls.accepts(c) and all(cs.avail[i, req])]
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def main(argv=None) -> int:

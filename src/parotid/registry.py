@@ -24,7 +24,6 @@ the task's tolerance (:data:`GATES`), or if an admin forces it (``POST /train/<m
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -33,6 +32,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 from filelock import FileLock
+
+from parotid.checksums import cached_sha256, sha256_of
 
 REGISTRY_DIR = "registry"
 STATUSES = ("promoted", "rejected", "rolled_back", "superseded")
@@ -108,25 +109,6 @@ def decide(gate: Gate, candidate: Mapping[str, Any], served: Mapping[str, Any] |
 
 
 # --------------------------------------------------------------------------- storage
-def sha256_of(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-_SHA_CACHE: dict[tuple, str] = {}
-
-
-def cached_sha256(path: str) -> str:
-    st = os.stat(path)
-    key = (os.path.abspath(path), st.st_mtime_ns, st.st_size)
-    if key not in _SHA_CACHE:
-        _SHA_CACHE[key] = sha256_of(path)
-    return _SHA_CACHE[key]
-
-
 def utc_now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 

@@ -17,7 +17,6 @@ performance validated for each subset.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import threading
@@ -25,6 +24,7 @@ from typing import Any, Iterable, Sequence
 
 import SimpleITK as sitk
 
+from parotid.checksums import cached_sha256
 from parotid.study import Study, StudyError
 
 MINIMUM_SEQUENCES = ("T2",)
@@ -77,7 +77,6 @@ def subset_study(study: Study, sequences: Sequence[str]) -> Study:
 
 # ------------------------------------------------------------------------------------ tables
 _LOCK = threading.Lock()
-_SHA: dict[tuple, str] = {}
 _TABLES: dict[str, tuple[float, dict]] = {}
 
 
@@ -87,18 +86,7 @@ def table_path(model_dir: str, task: str) -> str:
 
 def file_sha256(path: str) -> str:
     """SHA-256 of a checkpoint, cached by (path, mtime, size)."""
-    st = os.stat(path)
-    key = (path, st.st_mtime, st.st_size)
-    with _LOCK:
-        if key in _SHA:
-            return _SHA[key]
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    with _LOCK:
-        _SHA[key] = h.hexdigest()
-    return _SHA[key]
+    return cached_sha256(path)
 
 
 def load_table(path: str) -> dict | None:
