@@ -83,19 +83,23 @@ def test_decision_rule_001():
     assert bm.classes[decision_rule_001(np.array([1, 1, 1, 0]), bm)] == "malignant"
 
 
-@pytest.fixture(scope="module")
-def toy_model(tmp_path_factory):
+def _toy_checkpoint(tmp_path_factory, name: str, fusion: str, **kwargs):
+    """A classifier trained for a few epochs on a toy cohort, saved and loaded back (model, cfg)."""
     from parotid.classification.data import build_cropset
     from parotid.classification.train import load_checkpoint, save_checkpoint, train_task_model
 
-    d = tmp_path_factory.mktemp("toy")
+    d = tmp_path_factory.mktemp(name)
     write_toy_cohort(str(d), 24)
     cs = build_cropset(str(d), size=32, n_slices=4)
-    model, cfg = train_task_model(cs, "subtype4", ("T2", "CET1", "ADC"), "early", epochs1=2, epochs2=4,
-                                  required=("T2", "CET1"))
-    p = str(d / "m.pt")
+    model, cfg = train_task_model(cs, "subtype4", ("T2", "CET1", "ADC"), fusion, epochs1=2, epochs2=4, **kwargs)
+    p = str(d / f"{name}.pt")
     save_checkpoint(p, model, cfg)
     return load_checkpoint(p)
+
+
+@pytest.fixture(scope="module")
+def toy_model(tmp_path_factory):
+    return _toy_checkpoint(tmp_path_factory, "toy", "early", required=("T2", "CET1"))
 
 
 def test_checkpoint_roundtrip_and_classify(toy_model):
@@ -216,17 +220,7 @@ def test_late_fusion_gradcam_combines_branches_by_their_share():
 
 @pytest.fixture(scope="module")
 def toy_late_model(tmp_path_factory):
-    from parotid.classification.data import build_cropset
-    from parotid.classification.train import load_checkpoint, save_checkpoint, train_task_model
-
-    d = tmp_path_factory.mktemp("toy_late")
-    write_toy_cohort(str(d), 24)
-    cs = build_cropset(str(d), size=32, n_slices=4)
-    model, cfg = train_task_model(cs, "subtype4", ("T2", "CET1", "ADC"), "spl", epochs1=2, epochs2=4,
-                                  required=("T2",), branch_dropout=0.5)
-    p = str(d / "late.pt")
-    save_checkpoint(p, model, cfg)
-    return load_checkpoint(p)
+    return _toy_checkpoint(tmp_path_factory, "toy_late", "spl", required=("T2",), branch_dropout=0.5)
 
 
 @pytest.mark.parametrize("seqs", [["T2", "CET1", "ADC"], ["T2", "ADC"], ["T2", "CET1"], ["T2"]])
