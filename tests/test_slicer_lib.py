@@ -122,6 +122,15 @@ def test_sequence_table_matches_core():
     assert sequences.reference_key(["ADC", "T2"]) == core.reference_key(["ADC", "T2"]) == "T2"
 
 
+def test_segmentation_labels_match_core():
+    """The Slicer lib's label values (a Slicer-free copy) are the server's (parotid.labels)."""
+    from parotid import labels as core
+
+    assert labels.SEGMENTATION_LABELS == core.SEGMENTATION_LABELS
+    assert labels.SEGMENT_NAMES == {v: k for k, v in core.SEGMENTATION_LABELS.items() if v}
+    assert set(labels.SEGMENT_COLORS) == set(labels.SEGMENT_NAMES)
+
+
 def test_auto_assign_and_distinct_volumes():
     names = ["Localizer", "AX T2 STIR", "t1_vibe_post_gad", "T1 pre", "DWI b0", "DWI b1000", "ADC map"]
     got = sequences.auto_assign(names)

@@ -47,6 +47,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from parotid.checksums import sha256_of
+from parotid.labels import TUMOR
 from parotid.study import Study, StudyError
 
 REFERENCE_FILE = "input_check.json"
@@ -234,7 +235,7 @@ def anatomy_check(label: np.ndarray, study: Study, ref: dict) -> dict:
 def tumour_in_box(label: np.ndarray, roi: Sequence[int], study: Study) -> dict:
     """Does the segmentation model's tumour reach into the box (>= TUMOUR_IN_BOX_ML)?"""
     i0, i1, j0, j1, k0, k1 = (int(v) for v in roi)
-    ml = float((label[i0:i1, j0:j1, k0:k1] == 2).sum()) * float(np.prod(study.image.GetSpacing())) / 1000.0
+    ml = float((label[i0:i1, j0:j1, k0:k1] == TUMOR).sum()) * float(np.prod(study.image.GetSpacing())) / 1000.0
     found = ml >= TUMOUR_IN_BOX_ML
     return {"passed": found, "score": 0.0 if found else 1.0, "threshold": 0.5, "reasons": [] if found else [NO_TUMOUR],
             "tumor_found": found, "segmented_tumour_in_box_ml": round(ml, 3)}

@@ -1,8 +1,11 @@
-"""Label sets are data (JSON in ``parotid/labelsets``), not code.
+"""Label values and label sets: the one place that names them.
 
-- the segmentation label map (background / parotid gland / tumour) on the reference grid;
-- classification label sets (4-class subtype, benign/malignant, sinonasal ...). A label set may
-  declare ``map_from`` to derive its class from another set's class (e.g. subtype -> benign/malignant).
+- the segmentation label map (background / parotid gland / tumour) on the reference grid: code, not data,
+  because the segmentation networks' output channels are these values (the Slicer lib's copy,
+  ``ParotidTumorLib.labels``, is checked against this one by tests/test_slicer_lib.py);
+- classification label sets (4-class subtype, benign/malignant, sinonasal ...) are data: JSON in
+  ``parotid/labelsets``. A label set may declare ``map_from`` to derive its class from another set's
+  class (e.g. subtype -> benign/malignant).
 Extra label sets can be dropped into a folder named by ``PAROTID_LABELSETS``.
 """
 

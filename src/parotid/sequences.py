@@ -30,6 +30,13 @@ _DEFAULT = (
     Sequence("ADC", "apparent diffusion coefficient map (1e-6 mm2/s)", ("*adc*",)),
 )
 
+# The built-in table's keys: the input channels of the shipped networks (a PAROTID_SEQUENCES table does not
+# change what a trained network reads).
+DEFAULT_KEYS: tuple[str, ...] = tuple(s.key for s in _DEFAULT)
+# Acquired together by one diffusion protocol: the b-value images and the ADC map computed from them.
+DWI_KEYS = ("DWI_B0", "DWI_B1000")
+DIFFUSION = (*DWI_KEYS, "ADC")
+
 # Reference grid preference when a study is assembled (first present wins).
 DEFAULT_REFERENCE_ORDER = ("CET1", "T2", "T1", "DWI_B0", "DWI_B1000", "ADC")
 

@@ -27,6 +27,7 @@ import time
 import requests
 
 from .errors import ServerError, connection_message, detail_from_body, user_message
+from .labels import SEGMENT_NAMES
 from .responses import InferResponse, parse_infer_response
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -139,7 +140,7 @@ class ParotidClient:
         if roi is not None:
             info["roi"] = [int(v) for v in roi]
         info["label_info"] = segments if segments is not None else [
-            {"name": "parotid_gland", "idx": 1}, {"name": "tumor", "idx": 2}]
+            {"name": name, "idx": idx} for idx, name in SEGMENT_NAMES.items()]
         info.setdefault("client_id", self.client_id)
         with open(label_path, "rb") as f:
             r = self.request("PUT", "/datastore/label", "Submit label",

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from parotid.labels import GLAND, TUMOR
+
 DEFAULT_SIZE = 64
 DEFAULT_SLICES = 8
 DEFAULT_MARGIN = 0.25
@@ -99,7 +101,7 @@ def unique_slices(ks) -> np.ndarray:
 
 def extract_crop(arr: np.ndarray, roi, size: int = DEFAULT_SIZE, n_slices: int = DEFAULT_SLICES,
                  margin: float = DEFAULT_MARGIN, label: np.ndarray | None = None, n_free: int = 0,
-                 gland_value: int = 1, tumor_value: int = 2) -> Crop:
+                 gland_value: int = GLAND, tumor_value: int = TUMOR) -> Crop:
     """Cut the classifier input for one study. `arr` is (C, I, J, K); `label` an optional (I, J, K) map."""
     window = crop_window(roi, margin)
     lo, scale = normalise_stats(arr, roi, window)

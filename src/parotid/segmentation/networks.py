@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 import torch
 from monai.networks.nets import UNet
 
+from parotid.labels import SEGMENTATION_LABELS, TUMOR
+from parotid.sequences import DEFAULT_KEYS
+
 
 @dataclass(frozen=True)
 class SegModelSpec:
@@ -20,7 +23,7 @@ class SegModelSpec:
     channels: tuple[int, ...] = (8, 16, 32, 64)
     strides: tuple = (2, 2, (2, 2, 1))
     res_units: int = 0
-    labels: dict = field(default_factory=lambda: {"background": 0, "parotid_gland": 1, "tumor": 2})
+    labels: dict = field(default_factory=lambda: dict(SEGMENTATION_LABELS))
 
     @property
     def in_channels(self) -> int:
@@ -31,12 +34,12 @@ class SegModelSpec:
         return 2 if self.box_prompted else 3
 
 
-ALL = ("T1", "T2", "CET1", "DWI_B0", "DWI_B1000", "ADC")
+ALL = DEFAULT_KEYS  # every sequence, in the sequence table's order (the input channels' order)
 # required: the clinical minimum (parotid.subsets.MINIMUM_SEQUENCES); every other input may be missing
 SEGMENTATION = SegModelSpec("segmentation", ALL, ("T2",), box_prompted=False, patch=(64, 64, 16))
 CONTOUR_BOX = SegModelSpec(
     "contour_box", ALL, ("T2",), box_prompted=True, patch=(48, 48, 16),
-    labels={"background": 0, "tumor": 2},
+    labels={"background": SEGMENTATION_LABELS["background"], "tumor": TUMOR},
 )
 SPECS = {s.name: s for s in (SEGMENTATION, CONTOUR_BOX)}
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from parotid.labels import GLAND, TUMOR
+
 FEATURES = ("mean", "cv", "margin")
 
 
@@ -31,8 +33,8 @@ def tumour_features(array: np.ndarray, label: np.ndarray, sequences, spacing=(1.
     inside (2-5 mm) and its surroundings (2-5 mm outside): ~1 for a sharp edge, small for an
     ill-defined one.
     """
-    tumour = label == 2
-    gland = label == 1
+    tumour = label == TUMOR
+    gland = label == GLAND
     bb = tuple(slice(max(int(a.min()) - 7, 0), int(a.max()) + 8) for a in np.nonzero(tumour))
     t = tumour[bb]
     sp = [float(v) for v in spacing]

@@ -9,7 +9,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 
 from lib.infers.study_task import StudyInferTask
 from parotid import input_check
-from parotid.labels import INFO_ROI
+from parotid.labels import GLAND, INFO_ROI, TUMOR
 from parotid.segmentation.inference import contour_study, segment_study, tumour_roi
 from parotid.segmentation.networks import SegModelSpec
 from parotid.study import Study, StudyError
@@ -19,7 +19,7 @@ def _summary(label: np.ndarray, study: Study) -> Dict[str, Any]:
     spacing = study.image.GetSpacing()
     voxel_ml = float(np.prod(spacing)) / 1000.0
     return {
-        "volumes_ml": {name: round(float((label == v).sum()) * voxel_ml, 2) for name, v in (("parotid_gland", 1), ("tumor", 2))},
+        "volumes_ml": {name: round(float((label == v).sum()) * voxel_ml, 2) for name, v in (("parotid_gland", GLAND), ("tumor", TUMOR))},
         "tumor_roi": tumour_roi(label),  # the largest tumour (index tumour): a box for classify/contour_box
     }
 
@@ -56,7 +56,7 @@ class ContourInBox(StudyInferTask):
         label, space = np.zeros(study.shape, np.uint8), None
         if box is None or box["tumor_found"]:
             label, space = contour_study(network, self.spec, study, roi, self.model_spacing())
-        found = bool((label == 2).any())
+        found = bool((label == TUMOR).any())
         space_params = space.params if space else {"model_spacing": self.model_spacing(), "resampled": False}
         return label, {"model": self.spec.name, INFO_ROI: [int(v) for v in roi], **_summary(label, study),
                        **space_params, "tumor_found": found, "message": None if found else input_check.NO_TUMOUR,
