@@ -117,7 +117,10 @@ def test_sequence_table_matches_core():
     assert sequences.DEFAULT_REFERENCE_ORDER == core.DEFAULT_REFERENCE_ORDER
     for mine, theirs in zip(sequences.SEQUENCES, core.SEQUENCES):
         assert (mine.key, mine.description, tuple(mine.patterns)) == (theirs.key, theirs.description, tuple(theirs.patterns))
-    for name in ["AX T2 STIR", "t1_vibe_post", "T1 CE", "ep2d_diff b0", "DWI b=1000", "ADC map", "T1 pre", "localizer"]:
+    from parotid.synth.phantom import SERIES_DESCRIPTION
+
+    for name in ["AX T2 STIR", "t1_vibe_post", "T1 CE", "ep2d_diff b0", "DWI b=1000", "ADC map", "T1 pre", "localizer",
+                 "cet1", "t1 b0 gad", "DWI b_1000 adc", "b=0 t2", "t2 b0", *SERIES_DESCRIPTION.values()]:
         assert sequences.match_sequence(name) == core.match_sequence(name), name
     assert sequences.reference_key(["ADC", "T2"]) == core.reference_key(["ADC", "T2"]) == "T2"
 

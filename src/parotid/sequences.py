@@ -12,6 +12,7 @@ import fnmatch
 import json
 import os
 from dataclasses import dataclass
+from typing import Iterable, Mapping
 
 
 @dataclass(frozen=True)
@@ -65,21 +66,27 @@ def check_keys(keys) -> list[str]:
     return keys
 
 
-def _specificity(pattern: str) -> int:
-    return len(pattern.replace("*", ""))
+def most_specific_match(name: str, patterns: Mapping[str, Iterable[str]]) -> str | None:
+    """The key whose case-insensitive fnmatch pattern matches `name` with the most characters other than
+    ``*`` (ties: the first), or None. (ParotidTumorLib.sequences keeps a Slicer-free copy, checked
+    against this one by tests/test_slicer_lib.py.)"""
+    low = name.lower().strip()
+    best: tuple[int, str] | None = None
+    for key, pats in patterns.items():
+        for pat in pats:
+            specificity = len(pat.replace("*", ""))
+            if fnmatch.fnmatchcase(low, pat) and (best is None or specificity > best[0]):
+                best = (specificity, key)
+    return best[1] if best else None
 
 
 def match_sequence(name: str) -> str | None:
-    """Guess the sequence key from a volume name or SeriesDescription (most specific pattern wins)."""
+    """Guess the sequence key from a volume name or SeriesDescription: the key itself, else the most
+    specific pattern of the sequence table."""
     low = name.lower().strip()
     if low.upper() in SEQUENCE_KEYS:
         return low.upper()
-    best: tuple[int, str] | None = None
-    for seq in SEQUENCES:
-        for pat in seq.patterns:
-            if fnmatch.fnmatchcase(low, pat) and (best is None or _specificity(pat) > best[0]):
-                best = (_specificity(pat), seq.key)
-    return best[1] if best else None
+    return most_specific_match(low, {seq.key: seq.patterns for seq in SEQUENCES})
 
 
 def reference_key(present, order=DEFAULT_REFERENCE_ORDER) -> str:

@@ -25,6 +25,7 @@ from typing import Any, Iterable, Sequence
 import SimpleITK as sitk
 
 from parotid.checksums import cached_sha256
+from parotid.sequences import DIFFUSION
 from parotid.study import Study, StudyError
 
 MINIMUM_SEQUENCES = ("T2",)
@@ -32,7 +33,6 @@ MINIMUM_SEQUENCES = ("T2",)
 # T1 0.80, CE-T1 0.84, T2 0.88 ROC-AUC): a subset validated below that is not worth a class.
 CLASSIFICATION_FLOOR = 0.80
 FLOOR_METRIC = "roc_auc"  # benign vs malignant, P(malignant); classification tables only
-DIFFUSION = ("DWI_B0", "DWI_B1000", "ADC")
 # The subsets every model is evaluated on: name -> the sequences removed (None: all but the minimum).
 NAMED_SUBSETS: dict[str, tuple[str, ...] | None] = {
     "all": (),

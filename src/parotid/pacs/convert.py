@@ -17,7 +17,7 @@ import pydicom
 import SimpleITK as sitk
 from pydicom.dataset import Dataset
 
-from parotid.sequences import SEQUENCE_KEYS, match_sequence
+from parotid.sequences import DWI_KEYS, SEQUENCE_KEYS, match_sequence, most_specific_match
 from parotid.study import StudyError, scrub_paths
 
 logger = logging.getLogger(__name__)
@@ -78,15 +78,9 @@ def classify_series(description: str, patterns: Mapping[str, Sequence[str]] | No
     """Sequence key of a SeriesDescription: deployment patterns first (most specific wins), then
     ``parotid.sequences.match_sequence``."""
     low = (description or "").strip().lower()
-    best = None
-    for key, pats in (patterns or {}).items():
-        for p in pats:
-            if fnmatch.fnmatchcase(low, p):
-                spec = len(p.replace("*", ""))
-                if best is None or spec > best[0]:
-                    best = (spec, key)
+    best = most_specific_match(low, patterns or {})
     if best:
-        return best[1]
+        return best
     key = match_sequence(low) if low else None
     if key is None and any(fnmatch.fnmatchcase(low, p) for p in DWI_PATTERNS):
         return MIXED_DWI
@@ -132,7 +126,7 @@ def group_series(study_uid: str, series: Iterable[SeriesInfo], patterns=None, mo
         else:
             g.ignored.append(s)
     # a multi-b-value series is only used for the b-values no dedicated series provides
-    if MIXED_DWI in g.sequences and "DWI_B0" in g.sequences and "DWI_B1000" in g.sequences:
+    if MIXED_DWI in g.sequences and all(k in g.sequences for k in DWI_KEYS):
         g.ignored.append(g.sequences.pop(MIXED_DWI))
     return g
 

@@ -49,7 +49,7 @@ from parotid.pacs.client import make_client, phi_safe_id
 from parotid.pacs.convert import (MIXED_DWI, StudyGrouping, datasets_to_image, group_series, load_patterns,
                                   series_info_from_qido, split_dwi)
 from parotid.pacs import writeback
-from parotid.sequences import SEQUENCE_KEYS, reference_key
+from parotid.sequences import DIFFUSION, DWI_KEYS, SEQUENCE_KEYS, reference_key
 from parotid.study import StudyError, assemble_study, read_study, write_study
 
 logger = logging.getLogger(__name__)
@@ -239,7 +239,7 @@ class ParotidDICOMwebDatastore(LocalDatastore):
         study_uid = g.study_uid
         present = [k for k in g.sequences if k != MIXED_DWI]
         if MIXED_DWI in g.sequences:
-            present += [k for k in ("DWI_B0", "DWI_B1000") if k not in present]
+            present += [k for k in DWI_KEYS if k not in present]
         ref_key = self._reference if self._reference in present else reference_key(present)
         volumes: dict[str, sitk.Image] = {}
         series_of: dict[str, str] = {}
@@ -255,7 +255,7 @@ class ParotidDICOMwebDatastore(LocalDatastore):
                     continue
                 volumes[seq_key] = datasets_to_image(dsets, name=f"{seq_key} series")
                 series_of[seq_key] = s.series_uid
-                if seq_key == ref_key or seq_key in ("DWI_B0", "DWI_B1000", "ADC"):
+                if seq_key == ref_key or seq_key in DIFFUSION:
                     ref_datasets[seq_key] = dsets  # fallback references when an expected b-value is missing
         if ref_key not in volumes:
             ref_key = reference_key(list(volumes))

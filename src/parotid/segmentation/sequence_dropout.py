@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from monai.transforms import MapTransform, RandomizableTransform
 
-from parotid.subsets import DIFFUSION, MINIMUM_SEQUENCES, NAMED_SUBSETS
+from parotid.sequences import DIFFUSION
+from parotid.subsets import MINIMUM_SEQUENCES, NAMED_SUBSETS
 
 # the sequences a study must have (every other input sequence is optional) and the available-sequence
 # subsets by the sequences they lack (None = "everything but MINIMUM"): defined once, in parotid.subsets

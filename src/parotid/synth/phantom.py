@@ -18,7 +18,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from parotid.labels import GLAND, TUMOR
-from parotid.sequences import SEQUENCE_KEYS, reference_key
+from parotid.sequences import DIFFUSION, SEQUENCE_KEYS, reference_key
 from parotid.study import Study, assemble_study, roi_from_mask
 from parotid.synth.geometry import Grid, Rigid, rotation
 from parotid.synth.profiles import Profile, get_profile
@@ -389,7 +389,7 @@ def sample_case(seed: int, index: int, keep=(), profile: str | Profile | None = 
         else:
             present.remove(missing)
     ref_key = reference_key(present)
-    ref_proto = "DWI" if ref_key in ("DWI_B0", "DWI_B1000", "ADC") else ref_key
+    ref_proto = "DWI" if ref_key in DIFFUSION else ref_key
     grids, motions, gains, bias = {}, {}, {}, {}
     for name, p in PROTOCOLS.items():
         g = _stream(seed, index, "acq:" + name)
@@ -463,7 +463,7 @@ def render_sequences(case: Case) -> dict[str, sitk.Image]:
     """Native acquisitions (float32 sitk images in their own geometry) of the present sequences."""
     out = {}
     for proto in PROTOCOLS:
-        keys = ["DWI_B0", "DWI_B1000", "ADC"] if proto == "DWI" else [proto]
+        keys = list(DIFFUSION) if proto == "DWI" else [proto]
         if not any(k in case.sequences for k in keys):
             continue
         painter = _paint(case, proto, track=False)
@@ -504,7 +504,7 @@ def render_label(case: Case, reference: sitk.Image) -> tuple[np.ndarray, np.ndar
     reference sequence's pose), never resampled from another grid.
     """
     ref_key = case.extra["reference"]
-    proto = "DWI" if ref_key in ("DWI_B0", "DWI_B1000", "ADC") else ref_key
+    proto = "DWI" if ref_key in DIFFUSION else ref_key
     grid = Grid.of(reference)
     pose = case.motions[proto].compose_after(case.pose)
     painter = Painter(grid, pose, [], track=True)
