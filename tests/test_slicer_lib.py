@@ -125,6 +125,13 @@ def test_sequence_table_matches_core():
     assert sequences.reference_key(["ADC", "T2"]) == core.reference_key(["ADC", "T2"]) == "T2"
 
 
+def test_version_matches_core():
+    """The Slicer lib's version (a Slicer-free copy) is the package's (pyproject.toml, installed)."""
+    import parotid
+
+    assert L.__version__ == parotid.__version__ != "unknown"
+
+
 def test_segmentation_labels_match_core():
     """The Slicer lib's label values (a Slicer-free copy) are the server's (parotid.labels)."""
     from parotid import labels as core

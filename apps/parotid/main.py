@@ -27,6 +27,7 @@ from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.interfaces.tasks.train import TrainTask
 
 import lib.configs
+import parotid
 from lib import http_api
 from lib.cors import restrict_cors
 from lib.datastore import StudyDatastore
@@ -79,7 +80,7 @@ class ParotidApp(MONAILabelApp):
         super().__init__(
             app_dir=app_dir, studies=studies, conf=conf, name="Parotid MRI",
             description="Parotid gland and tumour contouring and tumour classification on multi-sequence MRI",
-            version="0.1.0",
+            version=parotid.__version__,
         )
         for t in self._trainers.values():  # first start: the shipped checkpoints become version 1
             if isinstance(t, GatedTrainTask):

@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from parotid import __version__
 from parotid.labels import get_label_set
 from parotid.model_space import SPACING_KEY, file_spacing, training_spacing
 
@@ -31,7 +32,6 @@ from .data import CropSet, build_cropset, read_cohort
 from .missing import cropset_presence, dropout_masks
 from .models import ImageNet, ResNet18SliceClassifier, SequenceModel, fit_temperature
 
-VERSION = "0.1.0"
 # The sequences of Liu et al.'s best model (T2, CE-T1, DWI b1000; they fused them LATE, one branch per
 # sequence) + ADC. How they are fused is `train_task_model(fusion=...)`, recorded as the checkpoint's
 # `fusion_mode`.
@@ -406,7 +406,7 @@ def train_task_model(cs: CropSet, label_set_name: str, seqs=DEFAULT_SEQS, fusion
     cfg = {"kind": "sequence", "label_set": ls.name, "classes": list(ls.classes), "malignant": list(ls.malignant),
            "sequences": list(seqs), "required": list(required), "groups": groups, "fusion": model.fusion, "fusion_mode": fusion,
            "size": int(cs.slices.shape[-1]), "n_slices": int(cs.slices.shape[1]), "margin": 0.25, "n_clinical": 0,
-           "temperature": cal["temperature"], "version": VERSION, "branch_dropout": branch_dropout, "uncertainty": cal["uncertainty"],
+           "temperature": cal["temperature"], "version": __version__, "branch_dropout": branch_dropout, "uncertainty": cal["uncertainty"],
            "calibration": cal["calibration"],
            "trained": {"n_train": len(info["fit_idx"]), "n_val": len(info["val_idx"]), "n_calibration": len(split["calibration"]),
                        "class_counts": counts, "epochs_stage1": epochs1, "epochs_stage2": epochs2, "seed": seed,

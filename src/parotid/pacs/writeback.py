@@ -31,7 +31,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from importlib.metadata import PackageNotFoundError, version as _dist_version
 from typing import Any, Mapping, Sequence
 
 import highdicom as hd
@@ -45,6 +44,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
+from parotid import __version__
 from parotid.labels import GLAND, TUMOR
 from parotid.study import StudyError, check_roi
 
@@ -54,14 +54,7 @@ MANUFACTURER = "parotid-mri"
 SCHEME = "99PAROTID"  # private coding scheme, declared in every SR written here (PRIVATE_SCHEME)
 
 
-def _software_version() -> str:
-    try:
-        return _dist_version("parotid-mri")
-    except PackageNotFoundError:  # running from a source tree that is not installed
-        return "unknown"
-
-
-SOFTWARE_VERSION = _software_version()
+SOFTWARE_VERSION = __version__
 PRIVATE_SCHEME = CodingSchemeIdentificationItem(
     designator=SCHEME, name="parotid-mri private codes", version="1",
     responsible_organization="parotid-mri project (docs/pacs.md lists the codes)")
