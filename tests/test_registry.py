@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 
 import pytest
 import torch
@@ -120,11 +121,16 @@ def test_a_file_replaced_behind_the_registry_is_registered_on_start(model_dir):
     assert reg.sync_served() == 2 and reg.meta(2)["source"] == "found on start"
 
 
+def _git(*args, cwd):
+    subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True)
+
+
 def test_model_dir_in_a_git_checkout_is_never_written(tmp_path):
-    (tmp_path / ".git").mkdir()
+    _git("init", "-q", cwd=tmp_path)
     d = tmp_path / "apps" / "model"
     d.mkdir(parents=True)
     (d / "seg.pt").write_bytes(b"weights:0.80")
+    _git("add", "apps/model/seg.pt", cwd=tmp_path)  # tracked checkpoints
     reg = ModelRegistry(str(d), "seg")
     assert reg.read_only and reg.sync_served() == 1 and reg.served_version() == 1
     with pytest.raises(RegistryError) as e:
@@ -135,6 +141,39 @@ def test_model_dir_in_a_git_checkout_is_never_written(tmp_path):
 
 def test_the_repository_model_dir_is_read_only():
     assert ModelRegistry(str(APP / "model"), "segmentation").read_only
+
+
+def test_an_untracked_model_dir_inside_a_git_work_tree_is_writable(tmp_path):
+    """Only tracked checkpoints are read-only: a copy that merely lies in some work tree (a home directory
+    under version control, a runtime folder inside a checkout) is trained and versioned as any other."""
+    _git("init", "-q", cwd=tmp_path)
+    (tmp_path / "README").write_text("x")
+    _git("add", "README", cwd=tmp_path)
+    d = tmp_path / "runtime" / "model"
+    d.mkdir(parents=True)
+    (d / "seg.pt").write_bytes(b"weights:0.80")
+    reg = ModelRegistry(str(d), "seg")
+    assert not reg.read_only and reg.sync_served() == 1
+    assert gated_training(reg, SEG, _trainer(0.9), _score_by_content)["status"] == "promoted"
+    assert reg.served_version() == 2 and (d / "seg.pt").read_bytes() == b"weights:0.9"
+
+
+def test_served_version_reads_the_registry_only_when_a_file_changed(model_dir, monkeypatch):
+    """/info and every result ask for the served version: answered from memory while neither the served
+    checkpoint nor served.json changed, re-read after a promotion or a rollback."""
+    import parotid.registry as registry
+
+    reg = ModelRegistry(str(model_dir), "seg")
+    reg.sync_served()
+    reads = []
+    real = registry.cached_sha256
+    monkeypatch.setattr(registry, "cached_sha256", lambda path: reads.append(path) or real(path))
+    assert [reg.served_version() for _ in range(5)] == [1] * 5
+    assert ModelRegistry(str(model_dir), "seg").served_version() == 1 and len(reads) <= 1
+    gated_training(reg, SEG, _trainer(0.9), _score_by_content)
+    assert reg.served_version() == 2
+    reg.rollback(1, reason="test")
+    assert reg.served_version() == 1 and ModelRegistry(str(model_dir), "seg").served_version() == 1
 
 
 # ----------------------------------------------------------------------------- the gate on real scores

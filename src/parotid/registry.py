@@ -24,9 +24,11 @@ the task's tolerance (:data:`GATES`), or if an admin forces it (``POST /train/<m
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
+import subprocess
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
@@ -126,16 +128,33 @@ def _copy_atomic(src: str, dst: str) -> None:
     os.replace(tmp, dst)  # a concurrent reader sees the old file or the new one, never half of one
 
 
-def in_git_checkout(path: str) -> bool:
-    """True when `path` lies in a git work tree (e.g. the repository's tracked apps/parotid/model)."""
+@functools.lru_cache(maxsize=None)
+def tracked_by_git(path: str) -> bool:
+    """True when git tracks files in the folder `path` (the repository's apps/parotid/model): a running
+    server never changes tracked checkpoints. A folder that merely lies inside some git work tree (an
+    untracked copy, a home directory under version control) is writable. Outside any work tree git is not
+    run; when git cannot answer (not installed, not a repository it may read) the folder counts as tracked."""
     p = os.path.abspath(path)
-    while True:
-        if os.path.exists(os.path.join(p, ".git")):
-            return True
-        parent = os.path.dirname(p)
-        if parent == p:
+    top = p
+    while not os.path.exists(os.path.join(top, ".git")):
+        parent = os.path.dirname(top)
+        if parent == top:
             return False
-        p = parent
+        top = parent
+    try:
+        out = subprocess.run(["git", "-C", top, "ls-files", "--", os.path.relpath(p, top)],
+                             capture_output=True, text=True, timeout=60, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return True
+    return bool(out.strip())
+
+
+def _stat_key(path: str) -> tuple | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 class RegistryError(Exception):
@@ -149,11 +168,13 @@ class RegistryError(Exception):
 class ModelRegistry:
     """The versions of one task's checkpoint in `model_dir` (see the module docstring)."""
 
+    _served_cache: dict[str, tuple[tuple, int]] = {}  # registry root -> (stat of served file + pointer, version)
+
     def __init__(self, model_dir: str, task: str, ext: str = ".pt"):
         self.model_dir, self.task = os.path.abspath(model_dir), task
         self.served_path = os.path.join(self.model_dir, task + ext)
         self.root = os.path.join(self.model_dir, REGISTRY_DIR, task)
-        self.read_only = in_git_checkout(self.model_dir)
+        self.read_only = tracked_by_git(self.model_dir)
         self._lock: FileLock | None = None
 
     # ---- reading
@@ -195,12 +216,18 @@ class ModelRegistry:
             return None
         if self.read_only and not os.path.isdir(self.root):
             return 1
-        digest = cached_sha256(self.served_path)
         pointer = os.path.join(self.root, "served.json")
+        # the answer read from the pointer holds while neither file changes (asked on every /info and result)
+        key = (_stat_key(self.served_path), _stat_key(pointer))
+        hit = self._served_cache.get(self.root)
+        if hit and hit[0] == key:
+            return hit[1]
+        digest = cached_sha256(self.served_path)
         if os.path.exists(pointer):
             with open(pointer) as f:
                 p = json.load(f)
             if p.get("sha256") == digest:
+                self._served_cache[self.root] = (key, int(p["version"]))
                 return int(p["version"])
         for n in reversed(self._numbers()):
             try:

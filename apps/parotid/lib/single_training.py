@@ -28,7 +28,7 @@ from monailabel.endpoints import train
 from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.utils.async_tasks import utils as async_tasks
 
-from parotid.registry import in_git_checkout
+from parotid.registry import tracked_by_git
 from parotid.routes import replace_route
 
 LOCK_NAME = ".training.lock"
@@ -81,7 +81,7 @@ def install_single_training(app, model_dir: str) -> None:
     lock_path = os.path.join(model_dir, LOCK_NAME)
 
     def acquire(model: str) -> TrainingLock:
-        if in_git_checkout(model_dir):  # refused before any file is written there (parotid.registry)
+        if tracked_by_git(model_dir):  # refused before any file is written there (parotid.registry)
             raise HTTPException(409, f"the model dir {model_dir} is in a git checkout (the repository's tracked "
                                      "checkpoints), which a running server never rewrites: no training here; start "
                                      "the server with --conf model_dir DIR on a copy (scripts/serve.sh does)")

@@ -93,7 +93,9 @@ class StudyInferTask(BasicInferTask):
         path = self.path[0] if isinstance(self.path, (list, tuple)) else self.path
         if not path:
             return None
-        return ModelRegistry(os.path.dirname(path), os.path.splitext(os.path.basename(path))[0]).served_version()
+        if getattr(self, "_registry", None) is None:
+            self._registry = ModelRegistry(os.path.dirname(path), os.path.splitext(os.path.basename(path))[0])
+        return self._registry.served_version()
 
     @property
     def model_dir(self) -> str:
