@@ -197,18 +197,19 @@ class ParotidApp(MONAILabelApp):
         return super().next_sample(request)
 
     def infer(self, request: Dict[str, Any], datastore=None):
-        """Check the model and study first so that bad requests get 4xx JSON, not a 500."""
+        """Check the model and study first so that bad requests get 4xx JSON, not a 500. The one place
+        where inference's domain errors become HTTP errors (lib/errors.py)."""
         model = request.get("model")
         if request.get("save_label"):
             _refuse_final_tag(request)
         if model not in self._infers:
             raise HTTPException(404, f"unknown model '{model}'; available: {sorted(self._infers)}")
         image = request.get("image")
-        if isinstance(image, str) and not os.path.exists(image):
-            ds = datastore or self.datastore()
-            if not image or not ds.get_image_uri(image):
-                raise HTTPException(404, f"unknown study '{image}'")
         with http_errors():
+            if isinstance(image, str) and not os.path.exists(image):
+                ds = datastore or self.datastore()
+                if not image or not ds.get_image_uri(image):
+                    raise HTTPException(404, f"unknown study '{image}'")
             result = super().infer(request, datastore)
         self._write_back_classification(model, image, result, request.get("write_sr"))
         return result

@@ -39,6 +39,10 @@ class StudyError(ValueError):
     """A study or its parameters cannot be used. The message is meant for the user (HTTP 4xx)."""
 
 
+class NotFoundError(StudyError):
+    """The named study or label does not exist (HTTP 404)."""
+
+
 # --------------------------------------------------------------------------- volumes
 NIFTI_EXT = (".nii", ".nii.gz")
 IMPORT_HINT = "make studies with the `parotid-import` command (docs/data-format.md)"

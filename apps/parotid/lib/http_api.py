@@ -24,6 +24,8 @@ from typing import Callable, Iterable
 
 from fastapi.responses import JSONResponse
 
+from lib import errors
+
 logger = logging.getLogger(__name__)
 
 # Details MONAI Label raises as HTTPException(500) although the request is at fault: prefix -> (status, message)
@@ -88,7 +90,7 @@ def _raised_by_endpoint_parsing(exc: BaseException) -> bool:
 async def _on_malformed_request(request, exc):
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    if isinstance(exc, StarletteHTTPException):  # e.g. PacsStudyError is a ValueError *and* an HTTPException
+    if isinstance(exc, StarletteHTTPException):  # an HTTPException that is also a ValueError (e.g. a library's)
         return await _on_http_exception(request, exc)
     if _raised_by_endpoint_parsing(exc):
         return _json(422, f"malformed request: {type(exc).__name__}: {exc}")
@@ -171,6 +173,7 @@ def install(app, names: Callable[[str], Iterable[str]]) -> None:
     app.add_exception_handler(shutil.ReadError, _on_archive_error)
     for exc_type in (TypeError, ValueError, KeyError, AttributeError):
         app.add_exception_handler(exc_type, _on_malformed_request)
+    errors.install(app)  # domain errors (StudyError, RegistryError): the app's one mapping (lib/errors.py)
     if any(m.cls is UnknownJobGuard for m in app.user_middleware):
         return
     if app.middleware_stack is None:  # not started: the supported way; inside CORS so its 404s carry CORS headers

@@ -24,7 +24,7 @@ from fastapi import Depends, HTTPException, Query
 from monailabel.config import RBAC_ADMIN, RBAC_USER, settings
 from monailabel.endpoints.user.auth import RBAC, User
 
-from parotid.registry import ModelRegistry, RegistryError, describe_versions, outcome_words
+from parotid.registry import ModelRegistry, describe_versions, outcome_words
 from parotid.routes import replace_route
 
 
@@ -63,11 +63,8 @@ def install_registry_routes(app, get_registry: Callable[[str], Optional[ModelReg
     async def api_model_rollback(model: str, version: int = Query(..., ge=1, description="the version to serve again"),
                                  user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))):
         reg = registry_or_404(model)
-        try:
-            who = f" ({user.username})" if user and user.username else ""
-            meta = reg.rollback(version, reason=f"rolled back by an admin{who} via POST /model/rollback")
-        except RegistryError as e:
-            raise HTTPException(e.status, str(e)) from None
+        who = f" ({user.username})" if user and user.username else ""
+        meta = reg.rollback(version, reason=f"rolled back by an admin{who} via POST /model/rollback")  # 4xx: lib/errors.py
         return {"model": model, "served_version": reg.served_version(), "sha256": meta["sha256"],
                 "reason": meta["history"][-1]["reason"] if meta.get("history") else meta.get("reason")}
 

@@ -24,7 +24,6 @@ from monailabel.utils.others.generic import file_checksum
 
 from lib.errors import http_errors
 from lib.trainers.gated import GatedTrainTask
-from parotid.registry import RegistryError
 from parotid.routes import replace_route
 from parotid.worker_pool import offload
 
@@ -49,20 +48,17 @@ def install_checkpoint_upload_check(app, get_task: Callable[[str], Optional[obje
         try:
             with os.fdopen(fd, "wb") as out:
                 shutil.copyfileobj(file.file, out)
-            with http_errors():
-                task.check_checkpoint(staged)
             trainer = get_trainer(model)
             version = None
-            if isinstance(trainer, GatedTrainTask):
-                who = f" ({user.username})" if user and user.username else ""
-                try:
+            with http_errors():
+                task.check_checkpoint(staged)
+                if isinstance(trainer, GatedTrainTask):
+                    who = f" ({user.username})" if user and user.username else ""
                     version = trainer.registry.register_file(
                         staged, "upload", f"uploaded by an admin{who} (PUT /model/{model}); not gated",
                         sidecar=trainer.sidecar(staged))["version"]
-                except RegistryError as e:
-                    raise HTTPException(e.status, str(e)) from None
-            else:
-                os.replace(staged, target)
+                else:
+                    os.replace(staged, target)
         finally:
             if os.path.exists(staged):
                 os.remove(staged)

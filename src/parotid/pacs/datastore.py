@@ -35,7 +35,6 @@ from typing import Any, Dict, List, Optional
 
 import pydicom
 import requests
-from fastapi import HTTPException
 import SimpleITK as sitk
 from filelock import FileLock
 from pydicom.dataset import Dataset
@@ -50,29 +49,14 @@ from parotid.pacs.convert import (MIXED_DWI, StudyGrouping, datasets_to_image, g
                                   series_info_from_qido, split_dwi)
 from parotid.pacs import writeback
 from parotid.sequences import DIFFUSION, DWI_KEYS, SEQUENCE_KEYS, reference_key
-from parotid.study import StudyError, assemble_study, read_study, write_study
+from parotid.study import NotFoundError, StudyError, assemble_study, read_study, write_study
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_FILTER = {"Modality": "MR"}
 
 
-class PacsStudyError(StudyError, HTTPException):
-    """A StudyError that is also an HTTP 422: MONAI Label calls the datastore from endpoints outside the
-    app's error mapping (``/datastore/image``, the app's study check before ``/infer``), where a plain
-    StudyError would become a 500."""
-
-    def __init__(self, message: str, status_code: int = 422):
-        StudyError.__init__(self, message)
-        self.status_code = status_code
-        self.detail = message
-        self.headers = None
-
-    def __str__(self) -> str:
-        return str(self.detail)
-
-
-class StudyNotFound(StudyError):
+class StudyNotFound(NotFoundError):
     """The PACS has no such study (``get_image_uri`` returns "" for it, like LocalDatastore)."""
 SERIES_FIELDS = ["SeriesDescription", "SeriesNumber", "Modality", "NumberOfSeriesRelatedInstances"]
 
@@ -203,14 +187,6 @@ class ParotidDICOMwebDatastore(LocalDatastore):
         return [s for s in self.list_images() if s not in labeled]
 
     def get_image_uri(self, image_id: str) -> str:
-        try:
-            return self._get_image_uri(image_id)
-        except PacsStudyError:
-            raise
-        except StudyError as e:
-            raise PacsStudyError(str(e)) from None
-
-    def _get_image_uri(self, image_id: str) -> str:
         study_uid = image_id
         path = self._study_path(study_uid)
         try:
@@ -316,12 +292,10 @@ class ParotidDICOMwebDatastore(LocalDatastore):
         if image_id not in self._datastore.objects:
             raise ImageNotFoundException(f"Image {image_id} not found")
         if not isinstance(label_info or {}, dict):
-            raise PacsStudyError(f"label info must be a JSON object, got {type(label_info).__name__}")
+            raise StudyError(f"label info must be a JSON object, got {type(label_info).__name__}")
         label_info = dict(label_info or {})
-        try:  # the same rules as the study-folder datastore, before anything is stored or sent to the PACS
-            validate_label(label_filename, read_study(self.get_image_uri(image_id), image_id), label_info)
-        except StudyError as e:
-            raise PacsStudyError(str(e)) from None
+        # the same rules as the study-folder datastore, before anything is stored or sent to the PACS
+        validate_label(label_filename, read_study(self.get_image_uri(image_id), image_id), label_info)
         if label_tag == DefaultLabelTag.FINAL and self._writeback:
             try:
                 headers = self.reference_headers(image_id)
@@ -337,18 +311,16 @@ class ParotidDICOMwebDatastore(LocalDatastore):
     def get_label_info(self, label_id: str, label_tag: str) -> Dict[str, Any]:
         label = self._datastore.label(label_id, label_tag)
         if label is None:
-            raise PacsStudyError(f"study '{label_id}' has no label with tag '{label_tag}'", status_code=404)
+            raise NotFoundError(f"study '{label_id}' has no label with tag '{label_tag}'")
         return label.info
 
     def update_label_info(self, label_id: str, label_tag: str, info: Dict[str, Any]) -> None:
         self.get_label_info(label_id, label_tag)  # 404 for an unknown study or tag
         if not isinstance(info or {}, dict):
-            raise PacsStudyError(f"label info must be a JSON object, got {type(info).__name__}")
+            raise StudyError(f"label info must be a JSON object, got {type(info).__name__}")
         info = dict(info or {})
-        try:  # the study file is cached: the label exists
-            check_label_info(info, read_study(self._study_path(label_id)).shape if info.get("roi") is not None else None)
-        except StudyError as e:
-            raise PacsStudyError(str(e)) from None
+        # the study file is cached: the label exists
+        check_label_info(info, read_study(self._study_path(label_id)).shape if info.get("roi") is not None else None)
         super().update_label_info(label_id, label_tag, info)
 
     def write_classification(self, image_id: str, result: Dict[str, Any], write_sr: str = "auto") -> Dict[str, Any]:

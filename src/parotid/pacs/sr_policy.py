@@ -21,10 +21,9 @@ import contextvars
 import logging
 from typing import Any, Dict, Optional, Sequence
 
-from fastapi import HTTPException
-
 from parotid.pacs.writeback import WRITE_SR_MODES
 from parotid.routes import replace_route
+from parotid.study import StudyError
 
 logger = logging.getLogger(__name__)
 
@@ -44,12 +43,12 @@ def caller_may_write() -> bool:
 
 
 def parse_write_sr(value: Any) -> str:
-    """The request's ``write_sr`` (default ``auto``); 422 for anything else than auto/always/never."""
+    """The request's ``write_sr`` (default ``auto``); a StudyError (422) for anything else than auto/always/never."""
     mode = "auto" if value in (None, "") else str(value).strip().lower()
     if mode not in WRITE_SR_MODES:
-        raise HTTPException(422, f"params.write_sr must be one of {list(WRITE_SR_MODES)} (default 'auto': store the "
-                                 f"classification SR unless it is undetermined or its input failed the input check), "
-                                 f"got {value!r}")
+        raise StudyError(f"params.write_sr must be one of {list(WRITE_SR_MODES)} (default 'auto': store the "
+                         f"classification SR unless it is undetermined or its input failed the input check), "
+                         f"got {value!r}")
     return mode
 
 

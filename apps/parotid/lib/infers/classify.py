@@ -28,7 +28,6 @@ from typing import Any, Dict
 from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferType
 
-from lib.errors import http_errors
 from lib.infers.study_task import StudyInferTask
 from parotid import input_check, subsets
 from parotid.classification.predict import HEATMAP_METHODS, classify
@@ -155,11 +154,10 @@ class ClassifyStudy(StudyInferTask):
                 roi = [int(float(v)) for v in roi.replace("[", "").replace("]", "").split(",")]
             except ValueError:
                 raise StudyError(f"roi must be a list of 6 voxel indices, got {roi!r}") from None
-        with http_errors():
-            comps = input_check.box_components(study, roi, self.model_dir, self.seg_path)  # 422: bad or tiny box
-            result, heat = classify(model, cfg, study, roi, heatmap=not data.get("no_heatmap", False),
-                                    heatmap_mode=str(data.get("heatmap", "gradcam_x_readout")), input_components=comps,
-                                    batched=True)
+        comps = input_check.box_components(study, roi, self.model_dir, self.seg_path)  # 422: bad or tiny box
+        result, heat = classify(model, cfg, study, roi, heatmap=not data.get("no_heatmap", False),
+                                heatmap_mode=str(data.get("heatmap", "gradcam_x_readout")), input_components=comps,
+                                batched=True)
         result["roi_source"] = source
         report = subsets.sequence_report(self.name, model_seqs, study, self.model_dir, self.get_path())
         result.update(report)

@@ -23,7 +23,6 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 from monailabel.utils.others.generic import file_checksum
 
-from lib.errors import http_errors
 from parotid import subsets
 from parotid.model_space import checkpoint_spacing
 from parotid.registry import ModelRegistry
@@ -38,8 +37,7 @@ class LoadStudyd:
     reused while its file is unchanged: parotid.study_cache)."""
 
     def __call__(self, data: Dict[str, Any]) -> Dict[str, Any]:
-        with http_errors():
-            data["study"] = read_study_cached(data["image"], name=os.path.basename(str(data["image"])))
+        data["study"] = read_study_cached(data["image"], name=os.path.basename(str(data["image"])))
         return data
 
 
@@ -137,8 +135,7 @@ class StudyInferTask(BasicInferTask):
         checkpoint = self.checkpoint_identity()  # read before loading: a swap in between is reloaded next time
         version = self.served_version()
         network = self._get_network(device, data)
-        with http_errors():
-            array, result = self.predict(network, data["study"], data)
+        array, result = self.predict(network, data["study"], data)
         data["result_array"] = array
         # version: the registry's number of the served checkpoint (also in the PACS SR's model version)
         data["result_json"] = {**result, "version": version, "checkpoint": checkpoint}

@@ -13,10 +13,9 @@ import logging
 import os
 from typing import Any, Callable, Dict, Optional, Sequence
 
-from fastapi import HTTPException
 from monailabel.interfaces.tasks.train import TrainTask
 
-from parotid.registry import GATES, ModelRegistry, RegistryError, gated_training, outcome_words
+from parotid.registry import GATES, ModelRegistry, gated_training, outcome_words
 
 logger = logging.getLogger(__name__)
 
@@ -92,10 +91,8 @@ class GatedTrainTask(TrainTask):
         force = parse_force(request.get("force"))
         data = {"n_train": len(train_items), "train_study_ids": [it.study_id for it in train_items],
                 "n_holdout": len(holdout_items), "holdout_study_ids": [it.study_id for it in holdout_items]}
-        try:
-            meta = gated_training(self.registry, self.gate, train, score, force=force, data=data, config=config)
-        except RegistryError as e:  # e.g. a read-only model dir: a 409 for `run_sync`, the message in the task log
-            raise HTTPException(e.status, str(e)) from None
+        # a RegistryError (e.g. a read-only model dir) is a 409 for `run_sync` (lib/errors.py), the message in the task log
+        meta = gated_training(self.registry, self.gate, train, score, force=force, data=data, config=config)
         logger.info(f"{self.name}: candidate {outcome_words(meta)}")
         return {**(meta.get("train_stats") or {}), "version": meta["version"], "status": meta["status"],
                 "reason": meta["reason"], "promoted": meta["status"] == "promoted"}
