@@ -55,6 +55,30 @@ def test_models_forward_shapes_and_fusions():
     assert torch.allclose(f.norm(dim=1), torch.full((3,), 80.0), atol=1e-3)  # L2-constrained features
 
 
+def test_checkpoint_fusion_is_one_key_for_old_and_new_files(tmp_path):
+    """A checkpoint config says its fusion under one key ("early" / "spl" / "add"). Files written before that
+    key ("fusion": the branch combiner "spl" + "fusion_mode": "early" for an early-fusion model) are never
+    rewritten: they load with the same config and the same network as a new file."""
+    from conftest import APP
+    from parotid.classification.train import load_checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    model = SequenceModel([[0, 1, 2]], 4, 4, "spl").eval()
+    base = {"groups": [["T2", "CET1", "ADC"]], "classes": ["a", "b", "c", "d"], "n_slices": 4,
+            "sequences": ["T2", "CET1", "ADC"]}
+    save_checkpoint(str(tmp_path / "old.pt"), model, {**base, "fusion": "spl", "fusion_mode": "early"})
+    save_checkpoint(str(tmp_path / "new.pt"), model, {**base, "fusion": "early"})
+    x, box = torch.randn(2, 4, 3, 32, 32), torch.tensor([[8.0, 8.0, 24.0, 24.0]] * 2)
+    (old, old_cfg), (new, new_cfg) = (load_checkpoint(str(tmp_path / f"{n}.pt")) for n in ("old", "new"))
+    assert old_cfg == new_cfg and old_cfg["fusion"] == "early" and "fusion_mode" not in old_cfg
+    assert torch.equal(old(x, box), new(x, box))
+    for path in sorted((APP / "model").glob("classify_*.pt")):  # the shipped files, as they are
+        raw = torch.load(path, map_location="cpu", weights_only=True)["config"]
+        cfg = load_checkpoint(str(path))[1]
+        assert cfg["fusion"] == raw.get("fusion_mode", raw["fusion"]) and "fusion_mode" not in cfg
+        assert cfg["fusion"] == ("early" if len(cfg["groups"]) == 1 else cfg["fusion"])
+
+
 def test_transformer_is_one_layer_four_heads():
     m = SequenceModel([[0]], 2, 8, "spl")
     assert len(m.encoder.layers) == 1 and m.encoder.layers[0].self_attn.num_heads == 4
@@ -229,7 +253,7 @@ def test_late_fusion_answers_from_the_sequences_a_study_has(toy_late_model, seqs
     from parotid.study import study_from_array
 
     model, cfg = toy_late_model
-    assert cfg["fusion_mode"] == "spl" and cfg["required"] == ["T2"] and cfg["groups"] == [["T2"], ["CET1"], ["ADC"]]
+    assert cfg["fusion"] == "spl" and "fusion_mode" not in cfg and cfg["required"] == ["T2"] and cfg["groups"] == [["T2"], ["CET1"], ["ADC"]]
     full, _, roi = toy_study("warthin", seed=7)
     study = study_from_array(full.array(seqs), seqs, full.reference)
     res, heat = classify(model, cfg, study, roi)

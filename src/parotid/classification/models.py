@@ -74,6 +74,30 @@ class ImageNet(nn.Module):
         return self.head(self.features(x, box))
 
 
+# How a classifier fuses its sequences -- the checkpoint config's one "fusion" key: "early" (all sequences as
+# channels of one branch) or late, one branch per sequence, combined by "spl" (concatenated slice features)
+# or "add" (summed).
+FUSIONS = ("early", "spl", "add")
+
+
+def branch_combiner(fusion: str) -> str:
+    """SequenceModel's ``fusion`` (how branches are combined) for a checkpoint's fusion: early fusion has
+    one branch, combined as "spl" (identical to "add" for one branch)."""
+    if fusion not in FUSIONS:
+        raise ValueError(f"fusion must be one of {list(FUSIONS)}, got {fusion!r}")
+    return "spl" if fusion == "early" else fusion
+
+
+def read_config(cfg: dict) -> dict:
+    """A checkpoint's config with one fusion key. Checkpoints written before it (the shipped ones included;
+    files are never rewritten) say ``"fusion"``: the branch combiner and ``"fusion_mode"``: the fusion, so
+    an early-fusion one reads ``"fusion": "spl", "fusion_mode": "early"``."""
+    cfg = dict(cfg)
+    if "fusion_mode" in cfg:
+        cfg["fusion"] = cfg.pop("fusion_mode")
+    return cfg
+
+
 class SequenceModel(nn.Module):
     """Input ``x`` (B, N, C, S, S) with C = all sequences of the model, ``box`` (B, 4)."""
 

@@ -202,7 +202,7 @@ def classify(model: SequenceModel, cfg: dict, study: Study, roi, heatmap: bool =
         "missing_sequences": missing,
         "sequences_used": used,
         "sequences_missing": missing,
-        "fusion": cfg.get("fusion_mode", cfg.get("fusion")),
+        "fusion": cfg["fusion"],
         "temperature": T,
         "synthetic_training_data": bool(cfg.get("trained", {}).get("synthetic", False)),
         **space.params,

@@ -30,11 +30,11 @@ from parotid.model_space import SPACING_KEY, file_spacing, training_spacing
 from . import engine
 from .data import CropSet, build_cropset, read_cohort
 from .missing import cropset_presence, dropout_masks
-from .models import ImageNet, ResNet18SliceClassifier, SequenceModel, fit_temperature
+from .models import ImageNet, ResNet18SliceClassifier, SequenceModel, branch_combiner, read_config
 
 # The sequences of Liu et al.'s best model (T2, CE-T1, DWI b1000; they fused them LATE, one branch per
 # sequence) + ADC. How they are fused is `train_task_model(fusion=...)`, recorded as the checkpoint's
-# `fusion_mode`.
+# `fusion` (models.FUSIONS).
 DEFAULT_SEQS = ("T2", "CET1", "DWI_B1000", "ADC")
 # Served variant: late fusion Spl, the winner of the CV ablation at the server's settings (docs/results.md).
 DEFAULT_FUSION = "spl"
@@ -333,10 +333,10 @@ def save_checkpoint(path: str, model: SequenceModel, config: dict) -> None:
 
 def load_checkpoint(path: str) -> tuple[SequenceModel, dict]:
     ck = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only, no pickled code
-    cfg = ck["config"]
+    cfg = read_config(ck["config"])
     nseq = [len(g) for g in cfg["groups"]]
     groups = [list(range(sum(nseq[:i]), sum(nseq[:i + 1]))) for i in range(len(nseq))]
-    model = SequenceModel(groups, len(cfg["classes"]), cfg["n_slices"], cfg["fusion"],
+    model = SequenceModel(groups, len(cfg["classes"]), cfg["n_slices"], branch_combiner(cfg["fusion"]),
                           n_clinical=cfg.get("n_clinical", 0))
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ck["state_dict"].items()})
     model.eval()
@@ -384,7 +384,7 @@ def train_task_model(cs: CropSet, label_set_name: str, seqs=DEFAULT_SEQS, fusion
         raise SystemExit(f"only {len(train_idx)} studies usable for training label set {label_set_name}")
     groups = [list(seqs)] if fusion == "early" else [[s] for s in seqs]
     t0 = time.time()
-    model, info = fit_sequence_model(cs, train_idx, ls, groups, "spl" if fusion == "early" else fusion, epochs1, epochs2,
+    model, info = fit_sequence_model(cs, train_idx, ls, groups, branch_combiner(fusion), epochs1, epochs2,
                                      seed, val_frac=val_frac, desc=desc, patience1=patience1, patience2=patience2,
                                      optional=tuple(q for q in seqs if q not in required), branch_dropout=branch_dropout)
     stats = info["stats"]
@@ -404,7 +404,7 @@ def train_task_model(cs: CropSet, label_set_name: str, seqs=DEFAULT_SEQS, fusion
     model.input_check = density.to_checkpoint()
     s2 = stats["stage2"]
     cfg = {"kind": "sequence", "label_set": ls.name, "classes": list(ls.classes), "malignant": list(ls.malignant),
-           "sequences": list(seqs), "required": list(required), "groups": groups, "fusion": model.fusion, "fusion_mode": fusion,
+           "sequences": list(seqs), "required": list(required), "groups": groups, "fusion": fusion,
            "size": int(cs.slices.shape[-1]), "n_slices": int(cs.slices.shape[1]), "margin": 0.25, "n_clinical": 0,
            "temperature": cal["temperature"], "version": __version__, "branch_dropout": branch_dropout, "uncertainty": cal["uncertainty"],
            "calibration": cal["calibration"],
