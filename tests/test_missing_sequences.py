@@ -121,7 +121,9 @@ def test_info_states_minimum_and_subsets_per_model(shipped_server):
     models = requests.get(shipped_server.url + "/info/", timeout=30).json()["models"]
     for name in ("segmentation", "contour_box", CLASSIFY, "classify_subtype"):
         m = models[name]
-        assert m["minimum_sequences"] == ["T2"] and m["required_sequences"] == ["T2"], m
+        assert m["required_sequences"] == ["T2"] and "T2" in m["sequences"], m
+        # one description: no key repeats the inputs or the minimum
+        assert not {"minimum_sequences", "sequences_used", "sequences_required"} & set(m), sorted(m)
         names = [s["name"] for s in m["subsets"]]
         assert names == ["all", "no_CET1", "no_DWI_ADC", "T2_only"], names
         assert m["subsets"][-1]["sequences_used"] == ["T2"]
@@ -217,3 +219,39 @@ def test_parotid_eval_subsets_writes_the_tables_the_server_reads(tmp_path):
     report = json.loads((tmp_path / "out" / "subsets.json").read_text())
     assert report["before"][CLASSIFY]["subsets"] == report["results"][CLASSIFY]["subsets"]  # same weights, same figures
     assert "BEFORE" in (tmp_path / "out" / "subsets.md").read_text()
+
+
+def test_info_sequences_follow_the_served_checkpoint(tmp_path):
+    """/info's `sequences` / `required_sequences` of a classifier are read from the checkpoint when asked,
+    as the 422 for a lacking study is: a checkpoint with other inputs (retrained, uploaded) shows without
+    a restart (no server: the infer task itself)."""
+    import os
+    import sys
+    import time
+
+    from conftest import APP
+    from parotid.classification.models import SequenceModel
+    from parotid.classification.train import save_checkpoint
+
+    sys.path.insert(0, str(APP))
+    try:
+        from lib.infers.classify import ClassifyStudy
+    finally:
+        sys.path.remove(str(APP))
+
+    def checkpoint(seqs):
+        model = SequenceModel([[i] for i in range(len(seqs))], 2, 4, "spl")
+        save_checkpoint(str(tmp_path / "classify_x.pt"), model, {
+            "label_set": "benign_malignant", "classes": ["benign", "malignant"], "sequences": list(seqs),
+            "groups": [[s] for s in seqs], "fusion": "spl", "n_slices": 4, "required": ["T2"]})
+
+    checkpoint(("T2", "CET1", "ADC"))
+    task = ClassifyStudy("classify_x", str(tmp_path / "classify_x.pt"), "benign_malignant", str(tmp_path / "none.pt"))
+    info = task.info()
+    assert (info["sequences"], info["required_sequences"]) == (["T2", "CET1", "ADC"], ["T2"])
+    time.sleep(0.01)
+    checkpoint(("CET1", "ADC"))  # e.g. uploaded: no T2 among its inputs, its minimum is another sequence
+    os.utime(tmp_path / "classify_x.pt", (time.time() + 5, time.time() + 5))
+    info = task.info()
+    assert info["sequences"] == ["CET1", "ADC"] and info["required_sequences"] == ["CET1", "ADC"]
+    assert task.required == tuple(info["required_sequences"])

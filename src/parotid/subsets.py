@@ -187,7 +187,8 @@ def sequence_report(task: str, model_sequences: Sequence[str], study: Study, mod
 
 def served_subsets(task: str, model_sequences: Sequence[str], model_dir: str, checkpoint: str | None,
                    classification: bool = False) -> dict[str, Any]:
-    """What ``/info`` says per model: the minimum, and each evaluated subset with its validated metrics."""
+    """What ``/info`` says per model about its subsets: each evaluated subset with its validated metrics
+    (the minimum is the model's ``required_sequences``)."""
     table, why = validated_table(model_dir, task, checkpoint)
     rows = {r["name"]: r for r in (table or {}).get("subsets", [])}
     subsets = []
@@ -202,8 +203,7 @@ def served_subsets(task: str, model_sequences: Sequence[str], model_dir: str, ch
             entry["answered"] = ("determined" if not entry["sequences_missing"] or (auc is not None and auc >= CLASSIFICATION_FLOOR)
                                  else "undetermined")
         subsets.append(entry)
-    out: dict[str, Any] = {"minimum_sequences": list(minimum_for(model_sequences)), "subsets": subsets,
-                           "subsets_validated": table is not None}
+    out: dict[str, Any] = {"subsets": subsets, "subsets_validated": table is not None}
     if table is None:
         out["subsets_note"] = why
     else:

@@ -62,16 +62,12 @@ class ClassifyStudy(StudyInferTask):
     def __init__(self, name: str, path: str, label_set: str, seg_path: str, description: str = ""):
         ls = get_label_set(label_set)
         self.name, self.task_name, self.label_set, self.seg_path = name, name, ls, seg_path
-        seqs = DEFAULT_SEQS
-        cfg = self._peek(path)
-        if cfg:
-            seqs = tuple(cfg["sequences"])
         super().__init__(
             path, None, InferType.CLASSIFICATION, {c: i for i, c in enumerate(ls.classes)},
             description or f"Tumour classification ({ls.name}: {', '.join(ls.classes)}) in a box; "
                            "returns calibrated probabilities + a heatmap (Grad-CAM x RoI-Align read-out weight; "
                            "plain Grad-CAM on request)",
-            seqs, config={INFO_ROI: [], "label_set": ls.name},
+            DEFAULT_SEQS, config={INFO_ROI: [], "label_set": ls.name},  # inputs before a checkpoint exists
         )
 
     _peek_cache: Dict[str, Any] = {}
@@ -90,17 +86,21 @@ class ClassifyStudy(StudyInferTask):
         except Exception:  # a half-written or foreign file: the infer task reports it on use
             return None
 
+    @property
+    def sequences(self) -> tuple[str, ...]:
+        """The served checkpoint's inputs (read live: a retrained or uploaded checkpoint may change them)."""
+        cfg = self._peek(self.get_path() or "")
+        return tuple(cfg["sequences"]) if cfg else self._sequences
+
     def info(self) -> Dict[str, Any]:
         cfg = self._peek(self.path[0] if isinstance(self.path, list) else self.path) or {}
         return {**super().info(), "label_set": self.label_set.to_dict(),
                 "trained": cfg.get("trained"), "temperature": cfg.get("temperature"),
-                "fusion": cfg.get("fusion_mode", cfg.get("fusion")),
+                "fusion": cfg.get("fusion"),
                 "heatmap": {"default": "gradcam_x_readout", "methods": HEATMAP_METHODS,
                             "param": "params.heatmap", "late_fusion": "per branch, combined by the branches' shares of the class score",
                             "image": "float32 0..1 on the reference grid, jointly normalised"},
-                "uncertainty": cfg.get("uncertainty"), "sequences_used": cfg.get("sequences"),
-                "sequences_required": list(subsets.minimum_for(cfg.get("sequences") or self.sequences)),
-                "trained_with_required": cfg.get("required")}
+                "uncertainty": cfg.get("uncertainty"), "trained_with_required": cfg.get("required")}
 
     def check_checkpoint(self, path: str) -> None:
         """Raise StudyError unless `path` is a classifier checkpoint for this task's label set."""

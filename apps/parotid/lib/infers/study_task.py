@@ -53,7 +53,9 @@ class StudyInferTask(BasicInferTask):
     """Subclasses implement `predict(network, study, data) -> (array (I,J,K) | None, result_json)`.
 
     `sequences`: the model's inputs; `required`: what a study must have (default: the clinical minimum of
-    parotid.subsets, T2), the other inputs may be missing (zero channels)."""
+    parotid.subsets, T2), the other inputs may be missing (zero channels). A subclass whose checkpoint
+    names its inputs overrides `sequences` to read them live (ClassifyStudy): /info, the upload flags
+    and the 422 for a lacking study then follow a retrained or uploaded checkpoint without a restart."""
 
     task_name = ""  # the model's name in /info (checkpoint <task_name>.pt, table <task_name>.subsets.json)
     classification = False
@@ -63,12 +65,22 @@ class StudyInferTask(BasicInferTask):
                  required: Sequence[str] | None = None, **kwargs):
         super().__init__(path=path, network=network, type=type, labels=labels, dimension=3,
                          description=description, config=config, **kwargs)
-        self.sequences = tuple(sequences)
-        self.required = tuple(required if required is not None else subsets.minimum_for(self.sequences))
+        self._sequences = tuple(sequences)
+        self._required = tuple(required) if required is not None else None
+
+    @property
+    def sequences(self) -> tuple[str, ...]:
+        """The model's inputs, in channel order."""
+        return self._sequences
+
+    @property
+    def required(self) -> tuple[str, ...]:
+        """What a study must have (a 422 otherwise): as configured, else the clinical minimum of the inputs."""
+        return self._required if self._required is not None else tuple(subsets.minimum_for(self.sequences))
 
     def info(self) -> Dict[str, Any]:
-        # sequences: what the model uses; required_sequences: a study lacking one of these gets a 422;
-        # minimum_sequences / subsets: what it serves, with the performance validated per subset
+        # the one description of the model's sequences, read when asked: sequences (what it uses),
+        # required_sequences (a study lacking one gets a 422), subsets (what it serves, validated per subset)
         return {**super().info(), "sequences": list(self.sequences), "required_sequences": list(self.required),
                 **subsets.served_subsets(self.task_name, self.sequences, self.model_dir, self.get_path(),
                                          classification=self.classification),
