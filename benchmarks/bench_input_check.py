@@ -113,7 +113,7 @@ def evaluate(study, roi, classifiers, model_dir: str) -> dict:
     except StudyError as e:
         row["box_refused"] = str(e)
         return row
-    row["tumour_in_box"] = box.get("tumour_in_box")
+    row["tumour_in_box"] = box.get("tumor_in_box")
     for name, (model, cfg) in classifiers.items():
         res, _ = classify(model, cfg, study, roi, heatmap=False, input_components=box)
         row[name] = {"undetermined": res["undetermined"], "input_check": res["input_check"],

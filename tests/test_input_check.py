@@ -87,7 +87,7 @@ def test_box_without_tumour_gets_a_clear_answer(server, sample_ids):
     for task in CLASSIFIERS:
         res = _ok(infer(server, task, sid, {"roi": README_BOX}))
         assert res["undetermined"] is True and "no tumour found in the box" in res["undetermined_reasons"], res
-        assert res["input_check"]["components"]["tumour_in_box"]["tumor_found"] is False
+        assert res["input_check"]["components"]["tumor_in_box"]["tumor_found"] is False
 
 
 def test_tumour_box_contour_stays_inside_the_box(server, sample_ids):

@@ -201,7 +201,7 @@ def _upload_study_without(client, sid, missing, new_id, tmp_path):
     comps = L.read_components(str(STUDIES / f"{sid}.nii.gz"))
     images = {k: L.image_from_array(a, m) for k, (a, m) in comps.items() if k not in missing}
     path = str(tmp_path / f"{new_id}.nii.gz")
-    L.write_study_from_volumes(images, path)
+    L.write(*L.assemble(images), path)
     return client.upload_study(path, new_id, {"source": "test"})
 
 

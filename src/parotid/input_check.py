@@ -22,7 +22,7 @@ Components (each a ``score`` against a ``threshold``; it passes when ``score <= 
   on the classifier's pooled sequence feature (the input of its last layer), fitted on the
   training cohort at training time and stored in the classifier checkpoint (``input_check`` entry:
   the training features, so the checkpoint stays loadable with ``weights_only=True``).
-* ``tumour_in_box`` (box requests) — the segmentation model's tumour inside the box; none: "no
+* ``tumor_in_box`` (box requests) — the segmentation model's tumour inside the box; none: "no
   tumour found in the box".
 
 Thresholds are calibrated on a held-out SYNTHETIC cohort (seeds never used for training):
@@ -42,7 +42,7 @@ import json
 import os
 import threading
 from collections import OrderedDict
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -131,11 +131,6 @@ def physical_check(study: Study) -> dict:
 
 
 # ------------------------------------------------------------------------------------ intensity
-def _pairs(seqs: Iterable[str]) -> list[str]:
-    s = list(seqs)
-    return [f"{a}~{b}" for i, a in enumerate(s) for b in s[i + 1:]]
-
-
 def intensity_features(study: Study) -> dict[str, list[float]]:
     """Per sequence: [share of non-zero voxels, normalised quantiles (+ ADC: log10 median, log10 p95)];
     per pair of sequences: [Pearson correlation over the voxels both cover]."""
@@ -238,7 +233,7 @@ def tumour_in_box(label: np.ndarray, roi: Sequence[int], study: Study) -> dict:
     ml = float((label[i0:i1, j0:j1, k0:k1] == TUMOR).sum()) * float(np.prod(study.image.GetSpacing())) / 1000.0
     found = ml >= TUMOUR_IN_BOX_ML
     return {"passed": found, "score": 0.0 if found else 1.0, "threshold": 0.5, "reasons": [] if found else [NO_TUMOUR],
-            "tumor_found": found, "segmented_tumour_in_box_ml": round(ml, 3)}
+            "tumor_found": found, "segmented_tumor_in_box_ml": round(ml, 3)}
 
 
 # ------------------------------------------------------------------------------------ classifier features
@@ -458,7 +453,7 @@ def _study_components(study: Study, model_dir: str, label: np.ndarray | None = N
 
 
 def box_components(study: Study, roi: Sequence[int], model_dir: str, seg_path: str | None = None) -> dict:
-    """Study components + ``tumour_in_box`` for a box request (box checked first: 422 if invalid or too small)."""
+    """Study components + ``tumor_in_box`` for a box request (box checked first: 422 if invalid or too small)."""
     from parotid.study import check_roi
 
     check_roi(roi, study.shape)
@@ -466,7 +461,7 @@ def box_components(study: Study, roi: Sequence[int], model_dir: str, seg_path: s
     check_box_size(roi, study)
     comps, label = study_components(study, model_dir, seg_path=seg_path)
     if label is not None:
-        comps["tumour_in_box"] = tumour_in_box(label, roi, study)
+        comps["tumor_in_box"] = tumour_in_box(label, roi, study)
     return comps
 
 

@@ -178,13 +178,6 @@ class ModelSpace:
             return None if roi is None else [int(v) for v in roi]
         return map_roi(roi, self.model_study.reference, self.study.reference)
 
-    def label_to_study(self, label: np.ndarray) -> np.ndarray:
-        """(I, J, K) label map on the model grid -> study grid (nearest neighbour)."""
-        if not self.resampled:
-            return label
-        img = _resample(_to_image(label, self.model_study.reference), self.study.reference, sitk.sitkNearestNeighbor)
-        return _to_array(img).astype(label.dtype, copy=False)
-
     def values_to_study(self, values: np.ndarray) -> np.ndarray:
         """(I, J, K) or (C, I, J, K) float values (probabilities, heatmaps) -> study grid (linear)."""
         if not self.resampled:

@@ -25,7 +25,7 @@ from .results import ClassificationResult, ResultVolume, sequences_summary  # no
 from .sequences import SEQUENCE_KEYS, auto_assign, check_distinct, match_sequence, reference_key  # noqa: F401
 from .models import ModelInfo, models_from_info, models_summary_html, tumor_classes_from_info  # noqa: F401
 from .labels import roi_from_label, write_label_map  # noqa: F401
-from .study import assemble, make_study_id, read_components, write, write_study_from_volumes  # noqa: F401
+from .study import assemble, make_study_id, read_components, write  # noqa: F401
 from . import background, client, geometry, labels, models, responses, results, sampledata, sequences, study, tasks  # noqa: F401,E402
 
 __version__ = "0.1.0"  # = parotid.__version__ (this lib runs without it; tests/test_slicer_lib.py checks)

@@ -107,13 +107,6 @@ def read_descrip(path: str):
     return tuple(k.strip() for k in text[len(DESCRIP_PREFIX):].split(",") if k.strip())
 
 
-def write_study_from_volumes(volumes: dict, path: str, reference: str | None = None):
-    """Assemble and write; returns the tuple of sequence keys in the file."""
-    image, keys = assemble(volumes, reference)
-    write(image, keys, path)
-    return keys
-
-
 def make_study_id(name: str, image=None) -> str:
     """A datastore-safe study id from a volume/patient name (+ 8 hex of the image content if given),
     e.g. ``"Case 7 (CE-T1)"`` -> ``"case-7-ce-t1-1a2b3c4d"``."""

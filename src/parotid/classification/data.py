@@ -24,8 +24,6 @@ from parotid.study import read_label_map, read_study
 
 from .crops import DEFAULT_MARGIN, DEFAULT_SIZE, DEFAULT_SLICES, extract_crop
 
-CLINICAL_KEYS = ("age", "sex", "smoker")
-
 
 @dataclass
 class Record:

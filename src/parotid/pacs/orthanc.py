@@ -96,9 +96,3 @@ class OrthancProcess:
     def upload_tree(self, root: str) -> int:
         paths = [os.path.join(d, f) for d, _, fs in os.walk(root) for f in sorted(fs) if f.endswith(".dcm")]
         return self.upload_files(sorted(paths))
-
-    def delete_all(self) -> None:
-        with requests.Session() as s:
-            s.auth = self.auth
-            for pid in s.get(f"{self.url}/patients", timeout=30).json():
-                s.delete(f"{self.url}/patients/{pid}", timeout=30)

@@ -15,7 +15,6 @@ import numpy as np
 import torch
 from monai.transforms import MapTransform, RandomizableTransform
 
-from parotid.sequences import DIFFUSION
 from parotid.subsets import MINIMUM_SEQUENCES, NAMED_SUBSETS
 
 # the sequences a study must have (every other input sequence is optional) and the available-sequence

@@ -31,7 +31,6 @@ from parotid.synth.phantom import Rendered, generate, study_id
 
 CSV_FIELDS = ["study_id", "tumor_class", "age", "sex", "smoker", "side", "n_tumors", "roi", "split", "size_mm",
               "ill_defined", "sequences", "missing", "reference", "seed", "index", "synthetic", "site"]
-OWN_ENTRIES = ("labels", "raw", "dicom", "cohort.csv", "datastore_v2.json", ".lock", ".synth_tmp")
 
 
 class CohortError(ValueError):

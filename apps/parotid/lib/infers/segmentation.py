@@ -25,11 +25,11 @@ def _summary(label: np.ndarray, study: Study) -> Dict[str, Any]:
 
 
 class SegmentStudy(StudyInferTask):
-    def __init__(self, spec: SegModelSpec, path: str, network, version: str = ""):
+    def __init__(self, spec: SegModelSpec, path: str, network):
         super().__init__(path, network, InferType.SEGMENTATION, spec.labels,
                          "Parotid gland + tumour segmentation on multi-sequence MRI (whole study)", spec.sequences,
                          required=spec.required)
-        self.spec, self.version, self.task_name = spec, version, spec.name
+        self.spec, self.task_name = spec, spec.name
 
     def predict(self, network, study: Study, data: Dict[str, Any]):
         self.require_sequences(study)
@@ -40,11 +40,11 @@ class SegmentStudy(StudyInferTask):
 
 
 class ContourInBox(StudyInferTask):
-    def __init__(self, spec: SegModelSpec, path: str, network, version: str = ""):
+    def __init__(self, spec: SegModelSpec, path: str, network):
         super().__init__(path, network, InferType.SEGMENTATION, spec.labels,
                          "Box-prompted tumour contouring: params.roi = [i0, i1, j0, j1, k0, k1] (half-open, reference grid)",
                          spec.sequences, config={INFO_ROI: []}, required=spec.required)
-        self.spec, self.version, self.task_name = spec, version, spec.name
+        self.spec, self.task_name = spec, spec.name
 
     def predict(self, network, study: Study, data: Dict[str, Any]):
         self.require_sequences(study)
@@ -52,7 +52,7 @@ class ContourInBox(StudyInferTask):
         if roi is None or roi == []:
             raise StudyError("this model needs a box: params.roi = [i0, i1, j0, j1, k0, k1]")
         comps = input_check.box_components(study, roi, self.model_dir)  # 422 for a too small box
-        box = comps.pop("tumour_in_box", None)
+        box = comps.pop("tumor_in_box", None)
         label, space = np.zeros(study.shape, np.uint8), None
         if box is None or box["tumor_found"]:
             label, space = contour_study(network, self.spec, study, roi, self.model_spacing())
@@ -60,4 +60,4 @@ class ContourInBox(StudyInferTask):
         space_params = space.params if space else {"model_spacing": self.model_spacing(), "resampled": False}
         return label, {"model": self.spec.name, INFO_ROI: [int(v) for v in roi], **_summary(label, study),
                        **space_params, "tumor_found": found, "message": None if found else input_check.NO_TUMOUR,
-                       "tumour_in_box": box, **self.sequence_report(study), "input_check": input_check.combine(comps)}
+                       "tumor_in_box": box, **self.sequence_report(study), "input_check": input_check.combine(comps)}
