@@ -6,7 +6,7 @@ import torch
 
 from parotid.classification.crops import box_in_crop, crop_window, extract_crop, paste_heatmap
 from parotid.classification.models import ImageNet, SequenceModel, ResNet18SliceClassifier, fit_temperature
-from parotid.classification.toy import toy_study, write_toy_cohort
+from toy_cohort import toy_study, write_toy_cohort
 from parotid.labels import get_label_set
 from parotid.study import StudyError
 

@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 from parotid.classification import engine  # noqa: F401  (imported before forking: the workers inherit it)
-from parotid.classification.toy import write_toy_cohort
+from toy_cohort import write_toy_cohort
 
 GLOBAL_BATCH = 8
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from parotid.classification.toy import write_toy_cohort
+from toy_cohort import write_toy_cohort
 
 torch.set_num_threads(1)
 

@@ -145,7 +145,7 @@ def test_cv_reports_the_seed_methods(tmp_path):
     DeLong's, every probability row has 004's precision/recall/F1; variants are named for what they are."""
     import json
 
-    from parotid.classification.toy import write_toy_cohort
+    from toy_cohort import write_toy_cohort
     from parotid.evaluation.cli import main
 
     write_toy_cohort(str(tmp_path / "toy"), 24)
@@ -182,7 +182,7 @@ def test_holdout_reports_precision_recall_f1(tmp_path):
     import json
 
     from parotid.classification.data import build_cropset
-    from parotid.classification.toy import write_toy_cohort
+    from toy_cohort import write_toy_cohort
     from parotid.classification.train import save_checkpoint, train_task_model
     from parotid.evaluation.cli import main
 

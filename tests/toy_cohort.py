@@ -1,4 +1,4 @@
-"""Tiny hand-made studies for unit tests and development (NOT the synthetic cohort generator).
+"""Tiny hand-made studies for unit tests (NOT the synthetic cohort generator; a test helper, not shipped).
 
 Each toy study is a small ellipsoid 'gland' with a spherical 'tumour' whose per-sequence contrast
 depends on its class, written in the contract's cohort layout (study files, labels/final,
