@@ -267,13 +267,24 @@ def test_roi_clipping_and_outside():
         geometry.roi_to_box(center, (-1, 10, 10), inv, img.GetSize())
 
 
+def two_corner_box(center_ras, size, ras_to_ijk):
+    """What MONAI Label's stock Slicer plugin does (for comparison): map the RAS-min and
+    RAS-max corners, no sorting. On a grid whose I or J axis points to -R/-A it gives ``i0 > i1``."""
+    c = np.asarray(center_ras, dtype=float)
+    s = np.asarray(size, dtype=float)
+    m = np.asarray(ras_to_ijk, dtype=float).reshape(4, 4)
+    p0 = m[:3, :3] @ (c - s / 2) + m[:3, 3]
+    p1 = m[:3, :3] @ (c + s / 2) + m[:3, 3]
+    return [int(round(p0[0])), int(round(p1[0])), int(round(p0[1])), int(round(p1[1])), int(round(p0[2])), int(round(p1[2]))]
+
+
 def test_two_corner_method_breaks_on_flipped_axes():
     """Why all 8 corners + sorting: the stock plugin's 2-corner mapping inverts the box on a grid whose
     I axis points to R- (every LPS-aligned volume); ours stays ordered and equals the SimpleITK box."""
     img = make_image(direction=GRIDS["identity_lps"])
     inv = np.linalg.inv(geometry.ijk_to_ras_from_sitk(img))
     center, size = ras_of_index(img, (20, 16, 12)), (10.0, 8.0, 12.0)
-    stock = geometry.two_corner_box(center, size, inv)
+    stock = two_corner_box(center, size, inv)
     assert stock[0] > stock[1] and stock[2] > stock[3]  # inverted on I and J
     ours = geometry.roi_to_box(center, size, inv, img.GetSize())
     assert ours == expected_box_via_sitk(img, center, size, np.eye(3))

@@ -150,14 +150,3 @@ def box_to_roi(box, ijk_to_ras):
         axes[:, 2] *= -1
     size = (b[:, 1] - b[:, 0]) * spacing
     return center, size, axes
-
-
-def two_corner_box(center_ras, size, ras_to_ijk):
-    """What MONAI Label's stock Slicer plugin does (for comparison in tests only): map the RAS-min and
-    RAS-max corners, no sorting. On a grid whose I or J axis points to -R/-A it gives ``i0 > i1``."""
-    c = np.asarray(center_ras, dtype=float)
-    s = np.asarray(size, dtype=float)
-    m = np.asarray(ras_to_ijk, dtype=float).reshape(4, 4)
-    p0 = m[:3, :3] @ (c - s / 2) + m[:3, 3]
-    p1 = m[:3, :3] @ (c + s / 2) + m[:3, 3]
-    return [int(round(p0[0])), int(round(p1[0])), int(round(p0[1])), int(round(p1[1])), int(round(p0[2])), int(round(p1[2]))]
