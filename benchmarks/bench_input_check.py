@@ -36,9 +36,10 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from parotid.sequences import CLASSIFIER_SEQUENCES as SEQS  # the classifiers' inputs
+
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "apps" / "parotid" / "model"
-SEQS = ("T2", "CET1", "DWI_B1000", "ADC")
 README_BOX = [40, 60, 30, 52, 6, 14]
 CLASSIFIERS = ("classify_subtype", "classify_malignancy")
 

@@ -34,6 +34,8 @@ _DEFAULT = (
 # The built-in table's keys: the input channels of the shipped networks (a PAROTID_SEQUENCES table does not
 # change what a trained network reads).
 DEFAULT_KEYS: tuple[str, ...] = tuple(s.key for s in _DEFAULT)
+# The classifiers' default inputs: the sequences of Liu et al.'s best model (T2, CE-T1, DWI b1000) + ADC.
+CLASSIFIER_SEQUENCES = ("T2", "CET1", "DWI_B1000", "ADC")
 # Acquired together by one diffusion protocol: the b-value images and the ADC map computed from them.
 DWI_KEYS = ("DWI_B0", "DWI_B1000")
 DIFFUSION = (*DWI_KEYS, "ADC")

@@ -26,6 +26,8 @@ from tqdm import tqdm
 from parotid import __version__
 from parotid.labels import get_label_set
 from parotid.model_space import SPACING_KEY, file_spacing, training_spacing
+from parotid.sequences import CLASSIFIER_SEQUENCES
+from parotid.subsets import MINIMUM_SEQUENCES
 
 from . import engine
 from .data import CropSet, build_cropset, read_cohort
@@ -35,10 +37,10 @@ from .models import ImageNet, ResNet18SliceClassifier, SequenceModel, branch_com
 # The sequences of Liu et al.'s best model (T2, CE-T1, DWI b1000; they fused them LATE, one branch per
 # sequence) + ADC. How they are fused is `train_task_model(fusion=...)`, recorded as the checkpoint's
 # `fusion` (models.FUSIONS).
-DEFAULT_SEQS = ("T2", "CET1", "DWI_B1000", "ADC")
+DEFAULT_SEQS = CLASSIFIER_SEQUENCES
 # Served variant: late fusion Spl, the winner of the CV ablation at the server's settings (docs/results.md).
 DEFAULT_FUSION = "spl"
-DEFAULT_REQUIRED = ("T2",)  # the others may be missing: their branches drop out (late) / zero channels (early)
+DEFAULT_REQUIRED = MINIMUM_SEQUENCES  # the others may be missing: their branches drop out (late) / zero channels (early)
 DEFAULT_BRANCH_DROPOUT = 0.5  # stage 2 also sees the training studies with optional branches removed
 TASK_LABEL_SETS = {"classify_subtype": "subtype4", "classify_malignancy": "benign_malignant"}
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from parotid.labels import get_label_set
+from parotid.sequences import CLASSIFIER_SEQUENCES
 
 from .metrics import (binary_report, bootstrap_ci, expected_calibration_error, multiclass_metrics, per_class_prf,
                       prf_report, youden_threshold)
@@ -362,7 +363,7 @@ def main(argv=None):
     c.add_argument("--name", default="ablation_cv")
     c.add_argument("--label-set", default="subtype4")
     c.add_argument("--single", nargs="*", default=None, help="sequences for the single-sequence rows (default: all present)")
-    c.add_argument("--fusion", nargs="+", default=["T2", "CET1", "DWI_B1000", "ADC"])
+    c.add_argument("--fusion", nargs="+", default=list(CLASSIFIER_SEQUENCES))
     c.add_argument("--variants", nargs="*", default=None, help="subset of: single late early resnet lof")
     c.add_argument("--folds", type=int, default=5)
     c.add_argument("--epochs1", type=int, default=8)
@@ -395,7 +396,7 @@ def main(argv=None):
     e.add_argument("--out", default="docs/results")
     e.add_argument("--name", default="external")
     e.add_argument("--label-set", default="subtype4")
-    e.add_argument("--fusion", nargs="+", default=["T2", "CET1", "DWI_B1000", "ADC"])
+    e.add_argument("--fusion", nargs="+", default=list(CLASSIFIER_SEQUENCES))
     e.add_argument("--folds", type=int, default=5, help="CV folds for the internal (same-site) figures")
     e.add_argument("--epochs1", type=int, default=8)
     e.add_argument("--epochs2", type=int, default=40)

@@ -9,6 +9,7 @@ from monai.networks.nets import UNet
 
 from parotid.labels import SEGMENTATION_LABELS, TUMOR
 from parotid.sequences import DEFAULT_KEYS
+from parotid.subsets import MINIMUM_SEQUENCES
 
 
 @dataclass(frozen=True)
@@ -36,9 +37,9 @@ class SegModelSpec:
 
 ALL = DEFAULT_KEYS  # every sequence, in the sequence table's order (the input channels' order)
 # required: the clinical minimum (parotid.subsets.MINIMUM_SEQUENCES); every other input may be missing
-SEGMENTATION = SegModelSpec("segmentation", ALL, ("T2",), box_prompted=False, patch=(64, 64, 16))
+SEGMENTATION = SegModelSpec("segmentation", ALL, MINIMUM_SEQUENCES, box_prompted=False, patch=(64, 64, 16))
 CONTOUR_BOX = SegModelSpec(
-    "contour_box", ALL, ("T2",), box_prompted=True, patch=(48, 48, 16),
+    "contour_box", ALL, MINIMUM_SEQUENCES, box_prompted=True, patch=(48, 48, 16),
     labels={"background": SEGMENTATION_LABELS["background"], "tumor": TUMOR},
 )
 SPECS = {s.name: s for s in (SEGMENTATION, CONTOUR_BOX)}
