@@ -86,7 +86,8 @@ def test_decision_rule_001():
 def _toy_checkpoint(tmp_path_factory, name: str, fusion: str, **kwargs):
     """A classifier trained for a few epochs on a toy cohort, saved and loaded back (model, cfg)."""
     from parotid.classification.data import build_cropset
-    from parotid.classification.train import load_checkpoint, save_checkpoint, train_task_model
+    from parotid.classification.checkpoint import load_checkpoint, save_checkpoint
+    from parotid.classification.task_model import train_task_model
 
     d = tmp_path_factory.mktemp(name)
     write_toy_cohort(str(d), 24)

@@ -29,7 +29,7 @@ def macro_auc(y: np.ndarray, prob: np.ndarray) -> float | None:
 
 def classifier_scores(path: str, items: Sequence[CohortItem]) -> dict:
     from parotid.classification.predict import classify
-    from parotid.classification.train import load_checkpoint
+    from parotid.classification.checkpoint import load_checkpoint
     from parotid.labels import get_label_set
 
     model, cfg = load_checkpoint(path)

@@ -471,9 +471,9 @@ def box_components(study: Study, roi: Sequence[int], model_dir: str, seg_path: s
 
 # ------------------------------------------------------------------------------------ fitting
 def _cohort(folder: str) -> list:
-    from parotid.classification.data import read_cohort
+    from parotid.cohort import load_classification_cohort
 
-    return read_cohort(folder)
+    return load_classification_cohort(folder)
 
 
 def study_rows(folder: str, seg_path: str, progress: bool = True) -> list[dict]:
@@ -594,13 +594,9 @@ def classifier_features_study(model, cfg: dict, study: Study, roi) -> np.ndarray
 def stamp_checkpoint(path: str, density: FeatureDensity) -> None:
     """Write the density into a classifier checkpoint; every other entry (weights, config, keys added by
     other tools) is kept as loaded, so the weights stay bit-identical."""
-    import torch
+    from parotid.classification.checkpoint import stamp_input_check
 
-    ck = torch.load(path, map_location="cpu", weights_only=True)
-    ck["input_check"] = density.to_checkpoint()
-    tmp = path + ".part"
-    torch.save(ck, tmp)
-    os.replace(tmp, path)
+    stamp_input_check(path, density.to_checkpoint())
 
 
 def _ensure_cohort(folder: str, seed: int, n: int) -> str:
@@ -622,7 +618,8 @@ def fit_command(models: str, work: str, train_seed: int = 101, train_n: int = 24
 
     from parotid.classification.data import build_cropset
     from parotid.classification.missing import SUBSETS
-    from parotid.classification.train import load_checkpoint, subset_features
+    from parotid.classification.checkpoint import load_checkpoint
+    from parotid.classification.task_model import subset_features
     from parotid.study import read_study, study_from_array
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))

@@ -61,7 +61,7 @@ def _complete(records, model_sequences, limit: int | None):
 # ------------------------------------------------------------------------------------ classification
 def classification_rows(path: str, records, n_boot: int, seed: int, limit: int | None, progress: Callable) -> tuple[dict, list]:
     from parotid.classification.predict import classify
-    from parotid.classification.train import load_checkpoint
+    from parotid.classification.checkpoint import load_checkpoint
 
     model, cfg = load_checkpoint(path)
     seqs = list(cfg["sequences"])
@@ -160,10 +160,10 @@ def markdown(results: dict, cohort: str, before: dict | None = None) -> str:
 def cmd_subsets(a) -> dict:
     import json
 
-    from parotid.classification.data import read_cohort
+    from parotid.cohort import load_classification_cohort
 
     torch.set_num_threads(a.threads)
-    records = read_cohort(a.cohort)
+    records = load_classification_cohort(a.cohort)
     cohort = os.path.basename(os.path.abspath(a.cohort))
     os.makedirs(a.out, exist_ok=True)
     command = " ".join(["parotid-eval"] + (sys.argv[1:] if a.argv is None else list(a.argv)))

@@ -75,7 +75,7 @@ class StudyUncertaintyScoring(ScoringMethod):
         self.seg_spacing = checkpoint_spacing(ck)
         cls_model = cls_cfg = None
         if os.path.exists(self.cls_path):
-            from parotid.classification.train import load_checkpoint
+            from parotid.classification.checkpoint import load_checkpoint
 
             cls_model, cls_cfg = load_checkpoint(self.cls_path)
         return seg, cls_model, cls_cfg

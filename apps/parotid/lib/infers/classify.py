@@ -32,7 +32,8 @@ from lib.errors import http_errors
 from lib.infers.study_task import StudyInferTask
 from parotid import input_check, subsets
 from parotid.classification.predict import HEATMAP_METHODS, classify
-from parotid.classification.train import DEFAULT_SEQS, load_checkpoint
+from parotid.classification.checkpoint import load_checkpoint, read_config
+from parotid.classification.defaults import DEFAULT_SEQS
 from parotid.labels import INFO_ROI, classification_label_sets, get_label_set
 from parotid.study import Study, StudyError
 
