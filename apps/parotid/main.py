@@ -32,7 +32,7 @@ from lib.cors import restrict_cors
 from lib.datastore import StudyDatastore
 from lib.errors import http_errors
 from lib.image_upload import install_image_upload
-from lib.infers.classify import STUDY_ID, ClassifyStudy
+from lib.infers.classify import MAY_WRITE, STUDY_ID, ClassifyStudy
 from lib.infers.segmentation import SegmentStudy, UsesSegmentation
 from lib.model_registry_api import install_registry_routes
 from lib.model_upload import install_checkpoint_upload_check
@@ -43,7 +43,7 @@ from lib.single_training import install_single_training
 from lib.study_support import skipping_unprocessable
 from parotid.labels import classification_label_sets
 from parotid.pacs.auth import fix_monailabel_jwt
-from parotid.pacs.sr_policy import install_infer_caller
+from parotid.pacs.sr_policy import caller_may_write, install_infer_caller
 from parotid.registry import ModelRegistry
 
 fix_monailabel_jwt()  # MONAI Label 0.8.5 + PyJWT 2.x: tokens are decoded without `algorithms` (see docs/pacs.md)
@@ -213,6 +213,8 @@ class ParotidApp(MONAILabelApp):
         if model not in self._infers:
             raise HTTPException(404, f"unknown model '{model}'; available: {sorted(self._infers)}")
         image = request.get("image")
+        # keys only the app sets (a client's params land in the request too)
+        request = {**{k: v for k, v in request.items() if k != STUDY_ID}, MAY_WRITE: caller_may_write()}
         if isinstance(image, str) and not os.path.exists(image):
             ds = datastore or self.datastore()
             uri = ds.get_image_uri(image) if image else ""  # resolved once per request (a PACS query)

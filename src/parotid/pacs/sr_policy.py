@@ -59,21 +59,23 @@ def skipped(reason: str) -> Dict[str, Any]:
 
 
 def write_back(datastore, image_id: str, result: Dict[str, Any], write_sr: Any = None,
-               study_path: Optional[str] = None) -> Dict[str, Any]:
+               study_path: Optional[str] = None, may_write: Optional[bool] = None) -> Dict[str, Any]:
+    """`may_write`: ``caller_may_write()`` as read on the request's thread (default: read it here)."""
     mode = parse_write_sr(write_sr)
-    if mode != "never" and not caller_may_write():
+    if mode != "never" and not (caller_may_write() if may_write is None else may_write):
         return skipped(f"the caller's role may not write to the PACS (needs {' or '.join(writer_roles())}); "
                        "the classification is returned but not stored")
     return datastore.write_classification(image_id, result, write_sr=mode, study_path=study_path)
 
 
-def write_back_step(datastore, image_id: str, study_path: str, result: Dict[str, Any], write_sr: Any = None) -> None:
+def write_back_step(datastore, image_id: str, study_path: str, result: Dict[str, Any], write_sr: Any = None,
+                    may_write: Optional[bool] = None) -> None:
     """The classification task's last step on a PACS datastore: store the result as a DICOM SR (once per
     study and model checkpoint, only for callers that may write, by default only when determined and in
     distribution: ``params.write_sr`` auto / always / never) and say in the result what happened
     (``pacs_sr``; docs/pacs.md). `study_path`: the study file this request resolved `image_id` to."""
     try:
-        pacs_sr = write_back(datastore, image_id, result, write_sr, study_path=study_path)
+        pacs_sr = write_back(datastore, image_id, result, write_sr, study_path=study_path, may_write=may_write)
     except Exception as e:  # the answer still reaches the radiologist; the write-back failure is reported
         logger.warning(f"classification SR write-back failed: {e}")
         reason = result["pacs_writeback_error"] = str(getattr(e, "detail", e))

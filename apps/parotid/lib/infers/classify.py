@@ -41,7 +41,9 @@ from parotid.segmentation.inference import tumour_roi
 from parotid.study import Study, StudyError
 
 logger = logging.getLogger(__name__)
-STUDY_ID = "study_id"  # request key: the datastore's id of the study (``image`` is its resolved file)
+# request keys the app sets (never taken from the client): the datastore's id of the study (``image`` is
+# its resolved file) and whether the caller may write to the PACS (read on the request's thread)
+STUDY_ID, MAY_WRITE = "study_id", "caller_may_write"
 
 
 def tumour_roi_from_segmentation(study: Study, segmentation: SegmentStudy) -> list[int]:
@@ -133,7 +135,7 @@ class ClassifyStudy(UsesSegmentation, StudyInferTask):
         path, result = super().writer(data, extension, dtype)
         store, study_id = self.result_store, data.get(STUDY_ID)
         if study_id and hasattr(store, "write_classification"):
-            write_back_step(store, study_id, data["image"], result, data.get("write_sr"))
+            write_back_step(store, study_id, data["image"], result, data.get("write_sr"), bool(data.get(MAY_WRITE)))
         return path, result
 
     def _get_network(self, device, data):
