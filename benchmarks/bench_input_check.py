@@ -153,8 +153,8 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     torch.set_num_threads(2)
     sys.path.insert(0, str(ROOT / "src"))
-    from parotid.classification.data import read_cohort
-    from parotid.classification.train import load_checkpoint
+    from parotid.cohort import load_classification_cohort
+    from parotid.classification.checkpoint import load_checkpoint
     from parotid.study import read_study
 
     classifiers = {c: load_checkpoint(os.path.join(a.models, f"{c}.pt")) for c in CLASSIFIERS}
@@ -167,7 +167,7 @@ def main(argv=None) -> int:
 
             write_cohort(a.heldout, a.heldout_n, a.heldout_seed, raw=False, progress=False)
         rows = []
-        for r in read_cohort(a.heldout):
+        for r in load_classification_cohort(a.heldout):
             s = read_study(r.image, r.study_id)
             if not all(q in s.sequences for q in ("T2", "CET1")):
                 continue  # every model refuses it (422 "lacks sequence"): no result to check

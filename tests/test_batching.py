@@ -44,7 +44,7 @@ def test_batcher_groups_concurrent_items_and_isolates_failures():
 
 @pytest.fixture(scope="module")
 def cases():
-    from parotid.classification.train import load_checkpoint
+    from parotid.classification.checkpoint import load_checkpoint
     from parotid.study import read_study
 
     from parotid.subsets import minimum_for

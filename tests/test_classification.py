@@ -60,7 +60,7 @@ def test_checkpoint_fusion_is_one_key_for_old_and_new_files(tmp_path):
     key ("fusion": the branch combiner "spl" + "fusion_mode": "early" for an early-fusion model) are never
     rewritten: they load with the same config and the same network as a new file."""
     from conftest import APP
-    from parotid.classification.train import load_checkpoint, save_checkpoint
+    from parotid.classification.checkpoint import load_checkpoint, save_checkpoint
 
     torch.manual_seed(0)
     model = SequenceModel([[0, 1, 2]], 4, 4, "spl").eval()
@@ -110,7 +110,8 @@ def test_decision_rule_001():
 def _toy_checkpoint(tmp_path_factory, name: str, fusion: str, **kwargs):
     """A classifier trained for a few epochs on a toy cohort, saved and loaded back (model, cfg)."""
     from parotid.classification.data import build_cropset
-    from parotid.classification.train import load_checkpoint, save_checkpoint, train_task_model
+    from parotid.classification.checkpoint import load_checkpoint, save_checkpoint
+    from parotid.classification.task_model import train_task_model
 
     d = tmp_path_factory.mktemp(name)
     write_toy_cohort(str(d), 24)

@@ -47,7 +47,7 @@ def train_both_stages(cs) -> dict:
     """Stage 1 (image network via the engine) and stage 2 (train_sequence_head) for a few iterations."""
     from parotid.classification import engine
     from parotid.classification.models import ImageNet, SequenceModel
-    from parotid.classification.train import class_weights, train_sequence_head
+    from parotid.classification.liu import class_weights, train_sequence_head
 
     y = np.minimum(np.arange(len(cs)) * 7 % 5, 3)  # unbalanced: class weights differ, so do per-process weight sums
     ch = cs.channels(["T2", "CET1"])

@@ -20,14 +20,14 @@ def toy_cs(tmp_path_factory):
 
 
 def _train(cs, **kw):
-    from parotid.classification.train import train_task_model
+    from parotid.classification.task_model import train_task_model
 
     return train_task_model(cs, "subtype4", ("T2", "CET1", "ADC"), "early", epochs1=2, epochs2=4,
                             required=("T2", "CET1"), **kw)
 
 
 def test_calibration_patients_never_trained_on(toy_cs, tmp_path):
-    from parotid.classification.train import load_checkpoint, save_checkpoint
+    from parotid.classification.checkpoint import load_checkpoint, save_checkpoint
 
     cs = toy_cs.subset(range(len(toy_cs)))
     cs.study_ids = np.array(cs.study_ids)  # ids as numpy strings (as some cropsets hold them)

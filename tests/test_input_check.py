@@ -115,16 +115,16 @@ def test_box_too_small_for_a_tumour_is_refused(server, sample_ids, task):
 def test_thresholds_pass_held_out_synthetic_studies(tmp_path):
     """>= 11 of 12 studies of a SYNTHETIC cohort with a seed never used for training or calibration pass
     the study check and both classifiers' checks (docs/input-check.md has the n = 60 figures)."""
-    from parotid.classification.data import read_cohort
+    from parotid.cohort import load_classification_cohort
     from parotid.classification.predict import classify
-    from parotid.classification.train import load_checkpoint
+    from parotid.classification.checkpoint import load_checkpoint
     from parotid.synth.cohort import write_cohort
 
     write_cohort(str(tmp_path / "c"), 12, 404, raw=False, progress=False)
     models = {c: load_checkpoint(str(MODELS / f"{c}.pt")) for c in CLASSIFIERS}
     assert all(m.input_check for m, _ in models.values()), "shipped classifiers lack the feature density"
     passed = {k: 0 for k in ("study",) + CLASSIFIERS}
-    for r in read_cohort(str(tmp_path / "c")):
+    for r in load_classification_cohort(str(tmp_path / "c")):
         s = read_study(r.image, r.study_id)
         comps, _ = input_check.study_components(s, str(MODELS))
         passed["study"] += input_check.combine(comps)["in_distribution"]

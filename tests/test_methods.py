@@ -183,7 +183,8 @@ def test_holdout_reports_precision_recall_f1(tmp_path):
 
     from parotid.classification.data import build_cropset
     from toy_cohort import write_toy_cohort
-    from parotid.classification.train import save_checkpoint, train_task_model
+    from parotid.classification.checkpoint import save_checkpoint
+    from parotid.classification.task_model import train_task_model
     from parotid.evaluation.cli import main
 
     write_toy_cohort(str(tmp_path / "toy"), 24)

@@ -231,7 +231,7 @@ def test_info_sequences_follow_the_served_checkpoint(tmp_path):
 
     from conftest import APP
     from parotid.classification.models import SequenceModel
-    from parotid.classification.train import save_checkpoint
+    from parotid.classification.checkpoint import save_checkpoint
 
     sys.path.insert(0, str(APP))
     try:

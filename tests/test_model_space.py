@@ -28,7 +28,7 @@ from requests_toolbelt.multipart import decoder
 
 from conftest import APP, SAMPLE
 from parotid.classification.predict import classify
-from parotid.classification.train import load_checkpoint
+from parotid.classification.checkpoint import load_checkpoint
 from parotid.model_space import (SPACING_RTOL, checkpoint_spacing, map_roi, model_grid, needs_resampling,
                                  stamp_spacing)
 from parotid.segmentation.inference import (contour_in_box, contour_study, dice, segment, segment_study,
@@ -230,7 +230,7 @@ def test_same_anatomy_at_two_voxel_sizes_same_class(study, fine, roi, tmp_path):
 
 
 def test_trainers_record_the_training_spacing_and_resample_other_grids(fine, tmp_path):
-    from parotid.classification.train import cohort_spacing
+    from parotid.classification.task_model import cohort_spacing
     from parotid.cohort import CohortItem
     from parotid.segmentation.train import _load, train
 

@@ -333,3 +333,71 @@ def test_no_phi_in_server_log(pacs_server, cohort):
     assert "SYNTHETIC^" not in log
     for study_id in ids:  # the synthetic PatientID is the study id
         assert study_id not in log
+
+
+class CountingProxy:
+    """A reverse proxy in front of Orthanc's DICOMweb that counts the server's QIDO series searches of a
+    study (``GET .../studies/{uid}/series``): the PACS datastore resolves a study with one of them."""
+
+    def __init__(self, target: str):
+        import re
+
+        from urllib.parse import urlsplit
+
+        self.searches: list[str] = []
+        proxy, base = self, urlsplit(target)
+        series_search = re.compile(r"/studies/[^/]+/series$")
+
+        class H(BaseHTTPRequestHandler):
+            def _forward(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if self.command == "GET" and series_search.search(self.path.split("?")[0]):
+                    proxy.searches.append(self.path)
+                skip = {"host", "content-length", "connection", "accept-encoding"}
+                r = requests.request(self.command, f"{base.scheme}://{base.netloc}{self.path}", data=body or None,
+                                     headers={k: v for k, v in self.headers.items() if k.lower() not in skip},
+                                     timeout=120)
+                self.send_response(r.status_code)
+                for k, v in r.headers.items():
+                    if k.lower() not in ("transfer-encoding", "content-encoding", "content-length", "connection"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(r.content)))
+                self.end_headers()
+                self.wfile.write(r.content)
+
+            do_GET = do_POST = do_PUT = do_DELETE = _forward  # noqa: N815
+
+            def log_message(self, *a):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}{base.path}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.httpd.shutdown()
+
+
+def test_classification_resolves_the_study_once(pacs, cohort, tmp_path):
+    """One classification with SR write-back looks the study up on the PACS once (it was three times:
+    the app's check, MONAI Label's infer and the write-back)."""
+    out, ids = cohort
+    study_id, uid = next(iter(ids.items()))
+    roi = json.loads((out / "datastore_v2.json").read_text())["objects"][study_id]["labels"]["final"]["info"]["roi"]
+    proxy = CountingProxy(pacs.dicomweb_url)
+    env = {**pacs.env(), "PAROTID_DICOMWEB_CACHE": str(tmp_path / "cache"), "MONAI_LABEL_DATASTORE_AUTO_RELOAD": "false"}
+    srv = Server(proxy.url, tmp_path / "server.log", models="segmentation,classify_malignancy", env=env,
+                 app=copy_app(tmp_path / "app")).start()
+    try:
+        r = requests.post(srv.url + "/infer/segmentation", params={"image": uid, "output": "json"}, timeout=300)
+        assert r.status_code == 200, r.text[:300]  # fetched and cached
+        proxy.searches.clear()
+        r = requests.post(srv.url + "/infer/classify_malignancy", params={"image": uid, "output": "json"},
+                          data={"params": json.dumps({"roi": roi, "no_heatmap": True, "write_sr": "always"})},
+                          timeout=300)
+        assert r.status_code == 200, r.text[:300]
+        assert r.json()["pacs_sr"]["status"] in ("written", "reused"), r.json()["pacs_sr"]
+        assert len(proxy.searches) == 1, proxy.searches
+    finally:
+        srv.stop()
+        proxy.stop()

@@ -34,7 +34,7 @@ def test_gradcam_leaves_no_hooks_and_same_heatmap():
     (MONAI's ModelWithHooks keeps no handles), and each kept its autograd graph alive (a reference cycle
     through a C++ hook): neither count may grow and the map must not change."""
     from parotid.classification.predict import classify
-    from parotid.classification.train import load_checkpoint
+    from parotid.classification.checkpoint import load_checkpoint
     from parotid.study import read_study
 
     model, cfg = load_checkpoint(str(CKPT))

@@ -33,6 +33,8 @@ from lib.cors import restrict_cors
 from lib.datastore import StudyDatastore
 from lib.errors import http_errors
 from lib.image_upload import install_image_upload
+from lib.infers.classify import MAY_WRITE, STUDY_ID, ClassifyStudy
+from lib.infers.segmentation import SegmentStudy, UsesSegmentation
 from lib.model_registry_api import install_registry_routes
 from lib.model_upload import install_checkpoint_upload_check
 from lib.trainers.gated import GatedTrainTask
@@ -42,7 +44,7 @@ from lib.single_training import install_single_training
 from lib.study_support import skipping_unprocessable
 from parotid.labels import classification_label_sets
 from parotid.pacs.auth import fix_monailabel_jwt
-from parotid.pacs.sr_policy import install_infer_caller, sr_params, write_back
+from parotid.pacs.sr_policy import caller_may_write, install_infer_caller
 from parotid.registry import ModelRegistry
 
 fix_monailabel_jwt()  # MONAI Label 0.8.5 + PyJWT 2.x: tokens are decoded without `algorithms` (see docs/pacs.md)
@@ -111,6 +113,14 @@ class ParotidApp(MONAILabelApp):
         for c in self.models.values():
             i = c.infer()
             infers.update(i if isinstance(i, dict) else {c.name: i})
+        # pipelines: the served whole-study segmentation is a stage of the tasks that need one (input check,
+        # the classifiers' automatic box), so its hot-reloaded checkpoint is the one they all use
+        segmentation = infers.get("segmentation")
+        for task in infers.values():
+            if isinstance(task, UsesSegmentation) and isinstance(segmentation, SegmentStudy):
+                task.use_segmentation(segmentation)
+            if isinstance(task, ClassifyStudy):  # its output step stores the result on a PACS datastore
+                task.result_store = self.datastore()
         return infers
 
     def init_trainers(self) -> Dict[str, TrainTask]:
@@ -205,32 +215,32 @@ class ParotidApp(MONAILabelApp):
         if model not in self._infers:
             raise HTTPException(404, f"unknown model '{model}'; available: {sorted(self._infers)}")
         image = request.get("image")
+        # keys only the app sets (a client's params land in the request too)
+        request = {**{k: v for k, v in request.items() if k != STUDY_ID}, MAY_WRITE: caller_may_write()}
+        if isinstance(image, str) and not os.path.exists(image):
+            ds = datastore or self.datastore()
+            uri = ds.get_image_uri(image) if image else ""  # resolved once per request (a PACS query)
+            if not uri:
+                raise HTTPException(404, f"unknown study '{image}'")
+            datastore = ResolvedStudy(ds, image, uri)
+            request = {**request, STUDY_ID: image}  # the task's output steps (PACS write-back) need the id
         with http_errors():
-            if isinstance(image, str) and not os.path.exists(image):
-                ds = datastore or self.datastore()
-                if not image or not ds.get_image_uri(image):
-                    raise HTTPException(404, f"unknown study '{image}'")
-            result = super().infer(request, datastore)
-        self._write_back_classification(model, image, result, request.get("write_sr"))
-        return result
+            return super().infer(request, datastore)
 
-    def _write_back_classification(self, model: str, image: Any, result: Dict[str, Any], write_sr: Any = None) -> None:
-        """PACS datastores store a classification of a study as a DICOM SR (highdicom): once per study and
-        model checkpoint, only for callers that may write, by default only when determined and in
-        distribution (``params.write_sr``: auto / always / never). The answer's ``pacs_sr`` says what
-        happened (parotid.pacs.sr_policy, docs/pacs.md)."""
-        ds = self.datastore()
-        task = self._infers[model]
-        if not (hasattr(ds, "write_classification") and task.type == "classification" and isinstance(image, str)
-                and not os.path.exists(image) and result and result.get("params")):
-            return
-        try:
-            pacs_sr = write_back(ds, image, result["params"], write_sr)
-        except Exception as e:  # the answer still reaches the radiologist; the write-back failure is reported
-            logger.warning(f"classification SR write-back failed: {e}")
-            reason = result["params"]["pacs_writeback_error"] = str(getattr(e, "detail", e))
-            pacs_sr = {"series_uid": None, "sop_instance_uid": None, "status": "failed", "reason": reason}
-        result["params"].update(sr_params(pacs_sr))
+
+class ResolvedStudy:
+    """The app's datastore for one /infer request whose study is resolved already: MONAI Label's infer asks
+    it for the image URI again, a PACS datastore would query the PACS again. Everything else is the
+    datastore's."""
+
+    def __init__(self, datastore: Datastore, image_id: str, uri: str):
+        self._datastore, self._image_id, self._uri = datastore, image_id, uri
+
+    def get_image_uri(self, image_id: str) -> str:
+        return self._uri if image_id == self._image_id else self._datastore.get_image_uri(image_id)
+
+    def __getattr__(self, name: str):
+        return getattr(self._datastore, name)
 
 
 def _refuse_final_tag(request: Dict[str, Any]) -> None:

@@ -1,9 +1,11 @@
-"""Reading a labelled cohort through MONAI Label's LocalDatastore (the same index the server uses)."""
+"""Reading a labelled cohort through MONAI Label's LocalDatastore (the same index the server uses): the one
+cohort reader of training, evaluation and the input-check fit."""
 
 from __future__ import annotations
 
+import csv
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.datastore import DefaultLabelTag
@@ -19,6 +21,7 @@ class CohortItem:
     tumor_class: str | None
     roi: list[int] | None
     info: dict
+    clinical: dict = field(default_factory=dict)  # the cohort's cohort.csv row (age, sex, smoker), if any
 
 
 # Image file extensions, longest first. Ids keep every other part of a file name: dotted DICOM-style
@@ -59,6 +62,27 @@ def load_cohort(folder: str) -> list[CohortItem]:
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"cohort folder not found: {folder}")
     return cohort_items(open_datastore(folder))
+
+
+def with_class_and_box(items: list[CohortItem]) -> list[CohortItem]:
+    """The items a classifier trains and is evaluated on: a tumour class and a box (roi as ints)."""
+    return [replace(it, tumor_class=str(it.tumor_class), roi=[int(v) for v in it.roi])
+            for it in items if it.tumor_class and it.roi]
+
+
+def read_clinical(folder: str) -> dict[str, dict]:
+    """Rows of the cohort's ``cohort.csv`` (clinical variables written by parotid-synth) by study id."""
+    path = os.path.join(folder, "cohort.csv")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return {row.get("study_id", ""): row for row in csv.DictReader(f)}
+
+
+def load_classification_cohort(folder: str) -> list[CohortItem]:
+    """The studies of a cohort folder with a tumour class and a box, with their clinical variables."""
+    clinical = read_clinical(folder)
+    return [replace(it, clinical=clinical.get(it.study_id, {})) for it in with_class_and_box(load_cohort(folder))]
 
 
 # Fixed held-out part of a labelled datastore (issue 12): chosen by a hash of the study id, so it is

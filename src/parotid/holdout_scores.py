@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-import torch
 from sklearn.metrics import log_loss, roc_auc_score
 
 from parotid.cohort import CohortItem
@@ -29,7 +28,7 @@ def macro_auc(y: np.ndarray, prob: np.ndarray) -> float | None:
 
 def classifier_scores(path: str, items: Sequence[CohortItem]) -> dict:
     from parotid.classification.predict import classify
-    from parotid.classification.train import load_checkpoint
+    from parotid.classification.checkpoint import load_checkpoint
     from parotid.labels import get_label_set
 
     model, cfg = load_checkpoint(path)
@@ -59,15 +58,11 @@ def classifier_scores(path: str, items: Sequence[CohortItem]) -> dict:
 def segmentation_scores(path: str, spec, items: Sequence[CohortItem]) -> dict:
     from scipy import ndimage
 
-    from parotid.model_space import checkpoint_spacing
+    from parotid.segmentation.checkpoint import load_segmentation
     from parotid.segmentation.inference import contour_study, dice, segment_study
-    from parotid.segmentation.networks import build_network
 
-    ck = torch.load(path, map_location="cpu", weights_only=True)
-    net = build_network(spec)
-    net.load_state_dict(ck["model"])
-    net.eval()
-    spacing = checkpoint_spacing(ck)
+    ck = load_segmentation(path, spec)
+    net, spacing = ck.net, ck.spacing
     tumour, gland, ids, skipped = [], [], [], {}
     for it in items:
         if not it.label:

@@ -37,12 +37,9 @@ Result contract: ``{"in_distribution", "score", "threshold", "reasons", "compone
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
-import threading
-from collections import OrderedDict
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -326,59 +323,15 @@ def _threshold(scores: np.ndarray) -> float:
 
 
 # ------------------------------------------------------------------------------------ study level
-_SEG: "OrderedDict[tuple, np.ndarray]" = OrderedDict()
-_NETS: dict[str, tuple] = {}
-_LOCK = threading.Lock()
 _REFS: dict[str, tuple] = {}
 
 
-def study_key(study: Study) -> str:
-    """Content hash of a study (voxel values, grid, sequence names): the segmentation cache key. Kept on
-    the Study object (studies are not modified; the server reuses parsed studies, parotid.study_cache)."""
-    import SimpleITK as sitk
+def default_segmenter(model_dir: str):
+    """Outside the server: the whole-study segmentation checkpoint of `model_dir` (the server passes its
+    served segmentation task's segmenter instead)."""
+    from parotid.segmentation.checkpoint import StudySegmenter
 
-    memo = study.__dict__.get("_content_key")
-    if memo and memo[0] is study.image:
-        return memo[1]
-    h = hashlib.blake2b(digest_size=16)
-    h.update(np.ascontiguousarray(sitk.GetArrayViewFromImage(study.image)).tobytes())
-    h.update(repr((study.sequences, study.image.GetSpacing(), study.image.GetOrigin(), study.image.GetDirection())).encode())
-    key = h.hexdigest()
-    study.__dict__["_content_key"] = (study.image, key)
-    return key
-
-
-def segment_study(study: Study, seg_path: str) -> np.ndarray:
-    """The whole-study segmentation model's label map (I, J, K) on the study grid (the model runs at its
-    training spacing, parotid.model_space), cached per study content and checkpoint."""
-    import torch
-
-    from parotid.model_space import checkpoint_spacing
-    from parotid.segmentation.inference import segment_study as segment_at_model_spacing
-    from parotid.segmentation.networks import SEGMENTATION, build_network
-
-    if not os.path.exists(seg_path):
-        raise StudyError("no segmentation model is available for the input check and the tumour search "
-                         "(train or upload the 'segmentation' model)")
-    mtime = os.path.getmtime(seg_path)
-    key = (seg_path, mtime, study_key(study))
-    with _LOCK:
-        if key in _SEG:
-            _SEG.move_to_end(key)
-            return _SEG[key]
-        cached = _NETS.get(seg_path)
-        if not cached or cached[1] != mtime:
-            net = build_network(SEGMENTATION)
-            ck = torch.load(seg_path, map_location="cpu", weights_only=True)
-            net.load_state_dict(ck.get("model", ck))
-            net.eval()
-            _NETS[seg_path] = cached = (net, mtime, checkpoint_spacing(ck))
-    label, _ = segment_at_model_spacing(cached[0], SEGMENTATION, study, cached[2])
-    with _LOCK:
-        _SEG[key] = label
-        while len(_SEG) > 16:
-            _SEG.popitem(last=False)
-    return label
+    return StudySegmenter(os.path.join(model_dir, "segmentation.pt"))
 
 
 def load_reference(model_dir: str) -> dict | None:
@@ -394,21 +347,24 @@ def load_reference(model_dir: str) -> dict | None:
 
 
 def study_components(study: Study, model_dir: str, label: np.ndarray | None = None,
-                     seg_path: str | None = None) -> tuple[dict, np.ndarray | None]:
+                     segmenter=None) -> tuple[dict, np.ndarray | None]:
     """Physical, intensity and anatomy components for a study (+ the segmentation label used).
-    `label`: the whole-study segmentation when the caller has it; else it is computed. Cached per study
-    content, reference file and segmentation checkpoint (parotid.study_cache: every classification of a
-    study repeated ~1 s of intensity statistics and segmentation); callers get their own copy."""
+    `label`: the whole-study segmentation when the caller has it; else `segmenter` (a
+    parotid.segmentation.checkpoint.StudySegmenter; default: `default_segmenter`) computes it. Cached per
+    study content, reference file and segmentation checkpoint (parotid.study_cache: every classification
+    of a study repeated ~1 s of intensity statistics and segmentation); callers get their own copy."""
     import copy
 
+    segmenter = segmenter or default_segmenter(model_dir)
     if label is not None:
-        return _study_components(study, model_dir, label, seg_path)
-    seg = seg_path or os.path.join(model_dir, "segmentation.pt")
+        return _study_components(study, model_dir, label, segmenter)
     ref = os.path.join(model_dir, REFERENCE_FILE)
-    key = (study_key(study), ref, _mtime(ref), seg, _mtime(seg))
+    from parotid.study_cache import study_key
+
+    key = (study_key(study), ref, _mtime(ref), segmenter.identity())
     hit = _components_cache().get(key)
     if hit is None:
-        hit = _components_cache().put(key, _study_components(study, model_dir, None, seg_path))
+        hit = _components_cache().put(key, _study_components(study, model_dir, None, segmenter))
     return copy.deepcopy(hit[0]), hit[1]
 
 
@@ -429,8 +385,8 @@ def _components_cache():
     return _COMPONENTS
 
 
-def _study_components(study: Study, model_dir: str, label: np.ndarray | None = None,
-                     seg_path: str | None = None) -> tuple[dict, np.ndarray | None]:
+def _study_components(study: Study, model_dir: str, label: np.ndarray | None,
+                      segmenter) -> tuple[dict, np.ndarray | None]:
     """study_components, uncached."""
     ref = load_reference(model_dir)
     comps: dict[str, Any] = {"physical": physical_check(study)}
@@ -439,27 +395,25 @@ def _study_components(study: Study, model_dir: str, label: np.ndarray | None = N
                               "note": f"no {REFERENCE_FILE} next to the models: intensity and anatomy not checked"}
         return comps, label
     comps["intensity"] = intensity_check(study, ref["intensity"])
-    if label is None:
-        seg_path = seg_path or os.path.join(model_dir, "segmentation.pt")
-        if os.path.exists(seg_path):
-            try:
-                label = segment_study(study, seg_path)
-            except StudyError as e:  # lacks a sequence the segmentation model needs (a classifier may not)
-                comps["anatomy"] = {"passed": True, "score": 0.0, "threshold": 1.0, "reasons": [],
-                                    "note": f"anatomy not checked: {e}"}
+    if label is None and segmenter.identity() is not None:
+        try:
+            label = segmenter.label_of(study)
+        except StudyError as e:  # lacks a sequence the segmentation model needs (a classifier may not)
+            comps["anatomy"] = {"passed": True, "score": 0.0, "threshold": 1.0, "reasons": [],
+                                "note": f"anatomy not checked: {e}"}
     if label is not None:
         comps["anatomy"] = anatomy_check(label, study, ref["anatomy"])
     return comps, label
 
 
-def box_components(study: Study, roi: Sequence[int], model_dir: str, seg_path: str | None = None) -> dict:
+def box_components(study: Study, roi: Sequence[int], model_dir: str, segmenter=None) -> dict:
     """Study components + ``tumor_in_box`` for a box request (box checked first: 422 if invalid or too small)."""
     from parotid.study import check_roi
 
     check_roi(roi, study.shape)
     roi = [int(v) for v in roi]
     check_box_size(roi, study)
-    comps, label = study_components(study, model_dir, seg_path=seg_path)
+    comps, label = study_components(study, model_dir, segmenter=segmenter)
     if label is not None:
         comps["tumor_in_box"] = tumour_in_box(label, roi, study)
     return comps
@@ -467,22 +421,24 @@ def box_components(study: Study, roi: Sequence[int], model_dir: str, seg_path: s
 
 # ------------------------------------------------------------------------------------ fitting
 def _cohort(folder: str) -> list:
-    from parotid.classification.data import read_cohort
+    from parotid.cohort import load_classification_cohort
 
-    return read_cohort(folder)
+    return load_classification_cohort(folder)
 
 
 def study_rows(folder: str, seg_path: str, progress: bool = True) -> list[dict]:
     """Intensity and anatomy features of every labelled study of a cohort folder."""
     from tqdm import tqdm
 
+    from parotid.segmentation.checkpoint import StudySegmenter
     from parotid.study import read_study
 
+    segmenter = StudySegmenter(seg_path)
     rows = []
     for r in tqdm(_cohort(folder), desc=f"input check {os.path.basename(folder)}", disable=not progress, mininterval=10):
         s = read_study(r.image, r.study_id)
         try:
-            anatomy = anatomy_features(segment_study(s, seg_path), s)
+            anatomy = anatomy_features(segmenter.label_of(s), s)
         except StudyError:  # lacks a sequence the segmentation model needs: no anatomy row
             anatomy = None
         rows.append({"study_id": r.study_id, "intensity": intensity_features(s), "anatomy": anatomy})
@@ -590,13 +546,9 @@ def classifier_features_study(model, cfg: dict, study: Study, roi) -> np.ndarray
 def stamp_checkpoint(path: str, density: FeatureDensity) -> None:
     """Write the density into a classifier checkpoint; every other entry (weights, config, keys added by
     other tools) is kept as loaded, so the weights stay bit-identical."""
-    import torch
+    from parotid.classification.checkpoint import stamp_input_check
 
-    ck = torch.load(path, map_location="cpu", weights_only=True)
-    ck["input_check"] = density.to_checkpoint()
-    tmp = path + ".part"
-    torch.save(ck, tmp)
-    os.replace(tmp, path)
+    stamp_input_check(path, density.to_checkpoint())
 
 
 def _ensure_cohort(folder: str, seed: int, n: int) -> str:
@@ -618,7 +570,8 @@ def fit_command(models: str, work: str, train_seed: int = 101, train_n: int = 24
 
     from parotid.classification.data import build_cropset
     from parotid.classification.missing import SUBSETS
-    from parotid.classification.train import load_checkpoint, subset_features
+    from parotid.classification.checkpoint import load_checkpoint
+    from parotid.classification.task_model import subset_features
     from parotid.study import read_study, study_from_array
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))

@@ -87,3 +87,23 @@ def read_study_cached(path: str, name: str = "study") -> Study:
     if study is None:
         study = _STUDIES.put(key, read_study(path, name=name))
     return study
+
+
+def study_key(study: Study) -> str:
+    """Content hash of a study (voxel values, grid, sequence names): the key of per-study results (the
+    segmentation label, the input check's components). Kept on the Study object (studies are not
+    modified; the server reuses parsed studies)."""
+    import hashlib
+
+    import numpy as np
+    import SimpleITK as sitk
+
+    memo = study.__dict__.get("_content_key")
+    if memo and memo[0] is study.image:
+        return memo[1]
+    h = hashlib.blake2b(digest_size=16)
+    h.update(np.ascontiguousarray(sitk.GetArrayViewFromImage(study.image)).tobytes())
+    h.update(repr((study.sequences, study.image.GetSpacing(), study.image.GetOrigin(), study.image.GetDirection())).encode())
+    key = h.hexdigest()
+    study.__dict__["_content_key"] = (study.image, key)
+    return key

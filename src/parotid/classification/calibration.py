@@ -58,7 +58,7 @@ def calibrate(model: SequenceModel, groups: list[list[str]], cs, idx, label_set,
     """Temperature + undetermined threshold fitted on the studies `idx` of `cs` (never trained on)."""
     from parotid.evaluation.metrics import expected_calibration_error
 
-    from .train import predict_logits
+    from .liu import predict_logits
 
     idx = np.asarray(idx, int)
     rec = {"source": source, "n": int(len(idx)), "study_ids": [str(cs.study_ids[i]) for i in idx]}

@@ -2,37 +2,26 @@
 
 A cohort folder is what ``parotid-synth`` writes (docs/dev/CONTRACT.md): study files, ``labels/final``,
 ``datastore_v2.json`` (final-label info ``tumor_class`` and ``roi``) and ``cohort.csv`` (clinical
-variables). Reading a study file is the slow part, so every study is cut once into the crops of
+variables); ``parotid.cohort`` reads it. Reading a study file is the slow part, so every study is cut once into the crops of
 ``crops.extract_crop`` (all sequences of the study, fixed size) and cached in
 ``$TMPDIR/parotid-crops/<hash of the folder>/`` (or ``$PAROTID_CROP_CACHE`` / ``cache_dir``).
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from tqdm import tqdm
 
-from parotid.labels import INFO_ROI, INFO_TUMOR_CLASS
+from parotid.cohort import CohortItem, load_classification_cohort
 from parotid.sequences import SEQUENCE_KEYS
 from parotid.study import read_label_map, read_study
 
 from .crops import DEFAULT_MARGIN, DEFAULT_SIZE, DEFAULT_SLICES, extract_crop
-
-
-@dataclass
-class Record:
-    study_id: str
-    image: str
-    label: str | None
-    tumor_class: str
-    roi: list[int]
-    clinical: dict = field(default_factory=dict)
 
 
 def _clinical_vector(row: dict) -> list[float]:
@@ -48,34 +37,6 @@ def _clinical_vector(row: dict) -> list[float]:
     sm = str(row.get("smoker", "")).strip().lower()
     sm_v = 1.0 if sm in ("1", "true", "yes", "y", "smoker", "current", "former") else 0.0
     return [age, sex_v, sm_v]
-
-
-def read_cohort(folder: str) -> list[Record]:
-    """Studies with a final label holding ``tumor_class`` and ``roi`` (others are skipped)."""
-    ds_path = os.path.join(folder, "datastore_v2.json")
-    with open(ds_path) as f:
-        ds = json.load(f)
-    images_dir = os.path.join(folder, ds.get("images_dir", "") or "")
-    labels_dir = os.path.join(folder, ds.get("labels_dir", "labels") or "labels", "final")
-    clin: dict[str, dict] = {}
-    csv_path = os.path.join(folder, "cohort.csv")
-    if os.path.exists(csv_path):
-        with open(csv_path) as f:
-            for row in csv.DictReader(f):
-                clin[row.get("study_id", "")] = row
-    out = []
-    for sid, obj in sorted(ds.get("objects", {}).items()):
-        final = (obj.get("labels") or {}).get("final")
-        if not final:
-            continue
-        info = final.get("info") or {}
-        if INFO_TUMOR_CLASS not in info or INFO_ROI not in info:
-            continue
-        ext = (obj.get("image") or {}).get("ext", ".nii.gz")
-        lab = os.path.join(labels_dir, sid + final.get("ext", ".nii.gz"))
-        out.append(Record(sid, os.path.join(images_dir, sid + ext), lab if os.path.exists(lab) else None,
-                          info[INFO_TUMOR_CLASS], [int(v) for v in info[INFO_ROI]], clin.get(sid, {})))
-    return out
 
 
 @dataclass
@@ -114,7 +75,7 @@ class CropSet:
 
 def build_cropset(folder: str, size: int = DEFAULT_SIZE, n_slices: int = DEFAULT_SLICES, n_free: int = 4,
                   margin: float = DEFAULT_MARGIN, cache_dir: str | None = None, limit: int | None = None) -> CropSet:
-    recs = read_cohort(folder)
+    recs = load_classification_cohort(folder)
     if limit:
         recs = recs[:limit]
     if not recs:
@@ -127,7 +88,7 @@ def build_cropset(folder: str, size: int = DEFAULT_SIZE, n_slices: int = DEFAULT
                                 name=os.path.basename(folder.rstrip("/")))
 
 
-def cropset_from_records(recs: list[Record], size: int = DEFAULT_SIZE, n_slices: int = DEFAULT_SLICES, n_free: int = 4,
+def cropset_from_records(recs: list[CohortItem], size: int = DEFAULT_SIZE, n_slices: int = DEFAULT_SLICES, n_free: int = 4,
                          margin: float = DEFAULT_MARGIN, cache_dir: str | None = None, name: str = "cohort") -> CropSet:
     """Crops of the given studies; cached in `cache_dir` (keyed by ids, boxes, classes and file mtimes)."""
     key = hashlib.md5(json.dumps([[r.study_id, r.roi, r.tumor_class, os.path.getmtime(r.image),

@@ -88,16 +88,6 @@ def branch_combiner(fusion: str) -> str:
     return "spl" if fusion == "early" else fusion
 
 
-def read_config(cfg: dict) -> dict:
-    """A checkpoint's config with one fusion key. Checkpoints written before it (the shipped ones included;
-    files are never rewritten) say ``"fusion"``: the branch combiner and ``"fusion_mode"``: the fusion, so
-    an early-fusion one reads ``"fusion": "spl", "fusion_mode": "early"``."""
-    cfg = dict(cfg)
-    if "fusion_mode" in cfg:
-        cfg["fusion"] = cfg.pop("fusion_mode")
-    return cfg
-
-
 class SequenceModel(nn.Module):
     """Input ``x`` (B, N, C, S, S) with C = all sequences of the model, ``box`` (B, 4)."""
 

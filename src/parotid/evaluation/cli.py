@@ -193,7 +193,8 @@ def cmd_cv(a):
 def cmd_holdout(a):
     from parotid.classification.data import build_cropset
     from parotid.classification.predict import mc_dropout
-    from parotid.classification.train import load_checkpoint, predict_logits
+    from parotid.classification.checkpoint import load_checkpoint
+    from parotid.classification.liu import predict_logits
 
     torch.set_num_threads(a.threads)
     os.makedirs(a.out, exist_ok=True)

@@ -38,8 +38,8 @@ from tqdm import tqdm
 
 from parotid.classification.data import CropSet
 from parotid.classification.slice_classifier import predict_patients_001
-from parotid.classification.train import (fit_sequence_model, lof_scores, predict_logits, slice_outputs,
-                                          train_image_net, train_slice_resnet)
+from parotid.classification.baselines import lof_scores, train_slice_resnet
+from parotid.classification.liu import fit_sequence_model, predict_logits, slice_outputs, train_image_net
 
 
 def run_ablation(cs: CropSet, label_set, single_seqs, fusion_seqs, folds: int = 5, seed: int = 0,

@@ -3,7 +3,7 @@
 A *site* is read per study from ``cohort.csv`` column ``site`` (``parotid-synth --profile``), else
 from the final-label info ``site`` (``parotid-import`` with a ``site`` column in labels.csv), else
 the cohort folder's name. For each split the same model (Liu two-stage sequence model, early fusion
-of ``fusion`` sequences; ``parotid.classification.train.fit_sequence_model``) is
+of ``fusion`` sequences; ``parotid.classification.liu.fit_sequence_model``) is
 
 * trained on every training-site study and applied to the test site (**external**), and
 * cross-validated inside the training sites (stratified k-fold, out-of-fold predictions: **internal**),
@@ -22,7 +22,7 @@ import torch
 from sklearn.model_selection import StratifiedKFold
 
 from parotid.classification.data import CropSet, build_cropset
-from parotid.classification.train import fit_sequence_model, predict_logits
+from parotid.classification.liu import fit_sequence_model, predict_logits
 
 
 def study_sites(folder: str) -> dict[str, str]:

@@ -61,7 +61,7 @@ def _complete(records, model_sequences, limit: int | None):
 # ------------------------------------------------------------------------------------ classification
 def classification_rows(path: str, records, n_boot: int, seed: int, limit: int | None, progress: Callable) -> tuple[dict, list]:
     from parotid.classification.predict import classify
-    from parotid.classification.train import load_checkpoint
+    from parotid.classification.checkpoint import load_checkpoint
 
     model, cfg = load_checkpoint(path)
     seqs = list(cfg["sequences"])
@@ -93,16 +93,13 @@ def classification_rows(path: str, records, n_boot: int, seed: int, limit: int |
 # ------------------------------------------------------------------------------------ segmentation
 def segmentation_rows(path: str, task: str, records, n_boot: int, seed: int, limit: int | None,
                       progress: Callable) -> tuple[dict, list]:
-    from parotid.model_space import checkpoint_spacing
+    from parotid.segmentation.checkpoint import load_segmentation
     from parotid.segmentation.inference import box_region, contour_study, dice, segment_study, tumour_roi
-    from parotid.segmentation.networks import SPECS, build_network
+    from parotid.segmentation.networks import SPECS
 
     spec = SPECS[task]
-    net = build_network(spec)
-    ck = torch.load(path, map_location="cpu", weights_only=True)
-    net.load_state_dict(ck.get("model", ck))
-    net.eval()
-    spacing = checkpoint_spacing(ck)
+    ck = load_segmentation(path, spec)
+    net, spacing = ck.net, ck.spacing
     seqs = list(spec.sequences)
     studies = [(r, s, read_label_map(r.label)) for r, s in _complete([r for r in records if r.label], seqs, limit)]
     rows = []
@@ -160,10 +157,10 @@ def markdown(results: dict, cohort: str, before: dict | None = None) -> str:
 def cmd_subsets(a) -> dict:
     import json
 
-    from parotid.classification.data import read_cohort
+    from parotid.cohort import load_classification_cohort
 
     torch.set_num_threads(a.threads)
-    records = read_cohort(a.cohort)
+    records = load_classification_cohort(a.cohort)
     cohort = os.path.basename(os.path.abspath(a.cohort))
     os.makedirs(a.out, exist_ok=True)
     command = " ".join(["parotid-eval"] + (sys.argv[1:] if a.argv is None else list(a.argv)))

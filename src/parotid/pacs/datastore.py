@@ -269,9 +269,10 @@ class ParotidDICOMwebDatastore(LocalDatastore):
         with open(os.path.join(folder, "series.json"), "w") as f:
             json.dump({"SeriesInstanceUID": series_uid}, f)
 
-    def reference_headers(self, study_uid: str) -> list[Dataset]:
-        """Headers of the study's reference (source) series, fetching the study first if needed."""
-        if not self.get_image_uri(study_uid):
+    def reference_headers(self, study_uid: str, resolved: bool = False) -> list[Dataset]:
+        """Headers of the study's reference (source) series, fetching the study first if needed
+        (`resolved`: this request's ``get_image_uri`` has fetched it already)."""
+        if not resolved and not self.get_image_uri(study_uid):
             raise StudyError(f"study {study_uid} not found on the PACS")
         folder = self._headers_dir(study_uid)
         files = sorted(f for f in os.listdir(folder) if f.endswith(".dcm")) if os.path.isdir(folder) else []
@@ -323,17 +324,19 @@ class ParotidDICOMwebDatastore(LocalDatastore):
         check_label_info(info, read_study(self._study_path(label_id)).shape if info.get("roi") is not None else None)
         super().update_label_info(label_id, label_tag, info)
 
-    def write_classification(self, image_id: str, result: Dict[str, Any], write_sr: str = "auto") -> Dict[str, Any]:
+    def write_classification(self, image_id: str, result: Dict[str, Any], write_sr: str = "auto",
+                             study_path: Optional[str] = None) -> Dict[str, Any]:
         """Store a classification result as a DICOM SR referencing the reference series, at most once per
         (study, model checkpoint, source series, box): the SR's UIDs are derived from those
         (``writeback.sr_uids``) and looked up on the PACS first. ``write_sr`` (``auto``, ``always``,
-        ``never``): see ``writeback.sr_skip_reason``. Returns ``{"series_uid", "sop_instance_uid",
-        "status": "written" | "reused" | "skipped", "reason"}``."""
+        ``never``): see ``writeback.sr_skip_reason``. `study_path`: the study file this request's
+        ``get_image_uri`` returned (the study is not looked up on the PACS again). Returns
+        ``{"series_uid", "sop_instance_uid", "status": "written" | "reused" | "skipped", "reason"}``."""
         r = writeback.normalise_result(result)
         reason = writeback.sr_skip_reason(r, write_sr)
         if reason:
             return {"series_uid": None, "sop_instance_uid": None, "status": "skipped", "reason": reason}
-        headers = self.reference_headers(image_id)
+        headers = self.reference_headers(image_id, resolved=bool(study_path))
         series_uid, sop_uid = writeback.sr_uids(image_id, r, str(headers[0].SeriesInstanceUID))
         out = {"series_uid": series_uid, "sop_instance_uid": sop_uid}
         reused = dict(out, status="reused", reason="the PACS already holds this model checkpoint's SR of this study "
@@ -341,7 +344,7 @@ class ParotidDICOMwebDatastore(LocalDatastore):
         with FileLock(os.path.join(self._cache_dir, f".{phi_safe_id(image_id)}.sr.lock")):  # one replica: one STOW
             if self._sr_stored(image_id, series_uid, sop_uid):
                 return reused
-            grid = read_study(self._study_path(image_id)).reference
+            grid = read_study(study_path or self._study_path(image_id)).reference
             sr = writeback.write_classification_sr(result, headers, reference_grid=grid)
             try:
                 writeback.store(self._client, sr)

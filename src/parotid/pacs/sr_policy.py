@@ -14,7 +14,8 @@ as a writer.
 
 ``write_back(datastore, image_id, result, write_sr)`` applies the rules and returns the ``pacs_sr``
 dictionary put in the answer: ``{"series_uid", "sop_instance_uid", "status": "written" | "reused" |
-"skipped", "reason"}``.
+"skipped", "reason"}``; ``write_back_step`` is the classification task's output step that calls it
+(apps/parotid/lib/infers/classify.py).
 """
 
 import contextvars
@@ -56,12 +57,29 @@ def skipped(reason: str) -> Dict[str, Any]:
     return {"series_uid": None, "sop_instance_uid": None, "status": "skipped", "reason": reason}
 
 
-def write_back(datastore, image_id: str, result: Dict[str, Any], write_sr: Any = None) -> Dict[str, Any]:
+def write_back(datastore, image_id: str, result: Dict[str, Any], write_sr: Any = None,
+               study_path: Optional[str] = None, may_write: Optional[bool] = None) -> Dict[str, Any]:
+    """`may_write`: ``caller_may_write()`` as read on the request's thread (default: read it here)."""
     mode = parse_write_sr(write_sr)
-    if mode != "never" and not caller_may_write():
+    if mode != "never" and not (caller_may_write() if may_write is None else may_write):
         return skipped(f"the caller's role may not write to the PACS (needs {' or '.join(writer_roles())}); "
                        "the classification is returned but not stored")
-    return datastore.write_classification(image_id, result, write_sr=mode)
+    return datastore.write_classification(image_id, result, write_sr=mode, study_path=study_path)
+
+
+def write_back_step(datastore, image_id: str, study_path: str, result: Dict[str, Any], write_sr: Any = None,
+                    may_write: Optional[bool] = None) -> None:
+    """The classification task's last step on a PACS datastore: store the result as a DICOM SR (once per
+    study and model checkpoint, only for callers that may write, by default only when determined and in
+    distribution: ``params.write_sr`` auto / always / never) and say in the result what happened
+    (``pacs_sr``; docs/pacs.md). `study_path`: the study file this request resolved `image_id` to."""
+    try:
+        pacs_sr = write_back(datastore, image_id, result, write_sr, study_path=study_path, may_write=may_write)
+    except Exception as e:  # the answer still reaches the radiologist; the write-back failure is reported
+        logger.warning(f"classification SR write-back failed: {e}")
+        reason = result["pacs_writeback_error"] = str(getattr(e, "detail", e))
+        pacs_sr = {"series_uid": None, "sop_instance_uid": None, "status": "failed", "reason": reason}
+    result.update(sr_params(pacs_sr))
 
 
 def install_infer_caller(app) -> None:
@@ -119,4 +137,4 @@ def sr_params(pacs_sr: Dict[str, Any]) -> Dict[str, Any]:
 
 
 __all__: Sequence[str] = ("caller_may_write", "install_infer_caller", "parse_write_sr", "skipped", "sr_params",
-                          "write_back", "writer_roles")
+                          "write_back", "write_back_step", "writer_roles")

@@ -21,9 +21,8 @@ import torch
 
 from parotid.cohort import load_cohort
 from parotid.labels import GLAND, TUMOR
-from parotid.model_space import checkpoint_spacing
+from parotid.segmentation.checkpoint import load_segmentation
 from parotid.segmentation.inference import dice, segment_study
-from parotid.segmentation.networks import SPECS, build_network
 from parotid.segmentation.sequence_dropout import SUBSETS, missing_in
 from parotid.study import Study, read_label_map, read_study, study_from_array
 
@@ -35,15 +34,11 @@ def without(study: Study, missing) -> Study:
 
 
 def load_checkpoint(path: str):
-    ck = torch.load(path, map_location="cpu", weights_only=False)
-    spec = SPECS[ck.get("spec", "segmentation")]
-    if spec.box_prompted:
+    ck = load_segmentation(path)
+    if ck.spec.box_prompted:
         raise ValueError(f"{path}: a box-prompted model; this evaluates whole-study segmentation")
     # what the checkpoint was trained to need (older checkpoints: none recorded; evaluated with zero channels)
-    spec = replace(spec, required=tuple(ck.get("required", ["T2"])))
-    net = build_network(spec)
-    net.load_state_dict(ck["model"])
-    return net.eval(), spec, checkpoint_spacing(ck)
+    return ck.net, replace(ck.spec, required=tuple(ck.meta.get("required", ["T2"]))), ck.spacing
 
 
 def evaluate_cohorts(cohorts: list[str], checkpoints: list[str], subsets=tuple(SUBSETS)) -> dict:

@@ -29,9 +29,10 @@ from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
 
 from lib.activelearning.strategies import ScoreRanked
-from parotid.model_space import checkpoint_spacing, to_model_space
+from parotid.model_space import to_model_space
+from parotid.segmentation.checkpoint import load_segmentation
 from parotid.segmentation.inference import segment_with_uncertainty, study_input, tumour_roi
-from parotid.segmentation.networks import SEGMENTATION, build_network
+from parotid.segmentation.networks import SEGMENTATION
 from parotid.study import StudyError, read_study
 
 logger = logging.getLogger(__name__)
@@ -68,17 +69,14 @@ class StudyUncertaintyScoring(ScoringMethod):
         self.seg_path, self.cls_path = seg_path, cls_path
 
     def _models(self):
-        seg = build_network(SEGMENTATION)
-        ck = torch.load(self.seg_path, map_location="cpu")
-        seg.load_state_dict(ck["model"])
-        seg.eval()
-        self.seg_spacing = checkpoint_spacing(ck)
+        ck = load_segmentation(self.seg_path, SEGMENTATION)
+        self.seg_spacing = ck.spacing
         cls_model = cls_cfg = None
         if os.path.exists(self.cls_path):
-            from parotid.classification.train import load_checkpoint
+            from parotid.classification.checkpoint import load_checkpoint
 
             cls_model, cls_cfg = load_checkpoint(self.cls_path)
-        return seg, cls_model, cls_cfg
+        return ck.net, cls_model, cls_cfg
 
     def __call__(self, request: Dict[str, Any], datastore: Datastore) -> Dict[str, Any]:
         images = datastore.get_unlabeled_images(DefaultLabelTag.FINAL)

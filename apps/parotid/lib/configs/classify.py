@@ -27,10 +27,9 @@ class _ClassifyConfig(TaskConfig):
     def init(self, name: str, model_dir: str, conf: Dict[str, str], planner: Any, **kwargs):
         super().init(name, model_dir, conf, planner, **kwargs)
         self.path = os.path.join(model_dir, f"{self.model_name}.pt")
-        self.seg_path = os.path.join(model_dir, "segmentation.pt")
 
     def infer(self) -> Union[InferTask, Dict[str, InferTask]]:
-        return {self.model_name: ClassifyStudy(self.model_name, self.path, self.label_set, self.seg_path)}
+        return {self.model_name: ClassifyStudy(self.model_name, self.path, self.label_set)}
 
     def trainer(self) -> Optional[TrainTask]:
         return {self.model_name: TrainClassify(self.model_name, self.path, self.label_set)}

@@ -1,8 +1,8 @@
 """Tumour classification infer task (MONAI Label type ``classification``) with a heatmap.
 
 Request: ``{"model": "classify_subtype", "image": <study id>, "params": {"roi": [i0, i1, j0, j1, k0, k1]}}``
-(half-open voxel box on the study's reference grid). Without ``roi`` the box of the segmentation
-model's tumour is used (422 if there is none).
+(half-open voxel box on the study's reference grid). Without ``roi`` the box of the served segmentation
+task's tumour is used (422 if there is none): a pipeline segmentation -> box -> classification.
 
 Response ``params`` (JSON): ``prediction`` [{idx, label, score}] (calibrated, sums to 1),
 ``predicted_class``, ``malignancy_probability``, ``undetermined`` (MC dropout), ``uncertainty``,
@@ -28,24 +28,29 @@ from typing import Any, Dict
 from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferType
 
+from lib.infers.segmentation import SegmentStudy, UsesSegmentation
 from lib.infers.study_task import StudyInferTask
 from parotid import input_check, subsets
+from parotid.classification.checkpoint import load_checkpoint, read_config
+from parotid.classification.defaults import DEFAULT_SEQS
 from parotid.classification.predict import HEATMAP_METHODS, classify
-from parotid.classification.train import DEFAULT_SEQS, load_checkpoint
 from parotid.labels import INFO_ROI, classification_label_sets, get_label_set
+from parotid.pacs.sr_policy import write_back_step
+from parotid.segmentation.inference import tumour_roi
 from parotid.study import Study, StudyError
 
 logger = logging.getLogger(__name__)
+# request keys the app sets (never taken from the client): the datastore's id of the study (``image`` is
+# its resolved file) and whether the caller may write to the PACS (read on the request's thread)
+STUDY_ID, MAY_WRITE = "study_id", "caller_may_write"
 
 
-def tumour_roi_from_segmentation(study: Study, seg_path: str) -> list[int]:
-    """Box of the tumour found by the whole-study segmentation model (checkpoint `seg_path`)."""
-    if not os.path.exists(seg_path):
+def tumour_roi_from_segmentation(study: Study, segmentation: SegmentStudy) -> list[int]:
+    """Box of the tumour found by the served whole-study segmentation task (its current checkpoint)."""
+    if segmentation.segmenter.identity() is None:
         raise StudyError("no roi given and no segmentation model is available to find the tumour; "
                          "pass params.roi = [i0, i1, j0, j1, k0, k1]")
-    from parotid.segmentation.inference import tumour_roi
-
-    label = input_check.segment_study(study, seg_path)  # cached: the input check reuses it
+    label = segmentation.segmenter.label_of(study)  # cached: the input check reuses it
     roi = tumour_roi(label)  # largest tumour component: the index tumour
     if roi is None:
         raise StudyError("no roi given and the segmentation model found no tumour in this study; "
@@ -53,15 +58,24 @@ def tumour_roi_from_segmentation(study: Study, seg_path: str) -> list[int]:
     return roi
 
 
-class ClassifyStudy(StudyInferTask):
+class ClassifyStudy(UsesSegmentation, StudyInferTask):
+    """A pipeline: the served segmentation task (automatic box, input check) -> box -> classification ->
+    PACS write-back (on a PACS datastore)."""
+
+    result_store: Any = None  # the app's datastore (ParotidApp.init_infers)
+
     classification = True
     # requests run concurrently: the network work of concurrent requests is micro-batched (and so
     # serialised) by parotid.classification.batched; study reading and checks run in parallel
     concurrent_requests = True
 
-    def __init__(self, name: str, path: str, label_set: str, seg_path: str, description: str = ""):
+    def __init__(self, name: str, path: str, label_set: str, description: str = ""):
         ls = get_label_set(label_set)
-        self.name, self.task_name, self.label_set, self.seg_path = name, name, ls, seg_path
+        self.name, self.task_name, self.label_set = name, name, ls
+        seqs = DEFAULT_SEQS
+        cfg = self._peek(path)
+        if cfg:
+            seqs = tuple(cfg["sequences"])
         super().__init__(
             path, None, InferType.CLASSIFICATION, {c: i for i, c in enumerate(ls.classes)},
             description or f"Tumour classification ({ls.name}: {', '.join(ls.classes)}) in a box; "
@@ -81,7 +95,7 @@ class ClassifyStudy(StudyInferTask):
             mtime = os.path.getmtime(path)
             hit = cls._peek_cache.get(path)
             if not hit or hit[0] != mtime:
-                hit = cls._peek_cache[path] = (mtime, load_checkpoint(path)[1])
+                hit = cls._peek_cache[path] = (mtime, read_config(path))
             return hit[1]
         except Exception:  # a half-written or foreign file: the infer task reports it on use
             return None
@@ -118,6 +132,15 @@ class ClassifyStudy(StudyInferTask):
         request["save_label"] = False  # the result image is a heatmap, never a label
         return super().__call__(request, callbacks)
 
+    def writer(self, data: Dict[str, Any], extension=None, dtype=None):
+        """Heatmap + result JSON; on a PACS datastore (``result_store``) the result is then stored as a DICOM
+        SR (parotid.pacs.sr_policy.write_back_step) and ``pacs_sr`` says what happened."""
+        path, result = super().writer(data, extension, dtype)
+        store, study_id = self.result_store, data.get(STUDY_ID)
+        if study_id and hasattr(store, "write_classification"):
+            write_back_step(store, study_id, data["image"], result, data.get("write_sr"), bool(data.get(MAY_WRITE)))
+        return path, result
+
     def _get_network(self, device, data):
         """Checkpoint (model, config), reloaded when the file's mtime changes (hot reload after /train)."""
         path = self.get_path()
@@ -148,13 +171,14 @@ class ClassifyStudy(StudyInferTask):
         roi = data.get(INFO_ROI)
         source = "request"
         if roi is None or roi == [] or roi == "":
-            roi, source = tumour_roi_from_segmentation(study, self.seg_path), "segmentation"
+            roi, source = tumour_roi_from_segmentation(study, self.segmentation), "segmentation"
         elif isinstance(roi, str):
             try:
                 roi = [int(float(v)) for v in roi.replace("[", "").replace("]", "").split(",")]
             except ValueError:
                 raise StudyError(f"roi must be a list of 6 voxel indices, got {roi!r}") from None
-        comps = input_check.box_components(study, roi, self.model_dir, self.seg_path)  # 422: bad or tiny box
+        comps = input_check.box_components(study, roi, self.model_dir,  # 422: bad or tiny box
+                                           self.segmentation.segmenter)
         result, heat = classify(model, cfg, study, roi, heatmap=not data.get("no_heatmap", False),
                                 heatmap_mode=str(data.get("heatmap", "gradcam_x_readout")), input_components=comps,
                                 batched=True)

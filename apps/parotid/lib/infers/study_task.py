@@ -3,28 +3,25 @@
 MONAI Label's stock pipeline (LoadImaged, orientation, inverse transforms, Writer) assumes one
 image = one volume. A study is a vector image on its reference grid, so this base reads it with
 `parotid.study.read_study`, hands the model a normalised (C, I, J, K) array and writes results
-with the reference grid's exact geometry. Checkpoint loading and hot reload stay BasicInferTask's.
+with the reference grid's exact geometry. Subclasses load their checkpoints (``_get_network``, hot reload
+on file change) with the model family's own reader (parotid.segmentation.checkpoint,
+parotid.classification.checkpoint).
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
-import pickle
 import tempfile
 from typing import Any, Callable, Dict, Sequence
 
 import numpy as np
 import SimpleITK as sitk
-import torch
-from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 from monailabel.utils.others.generic import file_checksum
 
 from parotid import subsets
-from parotid.model_space import checkpoint_spacing
 from parotid.registry import ModelRegistry
 from parotid.study import Study, StudyError, copy_geometry
 from parotid.study_cache import read_study_cached
@@ -121,28 +118,6 @@ class StudyInferTask(BasicInferTask):
     def post_transforms(self, data=None) -> Sequence[Callable]:
         return []
 
-    def _get_network(self, device, data):
-        # BasicInferTask silently serves the untrained network when the checkpoint file is missing
-        # (e.g. after DELETE /model/{name}); here that is a clear 409 instead.
-        if not self.get_path():
-            name = getattr(getattr(self, "spec", None), "name", None) or getattr(self, "name", type(self).__name__)
-            raise HTTPException(409, f"model {name} has no checkpoint; "
-                                     "run /train or upload one with PUT /model/{name}")
-        return super()._get_network(device, data)
-
-    def check_checkpoint(self, path: str) -> None:
-        """Raise StudyError unless `path` loads (weights only) into this task's network, strictly."""
-        try:
-            ck = torch.load(path, map_location="cpu", weights_only=True)
-            state = ck.get(self.model_state_dict, ck) if isinstance(ck, dict) else None
-            if not isinstance(state, dict):
-                raise ValueError("no state dict in the file")
-            copy.deepcopy(self.network).load_state_dict(state, strict=True)
-        except pickle.UnpicklingError:
-            raise StudyError("not a PyTorch weights file (files with pickled code are refused)") from None
-        except Exception as e:
-            raise StudyError(f"not a checkpoint for this model: {type(e).__name__}: {str(e)[:300]}") from None
-
     def run_inferer(self, data: Dict[str, Any], convert_to_batch=True, device="cpu"):
         checkpoint = self.checkpoint_identity()  # read before loading: a swap in between is reloaded next time
         version = self.served_version()
@@ -165,19 +140,6 @@ class StudyInferTask(BasicInferTask):
         if key not in self._identities:
             self._identities[key] = {"checksum": file_checksum(path), "modified_time": int(key[1])}
         return self._identities[key]
-
-    _spacings: Dict[tuple, Any] = {}
-
-    def model_spacing(self):
-        """The served checkpoint's training spacing (parotid.model_space), None if it records none."""
-        path = self.get_path()
-        if not path:
-            return None
-        key = (path, os.stat(path).st_mtime)
-        if key not in self._spacings:
-            ck = torch.load(path, map_location="cpu", weights_only=True)
-            self._spacings[key] = checkpoint_spacing(ck if isinstance(ck, dict) else None)
-        return self._spacings[key]
 
     def predict(self, network, study: Study, data: Dict[str, Any]):
         raise NotImplementedError

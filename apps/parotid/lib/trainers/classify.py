@@ -20,10 +20,11 @@ import torch
 from monailabel.interfaces.datastore import Datastore
 
 from lib.trainers.gated import GatedTrainTask
-from parotid.classification.data import Record, cropset_from_records
-from parotid.classification.train import (DEFAULT_BRANCH_DROPOUT, DEFAULT_FUSION, DEFAULT_REQUIRED, DEFAULT_SEQS,
-                                          cohort_spacing, save_checkpoint, train_task_model)
-from parotid.cohort import cohort_items, split_holdout
+from parotid.classification.data import cropset_from_records
+from parotid.classification.checkpoint import read_config, save_checkpoint
+from parotid.classification.defaults import DEFAULT_BRANCH_DROPOUT, DEFAULT_FUSION, DEFAULT_REQUIRED, DEFAULT_SEQS
+from parotid.classification.task_model import cohort_spacing, train_task_model
+from parotid.cohort import cohort_items, split_holdout, with_class_and_box
 from parotid.holdout_scores import classifier_scores
 from parotid.labels import get_label_set
 
@@ -46,7 +47,7 @@ class TrainClassify(GatedTrainTask):
                 "branch_dropout": DEFAULT_BRANCH_DROPOUT, "val_frac": 0.2, "force": False}
 
     def sidecar(self, path: str) -> dict:
-        return torch.load(path, map_location="cpu", weights_only=True)["config"]
+        return read_config(path)
 
     def describe(self, path: str) -> dict:
         cfg = self.sidecar(path)
@@ -65,7 +66,7 @@ class TrainClassify(GatedTrainTask):
         torch.set_num_threads(int(conf["threads"]))
         ls = get_label_set(self.label_set)
         seqs = list(conf["sequences"])
-        usable = [it for it in cohort_items(datastore) if it.tumor_class and it.roi and ls.accepts(str(it.tumor_class))]
+        usable = [it for it in with_class_and_box(cohort_items(datastore)) if ls.accepts(it.tumor_class)]
         train_items, holdout_items = split_holdout(usable)
         logger.info(f"training {self.name} on {len(train_items)} studies with tumor_class + roi "
                     f"({len(holdout_items)} held out for calibration and the promotion gate): {conf}")
@@ -73,18 +74,14 @@ class TrainClassify(GatedTrainTask):
             raise ValueError(f"{self.name}: need >= 10 studies with tumor_class ({ls.name}) and roi outside the held-out "
                              f"part, have {len(train_items)} (+ {len(holdout_items)} held out)")
 
-        def records(items):
-            return [Record(it.study_id, it.image, it.label, str(it.tumor_class), [int(v) for v in it.roi]) for it in items]
-
         def train(path: str) -> dict:
             t0 = time.time()
-            recs = records(train_items)
-            cs = cropset_from_records(recs, size=48, cache_dir=None, name=self.name)
+            cs = cropset_from_records(train_items, size=48, cache_dir=None, name=self.name)
             # temperature and undetermined thresholds fitted on the held-out studies (never trained on)
-            holdout = cropset_from_records(records(holdout_items), size=48, cache_dir=None, name=f"{self.name}-holdout")
+            holdout = cropset_from_records(holdout_items, size=48, cache_dir=None, name=f"{self.name}-holdout")
             model, cfg = train_task_model(cs, ls.name, seqs, conf["fusion"], int(conf["epochs1"]), int(conf["epochs2"]),
                                           int(conf["seed"]), float(conf["val_frac"]), desc=self.name,
-                                          required=list(conf["required"]), spacing=cohort_spacing(r.image for r in recs),
+                                          required=list(conf["required"]), spacing=cohort_spacing(it.image for it in train_items),
                                           branch_dropout=float(conf["branch_dropout"]), holdout=holdout)
             cfg["task"] = self.name
             cfg["trained"].update(source="datastore", n_holdout=len(holdout_items),

@@ -1,0 +1,15 @@
+"""Defaults of the served classification models: what ``python -m parotid.classification.train``, the app's
+trainer (``/train/classify_*``) and an infer task without a checkpoint assume."""
+
+from parotid.sequences import CLASSIFIER_SEQUENCES
+from parotid.subsets import MINIMUM_SEQUENCES
+
+# The sequences of Liu et al.'s best model (T2, CE-T1, DWI b1000; they fused them LATE, one branch per
+# sequence) + ADC. How they are fused is `train_task_model(fusion=...)`, recorded as the checkpoint's
+# `fusion` (models.FUSIONS).
+DEFAULT_SEQS = CLASSIFIER_SEQUENCES
+# Served variant: late fusion Spl, the winner of the CV ablation at the server's settings (docs/results.md).
+DEFAULT_FUSION = "spl"
+DEFAULT_REQUIRED = MINIMUM_SEQUENCES  # the others may be missing: their branches drop out (late) / zero channels (early)
+DEFAULT_BRANCH_DROPOUT = 0.5  # stage 2 also sees the training studies with optional branches removed
+TASK_LABEL_SETS = {"classify_subtype": "subtype4", "classify_malignancy": "benign_malignant"}
