@@ -27,10 +27,12 @@ import torch
 import torch.nn.functional as F
 
 from parotid.preprocess import CLASSIFICATION_CLIP, apply_scaling, window_scaling
+from parotid.study import grow_roi
 
 DEFAULT_SIZE = 64
 DEFAULT_SLICES = 8
-DEFAULT_MARGIN = 0.25
+DEFAULT_MARGIN = 0.25  # of the box size, in-plane
+CROP_MIN_MARGIN = 2  # voxels
 
 
 @dataclass
@@ -45,10 +47,11 @@ class Crop:
 
 
 def crop_window(roi, margin: float = DEFAULT_MARGIN) -> tuple[int, int, int, int]:
-    i0, i1, j0, j1 = (int(v) for v in roi[:4])
-    mi = max(2, int(round(margin * (i1 - i0))))
-    mj = max(2, int(round(margin * (j1 - j0))))
-    return i0 - mi, i1 + mi, j0 - mj, j1 + mj
+    """(wi0, wi1, wj0, wj1): the box grown in-plane by `margin` of its size (at least 2 voxels), NOT
+    clipped (zero padding outside the image); the classifier checkpoints were trained on this window."""
+    wi0, wi1, wj0, wj1, _, _ = grow_roi(list(roi[:4]) + [0, 1], margin=(margin, margin, 0.0),
+                                        min_margin=(CROP_MIN_MARGIN, CROP_MIN_MARGIN, 0))
+    return wi0, wi1, wj0, wj1
 
 
 def box_in_crop(roi, window, size: int) -> np.ndarray:

@@ -14,7 +14,7 @@ from parotid.labels import GLAND, TUMOR
 from parotid.model_space import ModelSpace, to_model_space
 from parotid.preprocess import normalize_channels
 from parotid.segmentation.networks import SegModelSpec
-from parotid.study import Study, check_roi, roi_from_mask
+from parotid.study import Study, check_roi, grow_roi, roi_from_mask
 
 
 def study_input(study: Study, spec: SegModelSpec) -> np.ndarray:
@@ -97,16 +97,19 @@ def segment_with_uncertainty(net: torch.nn.Module, spec: SegModelSpec, image: np
 
 
 # ---------------------------------------------------------------- box-prompted contouring
-def box_region(roi: Sequence[int], shape: Sequence[int], margin: float = 0.5, min_margin: int = 4) -> tuple[slice, ...]:
+# context around the prompt box seen by the box-prompted model (contour_box checkpoint trained on it)
+BOX_CONTEXT_MARGIN = 0.5  # of the box size, every axis
+BOX_CONTEXT_MIN_MARGIN = (4, 4, 1)  # voxels: in-plane, through-plane
+
+
+def box_region(roi: Sequence[int], shape: Sequence[int], margin: float = BOX_CONTEXT_MARGIN,
+               min_margin: int = BOX_CONTEXT_MIN_MARGIN[0]) -> tuple[slice, ...]:
     """The crop around a box: the box grown by `margin` of its size (at least `min_margin` voxels
     in-plane, 1 slice through-plane), clipped to the image."""
-    sl = check_roi(roi, shape)
-    out = []
-    for axis, (s, n) in enumerate(zip(sl, shape)):
-        size = s.stop - s.start
-        m = max(int(round(size * margin)), min_margin if axis < 2 else 1)
-        out.append(slice(max(0, s.start - m), min(n, s.stop + m)))
-    return tuple(out)
+    check_roi(roi, shape)
+    grown = grow_roi(roi, margin=(margin,) * 3, min_margin=(min_margin, min_margin, BOX_CONTEXT_MIN_MARGIN[2]),
+                     shape=shape)
+    return tuple(slice(lo, hi) for lo, hi in zip(grown[0::2], grown[1::2]))
 
 
 def box_input(image: np.ndarray, roi: Sequence[int], spec: SegModelSpec) -> tuple[torch.Tensor, tuple[slice, ...]]:
