@@ -56,7 +56,12 @@ def segment_study(net: torch.nn.Module, spec: SegModelSpec, study: Study,
 
 
 def clean_label(label: np.ndarray, min_voxels: int = 20) -> np.ndarray:
-    """Drop specks: connected components smaller than `min_voxels`, per structure."""
+    """Drop specks: connected components (6-connectivity) smaller than `min_voxels`, per structure.
+
+    Not ``monai.transforms.RemoveSmallObjects``: with the installed scikit-image 0.26, MONAI 1.4 passes
+    its size to skimage's deprecated ``min_size`` argument and the result differs from "keep components
+    of at least `min_voxels`" (measured against this function on random label maps: with a size of 1 it
+    removes single voxels); the shipped checkpoints' subset tables were measured with this rule."""
     out = np.zeros_like(label)
     for value in (GLAND, TUMOR):
         comps, n = ndimage.label(label == value)
@@ -69,7 +74,11 @@ def clean_label(label: np.ndarray, min_voxels: int = 20) -> np.ndarray:
 
 
 def tumour_roi(label: np.ndarray) -> list[int] | None:
-    """Box of the largest tumour component (bilateral / multiple tumours: the index tumour)."""
+    """Box of the largest tumour component (bilateral / multiple tumours: the index tumour).
+
+    Not ``monai.transforms.KeepLargestConnectedComponent``: on equal-size components it keeps another
+    one than this (first in raster order), so the automatic box would change (tests/test_boxes.py
+    compares against a copy of this function; the MONAI variant failed it on a tie)."""
     comps, n = ndimage.label(label == TUMOR)
     if n == 0:
         return None
