@@ -144,6 +144,9 @@ def test_checkpoint_roundtrip_and_classify(toy_model):
     assert 0 <= heat.min() and heat.max() <= 1.0
     # nothing outside the box's slices; joint (not per-slice) normalisation -> a single global max of 1
     assert heat[:, :, : roi[4]].sum() == 0 and heat[:, :, roi[5]:].sum() == 0
+    slice_max = heat[:, :, roi[4]:roi[5]].max(axis=(0, 1))
+    assert heat.max() == pytest.approx(1.0)
+    assert slice_max[slice_max > 0].min() < 0.99, slice_max  # per-slice normalisation: every slice's max is 1
     # the default map is our hybrid, named apart from plain Grad-CAM ("roi": its old name)
     assert res["heatmap"]["mode"] == "gradcam_x_readout" and "not plain Grad-CAM" in res["heatmap"]["method"]
     plain, _ = classify(model, cfg, study, roi, heatmap_mode="gradcam")

@@ -28,6 +28,7 @@ pytestmark = pytest.mark.skipif(
 )
 STANDARD_SCHEMES = {"DCM", "SCT", "LN", "UCUM", "RFC5646"}  # PS3.16 table 8-1 (no declaration needed)
 CHECKSUM = "SHA256:" + "3f" * 32
+SYNTH_DICOM_SHA256 = "e70f0fae40fe3e0b93fbd40ad49ff4834fd6468ced162697f2a46315a7e43c39"
 
 
 def dciodvfy(path: str | Path) -> tuple[list[str], list[str]]:
@@ -77,6 +78,20 @@ def test_synthetic_mr_is_conformant(synth, tmp_path):
     del ds.DeidentificationMethod
     ds.save_as(tmp_path / "bad.dcm")
     assert any("DeidentificationMethod" in e for e in dciodvfy(tmp_path / "bad.dcm")[0])
+
+
+def test_synthetic_mr_files_are_unchanged(synth):
+    """Byte for byte what parotid-synth --dicom wrote before its writer became parotid.pacs.dicomio's
+    (seed 21, study 0, all six series: SHA-256 over relative paths and file bytes, pydicom 2.4)."""
+    import hashlib
+
+    _, folders, _ = synth
+    root = Path(next(iter(folders.values()))).parent
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.dcm")):
+        h.update(str(f.relative_to(root)).encode())
+        h.update(f.read_bytes())
+    assert h.hexdigest() == SYNTH_DICOM_SHA256
 
 
 def test_handmade_mr_series_is_conformant(tmp_path):

@@ -5,6 +5,7 @@ Fast (small N, CPU). The full separability check (~160 studies) runs with PAROTI
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -260,6 +261,7 @@ def test_cli_overwrite_and_append(tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------- class structure
+@functools.lru_cache(maxsize=None)  # the fast separability test reuses test_class_appearance_small's studies
 def _feature_rows(seed, n):
     from parotid.synth.features import tumour_features
 
@@ -282,7 +284,19 @@ def test_class_appearance_small():
     assert pa["T2_mean"] > wt["T2_mean"] and pa["T2_mean"] > mal["T2_mean"]
 
 
-@pytest.mark.skipif(not os.environ.get("PAROTID_SLOW"), reason="slow (~2-4 min): set PAROTID_SLOW=1")
+def test_separability_fusion_beats_single_sequences_small():
+    """The fusion claim on the 40 studies above (no extra rendering; runs in CI). Measured with seed 21:
+    fusion macro AUC 0.880, best single sequence 0.817 (ADC). The benign-vs-malignant claims need the
+    160 studies of the slow test below (on 40 studies DWI_B0 alone scores 0.81, the fusion 0.78)."""
+    from parotid.synth.features import separability
+
+    res = separability(_feature_rows(21, 40), CLASSES, SEQUENCE_KEYS)
+    assert res["fusion"] >= max(res["single"].values()) + 0.04, res
+
+
+# kept out of the default run: rendering 160 studies takes ~7 min on one idle core (~20 min on the shared
+# 2-core CI machine); the fast variant above checks the macro claim on every run
+@pytest.mark.skipif(not os.environ.get("PAROTID_SLOW"), reason="slow (~7-20 min): set PAROTID_SLOW=1")
 def test_separability_fusion_beats_single_sequences():
     """No single sequence separates the classes; the fusion does (logistic regression, 5-fold CV)."""
     from parotid.synth.features import separability

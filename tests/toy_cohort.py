@@ -15,7 +15,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from parotid.labels import TUMOR
-from parotid.study import study_from_array, write_study
+from parotid.study import roi_from_mask, study_from_array, write_study
 
 TOY_SEQS = ("T2", "CET1", "ADC")
 # class -> tumour intensity per sequence (gland is 1.0 everywhere)
@@ -50,8 +50,7 @@ def toy_study(tumor_class: str, shape=(48, 48, 16), seed: int = 0, spacing=(1.0,
         arr[c] = vol * g
     ref = sitk.Image([int(s) for s in shape], sitk.sitkUInt8)
     ref.SetSpacing(spacing)
-    idx = np.nonzero(label == TUMOR)
-    roi = [int(v) for ax in idx for v in (ax.min(), ax.max() + 1)]
+    roi = roi_from_mask(label == TUMOR)
     return study_from_array(arr, TOY_SEQS, ref), label, roi
 
 

@@ -9,10 +9,8 @@
 from __future__ import annotations
 
 import importlib
-import inspect
 import logging
 import os
-import pkgutil
 from typing import Any, Dict
 
 import torch
@@ -25,6 +23,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.interfaces.tasks.train import TrainTask
+from monailabel.utils.others.class_utils import get_class_names
 
 import lib.configs
 import parotid
@@ -53,14 +52,16 @@ logger = logging.getLogger(__name__)
 
 
 def discover_configs() -> Dict[str, type]:
-    """Every TaskConfig subclass defined in lib/configs, by its `model_name` (or lower-case class name)."""
+    """Every TaskConfig subclass defined in lib/configs, by its `model_name` (or lower-case class name).
+    MONAI Label's own discovery (as in its radiology app); its `subclass` filter sees direct bases only,
+    and ours derive from a private base per family, hence the issubclass test here."""
     found: Dict[str, type] = {}
-    for mod in pkgutil.iter_modules(lib.configs.__path__):
-        m = importlib.import_module(f"lib.configs.{mod.name}")
-        for name, obj in inspect.getmembers(m, inspect.isclass):
-            if issubclass(obj, TaskConfig) and obj.__module__ == m.__name__ and not name.startswith("_"):
-                found[getattr(obj, "model_name", "") or name.lower()] = obj
-    return found
+    for path in get_class_names(lib.configs):
+        module, _, name = path.rpartition(".")
+        obj = getattr(importlib.import_module(module), name)
+        if issubclass(obj, TaskConfig) and not name.startswith("_"):
+            found[getattr(obj, "model_name", "") or name.lower()] = obj
+    return dict(sorted(found.items()))
 
 
 class ParotidApp(MONAILabelApp):

@@ -339,9 +339,35 @@ def check_roi(roi, shape: Seq[int]) -> tuple[slice, slice, slice]:
     return tuple(out)  # type: ignore[return-value]
 
 
-def roi_from_mask(mask: np.ndarray) -> list[int] | None:
-    """Tight half-open box around the non-zero voxels of an (I, J, K) mask, or None if empty."""
-    idx = np.nonzero(mask)
-    if len(idx[0]) == 0:
+def mask_box(mask: np.ndarray, margin: int = 0) -> tuple[list[int], list[int]] | None:
+    """(start, end) half-open box around the non-zero voxels of a mask, grown by `margin` voxels and
+    clipped to the array (``monai.transforms.utils.generate_spatial_bounding_box``), or None if empty."""
+    from monai.transforms.utils import generate_spatial_bounding_box
+
+    m = np.asarray(mask)
+    if not m.any():
         return None
-    return [int(v) for ax in idx for v in (ax.min(), ax.max() + 1)]
+    start, end = generate_spatial_bounding_box(m[None], select_fn=lambda x: x != 0, margin=margin,
+                                               allow_smaller=True)
+    return [int(v) for v in start], [int(v) for v in end]
+
+
+def roi_from_mask(mask: np.ndarray) -> list[int] | None:
+    """Tight half-open box ``[i0, i1, j0, j1, k0, k1]`` around the non-zero voxels of an (I, J, K) mask,
+    or None if empty."""
+    box = mask_box(mask)
+    return None if box is None else [v for lo, hi in zip(*box) for v in (lo, hi)]
+
+
+def grow_roi(roi: Seq[int], margin: Seq[float], min_margin: Seq[int], shape: Seq[int] | None = None) -> list[int]:
+    """A box grown on each axis by ``max(round(margin * size), min_margin)`` voxels (per-axis values),
+    clipped to `shape` if given (else it may extend beyond the image, e.g. for zero padding)."""
+    out = []
+    for axis, (lo, hi) in enumerate(zip(roi[0::2], roi[1::2])):
+        lo, hi = int(lo), int(hi)
+        m = max(int(round(margin[axis] * (hi - lo))), min_margin[axis])
+        lo, hi = lo - m, hi + m
+        if shape is not None:
+            lo, hi = max(0, lo), min(int(shape[axis]), hi)
+        out += [lo, hi]
+    return out

@@ -25,7 +25,10 @@ def write_label_map(array_kji, ijk_to_ras, path: str) -> str:
 
 
 def roi_from_label(array_kji, value: int = SEGMENTATION_LABELS["tumor"]):
-    """Tight half-open box ``[i0, i1, j0, j1, k0, k1]`` around the voxels == `value`, or None."""
+    """Tight half-open box ``[i0, i1, j0, j1, k0, k1]`` around the voxels == `value`, or None.
+
+    The server's boxes come from ``parotid.study.roi_from_mask`` (MONAI); this Slicer-free library runs in
+    Slicer's Python without MONAI or the parotid package, hence numpy on Slicer's ``[k, j, i]`` array."""
     k, j, i = np.nonzero(np.asarray(array_kji) == value)
     if len(i) == 0:
         return None

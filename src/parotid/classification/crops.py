@@ -4,7 +4,8 @@ For a study array ``(C, I, J, K)`` and a box ``roi = [i0, i1, j0, j1, k0, k1]`` 
 grid) we
 
 1. normalise every sequence per study by percentile scaling (p1 -> 0, p99 -> 1) computed inside the
-   3D crop window (box + margin in i/j, the box's k-range), so scanner gain does not matter;
+   3D crop window (box + margin in i/j, the box's k-range), so scanner gain does not matter
+   (``parotid.preprocess``: the classification rule, and why it differs from segmentation's);
 2. take ``n_slices`` axial slices sampled evenly over the box's k-range (repeats when the tumour has
    fewer slices), cut the window ``box +- margin`` (zero padding outside the image) and resample it
    to ``size x size`` (bilinear, antialiased);
@@ -26,10 +27,13 @@ import torch
 import torch.nn.functional as F
 
 from parotid.labels import GLAND, TUMOR
+from parotid.preprocess import CLASSIFICATION_CLIP, apply_scaling, window_scaling
+from parotid.study import grow_roi
 
 DEFAULT_SIZE = 64
 DEFAULT_SLICES = 8
-DEFAULT_MARGIN = 0.25
+DEFAULT_MARGIN = 0.25  # of the box size, in-plane
+CROP_MIN_MARGIN = 2  # voxels
 
 
 @dataclass
@@ -44,10 +48,11 @@ class Crop:
 
 
 def crop_window(roi, margin: float = DEFAULT_MARGIN) -> tuple[int, int, int, int]:
-    i0, i1, j0, j1 = (int(v) for v in roi[:4])
-    mi = max(2, int(round(margin * (i1 - i0))))
-    mj = max(2, int(round(margin * (j1 - j0))))
-    return i0 - mi, i1 + mi, j0 - mj, j1 + mj
+    """(wi0, wi1, wj0, wj1): the box grown in-plane by `margin` of its size (at least 2 voxels), NOT
+    clipped (zero padding outside the image); the classifier checkpoints were trained on this window."""
+    wi0, wi1, wj0, wj1, _, _ = grow_roi(list(roi[:4]) + [0, 1], margin=(margin, margin, 0.0),
+                                        min_margin=(CROP_MIN_MARGIN, CROP_MIN_MARGIN, 0))
+    return wi0, wi1, wj0, wj1
 
 
 def box_in_crop(roi, window, size: int) -> np.ndarray:
@@ -77,17 +82,6 @@ def _resize(x: np.ndarray, size: int, mode="bilinear") -> np.ndarray:
     return t.numpy()
 
 
-def normalise_stats(arr: np.ndarray, roi, window) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel p1 / p99 inside the (clipped) crop window over the box's k-range."""
-    wi0, wi1, wj0, wj1 = window
-    _, I, J, _ = arr.shape
-    k0, k1 = int(roi[4]), int(roi[5])
-    reg = arr[:, max(wi0, 0):min(wi1, I), max(wj0, 0):min(wj1, J), k0:k1].reshape(arr.shape[0], -1)
-    lo = np.percentile(reg, 1, axis=1).astype(np.float32)
-    hi = np.percentile(reg, 99, axis=1).astype(np.float32)
-    return lo, np.maximum(hi - lo, 1e-3 * np.maximum(np.abs(hi), 1.0)).astype(np.float32)
-
-
 def sample_ks(k0: int, k1: int, n: int) -> np.ndarray:
     return np.round(np.linspace(k0, k1 - 1, n)).astype(int)
 
@@ -104,12 +98,11 @@ def extract_crop(arr: np.ndarray, roi, size: int = DEFAULT_SIZE, n_slices: int =
                  gland_value: int = GLAND, tumor_value: int = TUMOR) -> Crop:
     """Cut the classifier input for one study. `arr` is (C, I, J, K); `label` an optional (I, J, K) map."""
     window = crop_window(roi, margin)
-    lo, scale = normalise_stats(arr, roi, window)
+    lo, scale = window_scaling(arr, roi, window)
     ks = sample_ks(int(roi[4]), int(roi[5]), n_slices)
 
     def cut(k):
-        c = (_cut(arr, window, k) - lo[:, None, None]) / scale[:, None, None]
-        return np.clip(c, -2.0, 4.0)
+        return apply_scaling(_cut(arr, window, k), lo, scale, CLASSIFICATION_CLIP)
 
     slices = _resize(np.stack([cut(k) for k in ks]), size)
     crop = Crop(slices=slices, box=box_in_crop(roi, window, size), ks=ks, window=window)

@@ -14,7 +14,7 @@ from parotid.labels import GLAND, TUMOR
 from parotid.model_space import ModelSpace, to_model_space
 from parotid.preprocess import normalize_channels
 from parotid.segmentation.networks import SegModelSpec
-from parotid.study import Study, check_roi, roi_from_mask
+from parotid.study import Study, check_roi, grow_roi, roi_from_mask
 
 
 def study_input(study: Study, spec: SegModelSpec) -> np.ndarray:
@@ -56,7 +56,12 @@ def segment_study(net: torch.nn.Module, spec: SegModelSpec, study: Study,
 
 
 def clean_label(label: np.ndarray, min_voxels: int = 20) -> np.ndarray:
-    """Drop specks: connected components smaller than `min_voxels`, per structure."""
+    """Drop specks: connected components (6-connectivity) smaller than `min_voxels`, per structure.
+
+    Not ``monai.transforms.RemoveSmallObjects``: with the installed scikit-image 0.26, MONAI 1.4 passes
+    its size to skimage's deprecated ``min_size`` argument and the result differs from "keep components
+    of at least `min_voxels`" (measured against this function on random label maps: with a size of 1 it
+    removes single voxels); the shipped checkpoints' subset tables were measured with this rule."""
     out = np.zeros_like(label)
     for value in (GLAND, TUMOR):
         comps, n = ndimage.label(label == value)
@@ -69,7 +74,11 @@ def clean_label(label: np.ndarray, min_voxels: int = 20) -> np.ndarray:
 
 
 def tumour_roi(label: np.ndarray) -> list[int] | None:
-    """Box of the largest tumour component (bilateral / multiple tumours: the index tumour)."""
+    """Box of the largest tumour component (bilateral / multiple tumours: the index tumour).
+
+    Not ``monai.transforms.KeepLargestConnectedComponent``: on equal-size components it keeps another
+    one than this (first in raster order), so the automatic box would change (tests/test_boxes.py
+    compares against a copy of this function; the MONAI variant failed it on a tie)."""
     comps, n = ndimage.label(label == TUMOR)
     if n == 0:
         return None
@@ -97,16 +106,19 @@ def segment_with_uncertainty(net: torch.nn.Module, spec: SegModelSpec, image: np
 
 
 # ---------------------------------------------------------------- box-prompted contouring
-def box_region(roi: Sequence[int], shape: Sequence[int], margin: float = 0.5, min_margin: int = 4) -> tuple[slice, ...]:
+# context around the prompt box seen by the box-prompted model (contour_box checkpoint trained on it)
+BOX_CONTEXT_MARGIN = 0.5  # of the box size, every axis
+BOX_CONTEXT_MIN_MARGIN = (4, 4, 1)  # voxels: in-plane, through-plane
+
+
+def box_region(roi: Sequence[int], shape: Sequence[int], margin: float = BOX_CONTEXT_MARGIN,
+               min_margin: int = BOX_CONTEXT_MIN_MARGIN[0]) -> tuple[slice, ...]:
     """The crop around a box: the box grown by `margin` of its size (at least `min_margin` voxels
     in-plane, 1 slice through-plane), clipped to the image."""
-    sl = check_roi(roi, shape)
-    out = []
-    for axis, (s, n) in enumerate(zip(sl, shape)):
-        size = s.stop - s.start
-        m = max(int(round(size * margin)), min_margin if axis < 2 else 1)
-        out.append(slice(max(0, s.start - m), min(n, s.stop + m)))
-    return tuple(out)
+    check_roi(roi, shape)
+    grown = grow_roi(roi, margin=(margin,) * 3, min_margin=(min_margin, min_margin, BOX_CONTEXT_MIN_MARGIN[2]),
+                     shape=shape)
+    return tuple(slice(lo, hi) for lo, hi in zip(grown[0::2], grown[1::2]))
 
 
 def box_input(image: np.ndarray, roi: Sequence[int], spec: SegModelSpec) -> tuple[torch.Tensor, tuple[slice, ...]]:

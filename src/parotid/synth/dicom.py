@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import SimpleITK as sitk
-from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import generate_uid
 
+from parotid.pacs.dicomio import ds_value, mr_series_datasets, rounded_pixels, save_series
 from parotid.synth.phantom import SERIES_DESCRIPTION, Rendered
 
-MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 SERIES_NUMBER = {"T1": 1, "T2": 2, "CET1": 5, "DWI_B0": 3, "DWI_B1000": 4, "ADC": 6}
 B_VALUE = {"DWI_B0": 0, "DWI_B1000": 1000}
 # Nominal acquisition parameters of a 3 T head-and-neck protocol (ms; echo train length), stated so the
@@ -32,92 +30,32 @@ def _uid(*parts) -> str:
     return generate_uid(entropy_srcs=["parotid-synth", *[str(p) for p in parts]])
 
 
-def _ds(v: float) -> str:
-    """DICOM DS (decimal string, <= 16 characters)."""
-    s = f"{v:.6f}".rstrip("0").rstrip(".")
-    if s in ("-0", ""):
-        s = "0"
-    return s[:16]
-
-
 def write_series(img: sitk.Image, folder: str, key: str, study: dict) -> list[str]:
-    """Write one scalar image as an MR series, one slice (along the image's K axis) per file."""
-    os.makedirs(folder, exist_ok=True)
-    arr = np.clip(np.rint(sitk.GetArrayFromImage(img)), -32768, 32767).astype(np.int16)  # (K, J, I)
-    D = np.array(img.GetDirection()).reshape(3, 3)
-    sp = img.GetSpacing()
-    org = np.array(img.GetOrigin())
-    series_uid = _uid(study["seed"], study["id"], key, "series")
-    iop = [_ds(v) for v in (*D[:, 0], *D[:, 1])]
-    paths = []
-    for k in range(arr.shape[0]):
-        pos = org + D[:, 2] * sp[2] * k
-        sop = _uid(study["seed"], study["id"], key, "sop", k)
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = MR_IMAGE_STORAGE
-        meta.MediaStorageSOPInstanceUID = sop
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        meta.ImplementationClassUID = _uid("implementation")
-        path = os.path.join(folder, f"IM{k + 1:04d}.dcm")
-        ds = FileDataset(path, Dataset(), file_meta=meta, preamble=b"\0" * 128)
-        ds.is_little_endian, ds.is_implicit_VR = True, False
-        ds.SpecificCharacterSet = "ISO_IR 100"
+    """Write one scalar image as an MR series, one slice (along the image's K axis) per file
+    (``parotid.pacs.dicomio``, the one MR writer, with this cohort's attributes)."""
+    tr, te, etl = TIMING[key]
+    attributes = {
         # value 3: MR defined terms (PS3.3 C.8.3.1.1.1)
-        ds.ImageType = ["DERIVED", "PRIMARY", "DIFFUSION MAP"] if key == "ADC" else ["ORIGINAL", "PRIMARY", "OTHER"]
-        ds.SOPClassUID = MR_IMAGE_STORAGE
-        ds.SOPInstanceUID = sop
-        ds.StudyDate = ds.SeriesDate = ds.ContentDate = study["date"]
-        ds.StudyTime = ds.SeriesTime = ds.ContentTime = "090000"
-        ds.AccessionNumber = ""
-        ds.Modality = "MR"
-        ds.Manufacturer = "parotid-synth (SYNTHETIC PHANTOM)"
-        ds.InstitutionName = "SYNTHETIC"
-        ds.ReferringPhysicianName = ""
-        ds.StudyDescription = "SYNTHETIC parotid MRI phantom"
-        ds.SeriesDescription = SERIES_DESCRIPTION[key]
-        ds.PatientName = f"SYNTHETIC^{study['id']}"
-        ds.PatientID = study["id"]
-        ds.PatientBirthDate = ""
-        ds.PatientSex = study["sex"]
-        ds.PatientAge = f"{int(study['age']):03d}Y"
-        ds.PatientIdentityRemoved = "YES"
-        ds.DeidentificationMethod = DEIDENTIFICATION_METHOD  # Type 1C with PatientIdentityRemoved YES
-        ds.BodyPartExamined = "HEADNECK"
-        ds.ScanningSequence = "EP" if key.startswith("DWI") or key == "ADC" else ("GR" if key == "CET1" else "SE")
-        ds.SequenceVariant = "NONE"
-        ds.ScanOptions = ""
-        ds.MRAcquisitionType = "3D" if key == "CET1" else "2D"
-        ds.MagneticFieldStrength = "3"
-        tr, te, etl = TIMING[key]
-        ds.RepetitionTime, ds.EchoTime, ds.EchoTrainLength = _ds(tr), _ds(te), etl
-        ds.PatientPosition = "HFS"  # Type 2C (required for MR): head first supine
-        ds.SliceThickness = _ds(sp[2])
-        ds.SpacingBetweenSlices = _ds(sp[2])
-        if key in B_VALUE:
-            ds.DiffusionBValue = B_VALUE[key]
-        ds.StudyInstanceUID = study["study_uid"]
-        ds.SeriesInstanceUID = series_uid
-        ds.StudyID = "1"
-        ds.SeriesNumber = SERIES_NUMBER[key]
-        ds.InstanceNumber = k + 1
-        ds.ImagePositionPatient = [_ds(v) for v in pos]
-        ds.ImageOrientationPatient = iop
-        ds.FrameOfReferenceUID = study["for_uid"]
-        ds.PositionReferenceIndicator = ""
-        ds.SliceLocation = _ds(float(np.dot(pos, D[:, 2])))
-        ds.ImageComments = "SYNTHETIC PHANTOM - NOT PATIENT DATA"
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.Rows, ds.Columns = int(arr.shape[1]), int(arr.shape[2])
-        ds.PixelSpacing = [_ds(sp[1]), _ds(sp[0])]  # row spacing (between rows = J), column spacing (I)
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.RescaleIntercept, ds.RescaleSlope = "0", "1"
-        ds.RescaleType = "1E-6 MM2/S" if key == "ADC" else "US"
-        ds.BurnedInAnnotation = "NO"
-        ds.PixelData = np.ascontiguousarray(arr[k]).tobytes()
-        ds.save_as(path, write_like_original=False)
-        paths.append(path)
-    return paths
+        "ImageType": ["DERIVED", "PRIMARY", "DIFFUSION MAP"] if key == "ADC" else ["ORIGINAL", "PRIMARY", "OTHER"],
+        "StudyDate": study["date"], "SeriesDate": study["date"], "ContentDate": study["date"],
+        "StudyTime": "090000", "SeriesTime": "090000", "ContentTime": "090000",
+        "Manufacturer": "parotid-synth (SYNTHETIC PHANTOM)", "InstitutionName": "SYNTHETIC",
+        "StudyDescription": "SYNTHETIC parotid MRI phantom", "SeriesDescription": SERIES_DESCRIPTION[key],
+        "PatientName": f"SYNTHETIC^{study['id']}", "PatientID": study["id"], "PatientSex": study["sex"],
+        "PatientAge": f"{int(study['age']):03d}Y", "PatientIdentityRemoved": "YES",
+        "DeidentificationMethod": DEIDENTIFICATION_METHOD,  # Type 1C with PatientIdentityRemoved YES
+        "ScanningSequence": "EP" if key.startswith("DWI") or key == "ADC" else ("GR" if key == "CET1" else "SE"),
+        "MRAcquisitionType": "3D" if key == "CET1" else "2D", "MagneticFieldStrength": "3",
+        "RepetitionTime": ds_value(tr), "EchoTime": ds_value(te), "EchoTrainLength": etl,
+        "StudyInstanceUID": study["study_uid"], "SeriesInstanceUID": _uid(study["seed"], study["id"], key, "series"),
+        "SeriesNumber": SERIES_NUMBER[key], "FrameOfReferenceUID": study["for_uid"],
+        "ImageComments": "SYNTHETIC PHANTOM - NOT PATIENT DATA",
+        "RescaleType": "1E-6 MM2/S" if key == "ADC" else "US", "BurnedInAnnotation": "NO",
+        **({"DiffusionBValue": B_VALUE[key]} if key in B_VALUE else {}),
+    }
+    datasets = mr_series_datasets(img, attributes, lambda k: _uid(study["seed"], study["id"], key, "sop", k),
+                                  pixels=rounded_pixels)
+    return save_series(datasets, folder, prefix="IM")
 
 
 def write_dicom_study(r: Rendered, folder: str) -> dict[str, str]:

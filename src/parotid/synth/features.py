@@ -12,6 +12,7 @@ import numpy as np
 from scipy import ndimage
 
 from parotid.labels import GLAND, TUMOR
+from parotid.study import mask_box
 
 FEATURES = ("mean", "cv", "margin")
 
@@ -35,7 +36,8 @@ def tumour_features(array: np.ndarray, label: np.ndarray, sequences, spacing=(1.
     """
     tumour = label == TUMOR
     gland = label == GLAND
-    bb = tuple(slice(max(int(a.min()) - 7, 0), int(a.max()) + 8) for a in np.nonzero(tumour))
+    start, end = mask_box(tumour, margin=7)
+    bb = tuple(slice(lo, hi) for lo, hi in zip(start, end))
     t = tumour[bb]
     sp = [float(v) for v in spacing]
     d = _signed_distance(t, sp)

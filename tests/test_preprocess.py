@@ -1,0 +1,102 @@
+"""One normalisation module, two rules, numerics unchanged: `parotid.preprocess` gives bit-identical inputs
+to the rules the shipped checkpoints were trained on (copied below verbatim from before the merge into
+one module), on the shipped sample studies and on edge cases (box at the border, constant channel,
+almost no foreground)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from parotid.classification import crops
+from parotid.preprocess import normalize_channels
+from parotid.study import read_study
+
+SAMPLE = Path(__file__).resolve().parents[1] / "sample-data" / "studies"
+
+
+# ---- reference: the two rules as they were (segmentation: preprocess.py, classification: crops.py)
+def old_normalize_channels(array, sequences):
+    out = np.empty(array.shape, dtype=np.float32)
+    for c, seq in enumerate(sequences):
+        x = array[c].astype(np.float32, copy=False)
+        if seq in {"ADC": 3000.0}:
+            out[c] = x / 3000.0
+            continue
+        fg = x[x > 0]
+        lo, hi = np.percentile(fg if fg.size > 100 else x, (1.0, 99.0))
+        out[c] = (x - lo) / max(float(hi - lo), 1e-6)
+    return np.clip(out, -1.0, 3.0, out=out)
+
+
+def old_normalise_stats(arr, roi, window):
+    wi0, wi1, wj0, wj1 = window
+    _, I, J, _ = arr.shape
+    k0, k1 = int(roi[4]), int(roi[5])
+    reg = arr[:, max(wi0, 0):min(wi1, I), max(wj0, 0):min(wj1, J), k0:k1].reshape(arr.shape[0], -1)
+    lo = np.percentile(reg, 1, axis=1).astype(np.float32)
+    hi = np.percentile(reg, 99, axis=1).astype(np.float32)
+    return lo, np.maximum(hi - lo, 1e-3 * np.maximum(np.abs(hi), 1.0)).astype(np.float32)
+
+
+def old_cut(vol, window, k):
+    wi0, wi1, wj0, wj1 = window
+    C, I, J, _ = vol.shape
+    out = np.zeros((C, wi1 - wi0, wj1 - wj0), np.float32)
+    a0, a1, b0, b1 = max(wi0, 0), min(wi1, I), max(wj0, 0), min(wj1, J)
+    if a1 > a0 and b1 > b0:
+        out[:, a0 - wi0:a1 - wi0, b0 - wj0:b1 - wj0] = vol[:, a0:a1, b0:b1, k]
+    return out
+
+
+def old_crop_window(roi, margin=0.25):
+    i0, i1, j0, j1 = (int(v) for v in roi[:4])
+    mi = max(2, int(round(margin * (i1 - i0))))
+    mj = max(2, int(round(margin * (j1 - j0))))
+    return i0 - mi, i1 + mi, j0 - mj, j1 + mj
+
+
+def old_crop_slices(arr, roi, size=64, n_slices=8):
+    window = old_crop_window(roi)
+    lo, scale = old_normalise_stats(arr, roi, window)
+    ks = np.round(np.linspace(int(roi[4]), int(roi[5]) - 1, n_slices)).astype(int)
+    cut = [np.clip((old_cut(arr, window, k) - lo[:, None, None]) / scale[:, None, None], -2.0, 4.0) for k in ks]
+    t = torch.from_numpy(np.ascontiguousarray(np.stack(cut), dtype=np.float32))
+    return F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True).numpy()
+
+
+def sample_studies(n=4):
+    with open(SAMPLE / "datastore_v2.json") as f:
+        objects = json.load(f)["objects"]
+    for sid in sorted(objects)[:n]:
+        yield read_study(str(SAMPLE / f"{sid}.nii.gz")), objects[sid]["labels"]["final"]["info"]["roi"]
+
+
+def edge_cases():
+    rng = np.random.default_rng(7)
+    arr = rng.gamma(2.0, 300.0, (3, 40, 36, 12)).astype(np.float32)
+    arr[1] = 250.0 + rng.uniform(0.0, 0.05, arr.shape[1:])  # almost constant: the range floors decide
+    arr[2] = 0.0
+    arr[2, 5:8, 5:8, 2:4] = 90.0  # 18 foreground voxels: percentiles of the whole channel
+    yield arr, ["T2", "T1", "CET1"], [0, 9, 30, 36, 0, 3]  # box touching the image border: window outside
+    yield arr[:2] * 1e-4, ["T2", "ADC"], [10, 20, 10, 20, 4, 9]
+    yield np.stack([arr[0], arr[1] * 1e-6 + 1e-3]), ["T1", "T2"], [10, 20, 10, 20, 4, 9]  # range < 1e-6
+
+
+def same_bits(a, b):
+    return a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a.view(np.uint32), b.view(np.uint32))
+
+
+@pytest.mark.parametrize("case", ["sample", "edge"])
+def test_normalisation_is_bit_identical_to_the_rules_the_checkpoints_were_trained_on(case):
+    cases = ([(s.array(), list(s.sequences), roi) for s, roi in sample_studies()] if case == "sample"
+             else list(edge_cases()))
+    for arr, seqs, roi in cases:
+        assert same_bits(normalize_channels(arr, seqs), old_normalize_channels(arr, seqs))
+        new = crops.extract_crop(arr, roi).slices
+        assert same_bits(new, old_crop_slices(arr, roi))
