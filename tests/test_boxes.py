@@ -95,3 +95,24 @@ def test_index_tumour_box_equals_the_hand_written_one():
             label[lo[0]:lo[0] + size[0], lo[1]:lo[1] + size[1], lo[2]:lo[2] + size[2]] = rng.integers(1, 3)
         assert tumour_roi(label) == old_tumour_roi(label)
     assert tumour_roi(np.zeros((4, 4, 4), np.uint8)) is None
+
+
+def test_box_prompt_input_crop_equals_slicing():
+    """box_input crops image + box mask with MONAI SpatialCrop: the same tensor as plain slicing."""
+    import torch
+    import torch.nn.functional as F
+
+    from parotid.segmentation.inference import box_input
+    from parotid.segmentation.networks import SPECS
+    from parotid.study import check_roi
+
+    spec = SPECS["contour_box"]
+    img = np.random.default_rng(0).random((2, 40, 36, 14)).astype(np.float32)
+    for roi in ([5, 15, 6, 20, 2, 6], [0, 40, 0, 36, 0, 14], [30, 40, 30, 36, 10, 14]):
+        x, region = box_input(img, roi, spec)
+        mask = np.zeros(img.shape[1:], np.float32)
+        mask[check_roi(roi, img.shape[1:])] = 1.0
+        crop = np.concatenate([img[(slice(None),) + region], mask[region][None]], 0)
+        assert region == old_box_region(roi, img.shape[1:])
+        assert torch.equal(x, F.interpolate(torch.from_numpy(crop)[None], size=spec.patch, mode="trilinear",
+                                            align_corners=False))

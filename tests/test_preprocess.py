@@ -70,6 +70,49 @@ def old_crop_slices(arr, roi, size=64, n_slices=8):
     return F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True).numpy()
 
 
+def _resize(x, size, mode):
+    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    return F.interpolate(t, size=(size, size), mode="nearest").numpy() if mode == "nearest" else \
+        F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True).numpy()
+
+
+def old_label_crops(arr, label, roi, n_free=3, size=64, n_slices=8):
+    """gland, free, free_gland as extract_crop cut them before (window by slicing + zero padding)."""
+    window = old_crop_window(roi)
+    lo, scale = old_normalise_stats(arr, roi, window)
+    ks = np.round(np.linspace(int(roi[4]), int(roi[5]) - 1, n_slices)).astype(int)
+    lab = label[None].astype(np.float32)
+    gland = _resize(np.stack([(old_cut(lab, window, k) == 1).astype(np.float32) for k in ks]), size, "nearest")
+    k0, k1 = int(roi[4]), int(roi[5])
+    cand = []
+    for d in range(1, label.shape[2]):
+        for k in (k0 - d, k1 - 1 + d):
+            if 0 <= k < label.shape[2]:
+                win = old_cut(lab, window, k)[0]
+                if (win == 2).sum() == 0 and (win == 1).sum() > 0:
+                    cand.append(k)
+        if len(cand) >= n_free:
+            break
+    cand = cand[:n_free]
+    free = _resize(np.stack([np.clip((old_cut(arr, window, k) - lo[:, None, None]) / scale[:, None, None], -2.0, 4.0)
+                             for k in cand]), size, "bilinear")
+    free_gland = _resize(np.stack([(old_cut(lab, window, k) == 1).astype(np.float32) for k in cand]), size, "nearest")
+    return gland, free, free_gland
+
+
+def test_label_crops_are_bit_identical():
+    """The gland channel and the tumour-free slices (early-fusion training) from the windowed volume
+    (MONAI SpatialCrop + BorderPad) equal the per-slice slicing they replaced."""
+    from parotid.study import read_label_map
+
+    for (study, roi), sid in zip(sample_studies(3), ("syn7_0000", "syn7_0001", "syn7_0002")):
+        label = read_label_map(str(SAMPLE / "labels" / "final" / f"{sid}.nii.gz"))
+        for box in (roi, [0, roi[1], roi[2], study.shape[1], roi[4], roi[5]]):  # and a window outside the image
+            c = crops.extract_crop(study.array(), box, label=label, n_free=3)
+            for new, old in zip((c.gland, c.free, c.free_gland), old_label_crops(study.array(), label, box)):
+                assert same_bits(new, old)
+
+
 def sample_studies(n=4):
     with open(SAMPLE / "datastore_v2.json") as f:
         objects = json.load(f)["objects"]
