@@ -12,31 +12,7 @@ from parotid.classification.crops import crop_window
 from parotid.segmentation.inference import box_region
 from parotid.study import mask_box, roi_from_mask
 
-
-def old_roi_from_mask(mask):
-    idx = np.nonzero(mask)
-    if len(idx[0]) == 0:
-        return None
-    return [int(v) for ax in idx for v in (ax.min(), ax.max() + 1)]
-
-
-def old_crop_window(roi, margin=0.25):
-    i0, i1, j0, j1 = (int(v) for v in roi[:4])
-    mi = max(2, int(round(margin * (i1 - i0))))
-    mj = max(2, int(round(margin * (j1 - j0))))
-    return i0 - mi, i1 + mi, j0 - mj, j1 + mj
-
-
-def old_box_region(roi, shape, margin=0.5, min_margin=4):
-    out = []
-    for axis, (lo, hi, n) in enumerate(zip(roi[0::2], roi[1::2], shape)):
-        m = max(int(round((hi - lo) * margin)), min_margin if axis < 2 else 1)
-        out.append(slice(max(0, lo - m), min(n, hi + m)))
-    return tuple(out)
-
-
-def old_feature_box(mask):  # synth/features.py: tumour box + 7 voxels
-    return tuple(slice(max(int(a.min()) - 7, 0), int(a.max()) + 8) for a in np.nonzero(mask))
+from before_refactor import old_box_region, old_crop_window, old_feature_box, old_roi_from_mask, old_tumour_roi
 
 
 def random_masks(n=60, shape=(30, 26, 12)):
@@ -68,16 +44,6 @@ def test_boxes_equal_the_hand_written_ones():
         assert box_region(roi, shape, 0.3, 2) == old_box_region(roi, shape, 0.3, 2)
     assert n > 40
     assert roi_from_mask(np.zeros(shape)) is None and mask_box(np.zeros(shape)) is None
-
-
-def old_tumour_roi(label):
-    from scipy import ndimage
-
-    comps, n = ndimage.label(label == 2)
-    if n == 0:
-        return None
-    sizes = ndimage.sum_labels(np.ones_like(comps), comps, index=np.arange(1, n + 1))
-    return old_roi_from_mask(comps == 1 + int(np.argmax(sizes)))
 
 
 def test_index_tumour_box_equals_the_hand_written_one():

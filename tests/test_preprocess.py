@@ -1,6 +1,6 @@
 """One normalisation module, two rules, numerics unchanged: `parotid.preprocess` gives bit-identical inputs
-to the rules the shipped checkpoints were trained on (copied below verbatim from before the merge into
-one module), on the shipped sample studies and on edge cases (box at the border, constant channel,
+to the rules the shipped checkpoints were trained on (tests/before_refactor.py: the code before the
+merge into one module), on the shipped sample studies and on edge cases (box at the border, constant channel,
 almost no foreground)."""
 
 from __future__ import annotations
@@ -17,48 +17,9 @@ from parotid.classification import crops
 from parotid.preprocess import normalize_channels
 from parotid.study import read_study
 
+from before_refactor import old_crop_window, old_cut, old_normalise_stats, old_normalize_channels
+
 SAMPLE = Path(__file__).resolve().parents[1] / "sample-data" / "studies"
-
-
-# ---- reference: the two rules as they were (segmentation: preprocess.py, classification: crops.py)
-def old_normalize_channels(array, sequences):
-    out = np.empty(array.shape, dtype=np.float32)
-    for c, seq in enumerate(sequences):
-        x = array[c].astype(np.float32, copy=False)
-        if seq in {"ADC": 3000.0}:
-            out[c] = x / 3000.0
-            continue
-        fg = x[x > 0]
-        lo, hi = np.percentile(fg if fg.size > 100 else x, (1.0, 99.0))
-        out[c] = (x - lo) / max(float(hi - lo), 1e-6)
-    return np.clip(out, -1.0, 3.0, out=out)
-
-
-def old_normalise_stats(arr, roi, window):
-    wi0, wi1, wj0, wj1 = window
-    _, I, J, _ = arr.shape
-    k0, k1 = int(roi[4]), int(roi[5])
-    reg = arr[:, max(wi0, 0):min(wi1, I), max(wj0, 0):min(wj1, J), k0:k1].reshape(arr.shape[0], -1)
-    lo = np.percentile(reg, 1, axis=1).astype(np.float32)
-    hi = np.percentile(reg, 99, axis=1).astype(np.float32)
-    return lo, np.maximum(hi - lo, 1e-3 * np.maximum(np.abs(hi), 1.0)).astype(np.float32)
-
-
-def old_cut(vol, window, k):
-    wi0, wi1, wj0, wj1 = window
-    C, I, J, _ = vol.shape
-    out = np.zeros((C, wi1 - wi0, wj1 - wj0), np.float32)
-    a0, a1, b0, b1 = max(wi0, 0), min(wi1, I), max(wj0, 0), min(wj1, J)
-    if a1 > a0 and b1 > b0:
-        out[:, a0 - wi0:a1 - wi0, b0 - wj0:b1 - wj0] = vol[:, a0:a1, b0:b1, k]
-    return out
-
-
-def old_crop_window(roi, margin=0.25):
-    i0, i1, j0, j1 = (int(v) for v in roi[:4])
-    mi = max(2, int(round(margin * (i1 - i0))))
-    mj = max(2, int(round(margin * (j1 - j0))))
-    return i0 - mi, i1 + mi, j0 - mj, j1 + mj
 
 
 def old_crop_slices(arr, roi, size=64, n_slices=8):
