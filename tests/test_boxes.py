@@ -64,9 +64,12 @@ def test_index_tumour_box_equals_the_hand_written_one():
 
 
 def test_box_prompt_input_crop_equals_slicing():
-    """box_input crops image + box mask with MONAI SpatialCrop: the same tensor as plain slicing."""
+    """box_input's crop (plain slicing) equals MONAI SpatialCrop's, and the region is the old one."""
     import torch
     import torch.nn.functional as F
+
+    from monai.transforms import SpatialCrop
+    from monai.utils import convert_to_numpy
 
     from parotid.segmentation.inference import box_input
     from parotid.segmentation.networks import SPECS
@@ -78,7 +81,7 @@ def test_box_prompt_input_crop_equals_slicing():
         x, region = box_input(img, roi, spec)
         mask = np.zeros(img.shape[1:], np.float32)
         mask[check_roi(roi, img.shape[1:])] = 1.0
-        crop = np.concatenate([img[(slice(None),) + region], mask[region][None]], 0)
+        crop = convert_to_numpy(SpatialCrop(roi_slices=region)(np.concatenate([img, mask[None]], 0)))
         assert region == old_box_region(roi, img.shape[1:])
         assert torch.equal(x, F.interpolate(torch.from_numpy(crop)[None], size=spec.patch, mode="trilinear",
                                             align_corners=False))

@@ -63,13 +63,22 @@ def old_label_crops(arr, label, roi, n_free=3, size=64, n_slices=8):
 
 def test_label_crops_are_bit_identical():
     """The gland channel and the tumour-free slices (early-fusion training) from the windowed volume
-    (MONAI SpatialCrop + BorderPad) equal the per-slice slicing they replaced."""
+    (np.pad, once per study) equal the per-slice slicing they replaced, and MONAI's SpatialCrop +
+    BorderPad give the same window."""
+    from monai.transforms import BorderPad, SpatialCrop
+    from monai.utils import convert_to_numpy
+
     from parotid.study import read_label_map
 
     for (study, roi), sid in zip(sample_studies(3), ("syn7_0000", "syn7_0001", "syn7_0002")):
         label = read_label_map(str(SAMPLE / "labels" / "final" / f"{sid}.nii.gz"))
         for box in (roi, [0, roi[1], roi[2], study.shape[1], roi[4], roi[5]]):  # and a window outside the image
             c = crops.extract_crop(study.array(), box, label=label, n_free=3)
+            w = crops.crop_window(box)
+            a0, a1, b0, b1 = max(w[0], 0), min(w[1], study.shape[0]), max(w[2], 0), min(w[3], study.shape[1])
+            monai_win = BorderPad(spatial_border=[a0 - w[0], w[1] - a1, b0 - w[2], w[3] - b1, 0, 0])(
+                SpatialCrop(roi_start=(a0, b0, 0), roi_end=(a1, b1, study.shape[2]))(study.array()))
+            assert np.array_equal(convert_to_numpy(monai_win), crops.window_volume(study.array(), w))
             for new, old in zip((c.gland, c.free, c.free_gland), old_label_crops(study.array(), label, box)):
                 assert same_bits(new, old)
 

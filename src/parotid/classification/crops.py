@@ -63,18 +63,16 @@ def box_in_crop(roi, window, size: int) -> np.ndarray:
 
 def window_volume(vol: np.ndarray, window) -> np.ndarray:
     """vol (C, I, J, K) -> (C, wi, wj, K) float32: the in-plane window over all slices, zero-padded
-    outside the image (``monai.transforms.SpatialCrop`` to the part inside, ``BorderPad`` for the rest)."""
-    from monai.transforms import BorderPad, SpatialCrop
-    from monai.utils import convert_to_numpy
-
+    outside the image. numpy slicing + ``np.pad``, not MONAI ``SpatialCrop`` + ``BorderPad``: those give
+    the same array but cost ~45 ms per call here (MetaTensor bookkeeping; measured on a sample study,
+    2-core machine under load) against < 1 ms, on every classification and every training crop."""
     wi0, wi1, wj0, wj1 = window
     C, I, J, K = vol.shape
     a0, a1, b0, b1 = max(wi0, 0), min(wi1, I), max(wj0, 0), min(wj1, J)
     if a1 <= a0 or b1 <= b0:
         return np.zeros((C, wi1 - wi0, wj1 - wj0, K), np.float32)
-    inside = SpatialCrop(roi_start=(a0, b0, 0), roi_end=(a1, b1, K))(vol)
-    padded = BorderPad(spatial_border=[a0 - wi0, wi1 - a1, b0 - wj0, wj1 - b1, 0, 0])(inside)
-    return convert_to_numpy(padded, dtype=np.float32)
+    inside = vol[:, a0:a1, b0:b1, :].astype(np.float32, copy=False)
+    return np.pad(inside, [(0, 0), (a0 - wi0, wi1 - a1), (b0 - wj0, wj1 - b1), (0, 0)])
 
 
 def _resize(x: np.ndarray, size: int, mode="bilinear") -> np.ndarray:
