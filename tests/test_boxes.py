@@ -12,31 +12,7 @@ from parotid.classification.crops import crop_window
 from parotid.segmentation.inference import box_region
 from parotid.study import mask_box, roi_from_mask
 
-
-def old_roi_from_mask(mask):
-    idx = np.nonzero(mask)
-    if len(idx[0]) == 0:
-        return None
-    return [int(v) for ax in idx for v in (ax.min(), ax.max() + 1)]
-
-
-def old_crop_window(roi, margin=0.25):
-    i0, i1, j0, j1 = (int(v) for v in roi[:4])
-    mi = max(2, int(round(margin * (i1 - i0))))
-    mj = max(2, int(round(margin * (j1 - j0))))
-    return i0 - mi, i1 + mi, j0 - mj, j1 + mj
-
-
-def old_box_region(roi, shape, margin=0.5, min_margin=4):
-    out = []
-    for axis, (lo, hi, n) in enumerate(zip(roi[0::2], roi[1::2], shape)):
-        m = max(int(round((hi - lo) * margin)), min_margin if axis < 2 else 1)
-        out.append(slice(max(0, lo - m), min(n, hi + m)))
-    return tuple(out)
-
-
-def old_feature_box(mask):  # synth/features.py: tumour box + 7 voxels
-    return tuple(slice(max(int(a.min()) - 7, 0), int(a.max()) + 8) for a in np.nonzero(mask))
+from before_refactor import old_box_region, old_crop_window, old_feature_box, old_roi_from_mask, old_tumour_roi
 
 
 def random_masks(n=60, shape=(30, 26, 12)):
@@ -70,16 +46,6 @@ def test_boxes_equal_the_hand_written_ones():
     assert roi_from_mask(np.zeros(shape)) is None and mask_box(np.zeros(shape)) is None
 
 
-def old_tumour_roi(label):
-    from scipy import ndimage
-
-    comps, n = ndimage.label(label == 2)
-    if n == 0:
-        return None
-    sizes = ndimage.sum_labels(np.ones_like(comps), comps, index=np.arange(1, n + 1))
-    return old_roi_from_mask(comps == 1 + int(np.argmax(sizes)))
-
-
 def test_index_tumour_box_equals_the_hand_written_one():
     """tumour_roi against a copy of itself before this pass, on random label maps with specks, touching
     structures and equal-size tumours (ties: the first in raster order). MONAI's KeepLargestConnectedComponent
@@ -95,3 +61,27 @@ def test_index_tumour_box_equals_the_hand_written_one():
             label[lo[0]:lo[0] + size[0], lo[1]:lo[1] + size[1], lo[2]:lo[2] + size[2]] = rng.integers(1, 3)
         assert tumour_roi(label) == old_tumour_roi(label)
     assert tumour_roi(np.zeros((4, 4, 4), np.uint8)) is None
+
+
+def test_box_prompt_input_crop_equals_slicing():
+    """box_input's crop (plain slicing) equals MONAI SpatialCrop's, and the region is the old one."""
+    import torch
+    import torch.nn.functional as F
+
+    from monai.transforms import SpatialCrop
+    from monai.utils import convert_to_numpy
+
+    from parotid.segmentation.inference import box_input
+    from parotid.segmentation.networks import SPECS
+    from parotid.study import check_roi
+
+    spec = SPECS["contour_box"]
+    img = np.random.default_rng(0).random((2, 40, 36, 14)).astype(np.float32)
+    for roi in ([5, 15, 6, 20, 2, 6], [0, 40, 0, 36, 0, 14], [30, 40, 30, 36, 10, 14]):
+        x, region = box_input(img, roi, spec)
+        mask = np.zeros(img.shape[1:], np.float32)
+        mask[check_roi(roi, img.shape[1:])] = 1.0
+        crop = convert_to_numpy(SpatialCrop(roi_slices=region)(np.concatenate([img, mask[None]], 0)))
+        assert region == old_box_region(roi, img.shape[1:])
+        assert torch.equal(x, F.interpolate(torch.from_numpy(crop)[None], size=spec.patch, mode="trilinear",
+                                            align_corners=False))

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+from before_refactor import old_reliability_bins
 from parotid.evaluation.metrics import (binary_metrics, binary_report, bootstrap_ci, expected_calibration_error,
                                         multiclass_metrics, reliability_bins)
 
@@ -87,20 +88,6 @@ def test_binary_report_structure():
     assert np.array(r["confusion_matrix"]).sum() == 40
 
 
-def _old_reliability_bins(y, prob, n_bins=10):  # the hand-written bins calibration_curve replaced
-    y = np.asarray(y).astype(int)
-    prob = np.asarray(prob, float)
-    if prob.ndim == 1:
-        prob = np.column_stack([1 - prob, prob])
-    conf, correct = prob.max(1), (prob.argmax(1) == y).astype(float)
-    edges = np.linspace(0, 1, n_bins + 1)
-    out = []
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        m = (conf > lo) & (conf <= hi)
-        out.append(((lo + hi) / 2, correct[m].mean() if m.any() else np.nan, conf[m].mean() if m.any() else np.nan, int(m.sum())))
-    return np.array(out)
-
-
 def test_reliability_bins_equal_the_hand_written_ones():
     """sklearn's calibration_curve gives the same bins (edges included: a confidence of exactly 0.7 is in
     (0.6, 0.7]), the same counts and empty bins, and the same means up to summation order."""
@@ -112,9 +99,9 @@ def test_reliability_bins_equal_the_hand_written_ones():
             p = np.round(p, 1)
             p /= p.sum(1, keepdims=True)
         y = rng.integers(0, k, n)
-        new, old = reliability_bins(y, p), _old_reliability_bins(y, p)
+        new, old = reliability_bins(y, p), old_reliability_bins(y, p)
         assert np.array_equal(new[:, [0, 3]], old[:, [0, 3]]) and np.array_equal(np.isnan(new), np.isnan(old))
         assert np.allclose(new, old, rtol=1e-12, atol=0, equal_nan=True)
     edge = np.array([[0.3, 0.7], [0.5, 0.5], [0.2, 0.8], [0.0, 1.0], [0.4, 0.6]])
     for y in ([1, 0, 1, 1, 0], [1, 1, 1, 1, 1]):  # confidences on bin edges; all correct: one class
-        assert np.array_equal(reliability_bins(y, edge), _old_reliability_bins(y, edge), equal_nan=True)
+        assert np.array_equal(reliability_bins(y, edge), old_reliability_bins(y, edge), equal_nan=True)

@@ -1,6 +1,6 @@
 """One normalisation module, two rules, numerics unchanged: `parotid.preprocess` gives bit-identical inputs
-to the rules the shipped checkpoints were trained on (copied below verbatim from before the merge into
-one module), on the shipped sample studies and on edge cases (box at the border, constant channel,
+to the rules the shipped checkpoints were trained on (tests/before_refactor.py: the code before the
+merge into one module), on the shipped sample studies and on edge cases (box at the border, constant channel,
 almost no foreground)."""
 
 from __future__ import annotations
@@ -17,48 +17,9 @@ from parotid.classification import crops
 from parotid.preprocess import normalize_channels
 from parotid.study import read_study
 
+from before_refactor import old_crop_window, old_cut, old_normalise_stats, old_normalize_channels
+
 SAMPLE = Path(__file__).resolve().parents[1] / "sample-data" / "studies"
-
-
-# ---- reference: the two rules as they were (segmentation: preprocess.py, classification: crops.py)
-def old_normalize_channels(array, sequences):
-    out = np.empty(array.shape, dtype=np.float32)
-    for c, seq in enumerate(sequences):
-        x = array[c].astype(np.float32, copy=False)
-        if seq in {"ADC": 3000.0}:
-            out[c] = x / 3000.0
-            continue
-        fg = x[x > 0]
-        lo, hi = np.percentile(fg if fg.size > 100 else x, (1.0, 99.0))
-        out[c] = (x - lo) / max(float(hi - lo), 1e-6)
-    return np.clip(out, -1.0, 3.0, out=out)
-
-
-def old_normalise_stats(arr, roi, window):
-    wi0, wi1, wj0, wj1 = window
-    _, I, J, _ = arr.shape
-    k0, k1 = int(roi[4]), int(roi[5])
-    reg = arr[:, max(wi0, 0):min(wi1, I), max(wj0, 0):min(wj1, J), k0:k1].reshape(arr.shape[0], -1)
-    lo = np.percentile(reg, 1, axis=1).astype(np.float32)
-    hi = np.percentile(reg, 99, axis=1).astype(np.float32)
-    return lo, np.maximum(hi - lo, 1e-3 * np.maximum(np.abs(hi), 1.0)).astype(np.float32)
-
-
-def old_cut(vol, window, k):
-    wi0, wi1, wj0, wj1 = window
-    C, I, J, _ = vol.shape
-    out = np.zeros((C, wi1 - wi0, wj1 - wj0), np.float32)
-    a0, a1, b0, b1 = max(wi0, 0), min(wi1, I), max(wj0, 0), min(wj1, J)
-    if a1 > a0 and b1 > b0:
-        out[:, a0 - wi0:a1 - wi0, b0 - wj0:b1 - wj0] = vol[:, a0:a1, b0:b1, k]
-    return out
-
-
-def old_crop_window(roi, margin=0.25):
-    i0, i1, j0, j1 = (int(v) for v in roi[:4])
-    mi = max(2, int(round(margin * (i1 - i0))))
-    mj = max(2, int(round(margin * (j1 - j0))))
-    return i0 - mi, i1 + mi, j0 - mj, j1 + mj
 
 
 def old_crop_slices(arr, roi, size=64, n_slices=8):
@@ -68,6 +29,58 @@ def old_crop_slices(arr, roi, size=64, n_slices=8):
     cut = [np.clip((old_cut(arr, window, k) - lo[:, None, None]) / scale[:, None, None], -2.0, 4.0) for k in ks]
     t = torch.from_numpy(np.ascontiguousarray(np.stack(cut), dtype=np.float32))
     return F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True).numpy()
+
+
+def _resize(x, size, mode):
+    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    return F.interpolate(t, size=(size, size), mode="nearest").numpy() if mode == "nearest" else \
+        F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True).numpy()
+
+
+def old_label_crops(arr, label, roi, n_free=3, size=64, n_slices=8):
+    """gland, free, free_gland as extract_crop cut them before (window by slicing + zero padding)."""
+    window = old_crop_window(roi)
+    lo, scale = old_normalise_stats(arr, roi, window)
+    ks = np.round(np.linspace(int(roi[4]), int(roi[5]) - 1, n_slices)).astype(int)
+    lab = label[None].astype(np.float32)
+    gland = _resize(np.stack([(old_cut(lab, window, k) == 1).astype(np.float32) for k in ks]), size, "nearest")
+    k0, k1 = int(roi[4]), int(roi[5])
+    cand = []
+    for d in range(1, label.shape[2]):
+        for k in (k0 - d, k1 - 1 + d):
+            if 0 <= k < label.shape[2]:
+                win = old_cut(lab, window, k)[0]
+                if (win == 2).sum() == 0 and (win == 1).sum() > 0:
+                    cand.append(k)
+        if len(cand) >= n_free:
+            break
+    cand = cand[:n_free]
+    free = _resize(np.stack([np.clip((old_cut(arr, window, k) - lo[:, None, None]) / scale[:, None, None], -2.0, 4.0)
+                             for k in cand]), size, "bilinear")
+    free_gland = _resize(np.stack([(old_cut(lab, window, k) == 1).astype(np.float32) for k in cand]), size, "nearest")
+    return gland, free, free_gland
+
+
+def test_label_crops_are_bit_identical():
+    """The gland channel and the tumour-free slices (early-fusion training) from the windowed volume
+    (np.pad, once per study) equal the per-slice slicing they replaced, and MONAI's SpatialCrop +
+    BorderPad give the same window."""
+    from monai.transforms import BorderPad, SpatialCrop
+    from monai.utils import convert_to_numpy
+
+    from parotid.study import read_label_map
+
+    for (study, roi), sid in zip(sample_studies(3), ("syn7_0000", "syn7_0001", "syn7_0002")):
+        label = read_label_map(str(SAMPLE / "labels" / "final" / f"{sid}.nii.gz"))
+        for box in (roi, [0, roi[1], roi[2], study.shape[1], roi[4], roi[5]]):  # and a window outside the image
+            c = crops.extract_crop(study.array(), box, label=label, n_free=3)
+            w = crops.crop_window(box)
+            a0, a1, b0, b1 = max(w[0], 0), min(w[1], study.shape[0]), max(w[2], 0), min(w[3], study.shape[1])
+            monai_win = BorderPad(spatial_border=[a0 - w[0], w[1] - a1, b0 - w[2], w[3] - b1, 0, 0])(
+                SpatialCrop(roi_start=(a0, b0, 0), roi_end=(a1, b1, study.shape[2]))(study.array()))
+            assert np.array_equal(convert_to_numpy(monai_win), crops.window_volume(study.array(), w))
+            for new, old in zip((c.gland, c.free, c.free_gland), old_label_crops(study.array(), label, box)):
+                assert same_bits(new, old)
 
 
 def sample_studies(n=4):

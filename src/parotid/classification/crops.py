@@ -62,15 +62,18 @@ def box_in_crop(roi, window, size: int) -> np.ndarray:
     return np.array([(j0 - wj0) * sj, (i0 - wi0) * si, (j1 - wj0) * sj, (i1 - wi0) * si], np.float32)
 
 
-def _cut(vol: np.ndarray, window, k) -> np.ndarray:
-    """vol (C, I, J, K) -> (C, wi, wj) at slice k, zero-padded outside the image."""
+def window_volume(vol: np.ndarray, window) -> np.ndarray:
+    """vol (C, I, J, K) -> (C, wi, wj, K) float32: the in-plane window over all slices, zero-padded
+    outside the image. numpy slicing + ``np.pad``, not MONAI ``SpatialCrop`` + ``BorderPad``: those give
+    the same array but cost ~45 ms per call here (MetaTensor bookkeeping; measured on a sample study,
+    2-core machine under load) against < 1 ms, on every classification and every training crop."""
     wi0, wi1, wj0, wj1 = window
-    C, I, J, _ = vol.shape
-    out = np.zeros((C, wi1 - wi0, wj1 - wj0), np.float32)
+    C, I, J, K = vol.shape
     a0, a1, b0, b1 = max(wi0, 0), min(wi1, I), max(wj0, 0), min(wj1, J)
-    if a1 > a0 and b1 > b0:
-        out[:, a0 - wi0:a1 - wi0, b0 - wj0:b1 - wj0] = vol[:, a0:a1, b0:b1, k]
-    return out
+    if a1 <= a0 or b1 <= b0:
+        return np.zeros((C, wi1 - wi0, wj1 - wj0, K), np.float32)
+    inside = vol[:, a0:a1, b0:b1, :].astype(np.float32, copy=False)
+    return np.pad(inside, [(0, 0), (a0 - wi0, wi1 - a1), (b0 - wj0, wj1 - b1), (0, 0)])
 
 
 def _resize(x: np.ndarray, size: int, mode="bilinear") -> np.ndarray:
@@ -101,21 +104,23 @@ def extract_crop(arr: np.ndarray, roi, size: int = DEFAULT_SIZE, n_slices: int =
     lo, scale = window_scaling(arr, roi, window)
     ks = sample_ks(int(roi[4]), int(roi[5]), n_slices)
 
+    img_win = window_volume(arr, window)
+
     def cut(k):
-        return apply_scaling(_cut(arr, window, k), lo, scale, CLASSIFICATION_CLIP)
+        return apply_scaling(img_win[..., k], lo, scale, CLASSIFICATION_CLIP)
 
     slices = _resize(np.stack([cut(k) for k in ks]), size)
     crop = Crop(slices=slices, box=box_in_crop(roi, window, size), ks=ks, window=window)
     if label is not None:
-        lab = label[None].astype(np.float32)
-        crop.gland = _resize(np.stack([(_cut(lab, window, k) == gland_value).astype(np.float32) for k in ks]), size, "nearest")
+        lab_win = window_volume(label[None].astype(np.float32), window)
+        crop.gland = _resize(np.stack([(lab_win[..., k] == gland_value).astype(np.float32) for k in ks]), size, "nearest")
         if n_free > 0:
             k0, k1 = int(roi[4]), int(roi[5])
             cand = []
             for d in range(1, label.shape[2]):
                 for k in (k0 - d, k1 - 1 + d):
                     if 0 <= k < label.shape[2]:
-                        win = _cut(lab, window, k)[0]
+                        win = lab_win[0, ..., k]
                         if (win == tumor_value).sum() == 0 and (win == gland_value).sum() > 0:
                             cand.append(k)
                 if len(cand) >= n_free:
@@ -123,7 +128,7 @@ def extract_crop(arr: np.ndarray, roi, size: int = DEFAULT_SIZE, n_slices: int =
             cand = cand[:n_free]
             if cand:
                 crop.free = _resize(np.stack([cut(k) for k in cand]), size)
-                crop.free_gland = _resize(np.stack([(_cut(lab, window, k) == gland_value).astype(np.float32) for k in cand]), size, "nearest")
+                crop.free_gland = _resize(np.stack([(lab_win[..., k] == gland_value).astype(np.float32) for k in cand]), size, "nearest")
             else:
                 crop.free = np.zeros((0, arr.shape[0], size, size), np.float32)
                 crop.free_gland = np.zeros((0, 1, size, size), np.float32)
@@ -135,6 +140,10 @@ def paste_heatmap(maps: np.ndarray, crop: Crop, shape, roi) -> np.ndarray:
 
     Every k of the box's k-range takes the map of the nearest sampled slice (maps of repeated
     slices are averaged). The result is NOT normalised (joint normalisation is the caller's job).
+
+    Not MONAI's inverse transforms (``run_invert_transforms``): the forward path resizes with torch's
+    antialiased bilinear filter (not MONAI ``Resize``'s Gaussian anti-aliasing: changing it changes the
+    classifiers' input) and samples k with repeats, which has no invertible MONAI transform.
     """
     I, J, K = shape
     wi0, wi1, wj0, wj1 = crop.window

@@ -90,14 +90,19 @@ def multiclass_metrics(y: np.ndarray, prob: np.ndarray) -> dict:
             "per_class_auc": per_class}
 
 
-def expected_calibration_error(y: np.ndarray, prob: np.ndarray, n_bins: int = 10) -> float:
-    """Top-label ECE: sum_b |B|/n * |acc(B) - conf(B)| over equal-width confidence bins (0, 1]."""
+def _top_label(y, prob) -> tuple[np.ndarray, np.ndarray]:
+    """(top-label confidence, 1.0 where the top label is right) for labels `y` and class probabilities
+    (N, C), or the positive-class probability (N,) of a binary task."""
     y = np.asarray(y).astype(int)
     prob = np.asarray(prob, float)
     if prob.ndim == 1:
         prob = np.column_stack([1 - prob, prob])
-    conf = prob.max(1)
-    correct = (prob.argmax(1) == y).astype(float)
+    return prob.max(1), (prob.argmax(1) == y).astype(float)
+
+
+def expected_calibration_error(y: np.ndarray, prob: np.ndarray, n_bins: int = 10) -> float:
+    """Top-label ECE: sum_b |B|/n * |acc(B) - conf(B)| over equal-width confidence bins (0, 1]."""
+    conf, correct = _top_label(y, prob)
     edges = np.linspace(0, 1, n_bins + 1)
     ece = 0.0
     for lo, hi in zip(edges[:-1], edges[1:]):
@@ -114,15 +119,11 @@ def reliability_bins(y, prob, n_bins: int = 10):
     same to the last bit (calibration_curve's bin means differ from numpy means by ~1e-16)."""
     from sklearn.calibration import calibration_curve
 
-    y = np.asarray(y).astype(int)
-    prob = np.asarray(prob, float)
-    if prob.ndim == 1:
-        prob = np.column_stack([1 - prob, prob])
-    conf, correct = prob.max(1), (prob.argmax(1) == y).astype(int)
+    conf, correct = _top_label(y, prob)
     edges = np.linspace(0, 1, n_bins + 1)
     count = np.bincount(np.searchsorted(edges[1:-1], conf), minlength=n_bins)  # calibration_curve's bins
     acc, mean_conf = np.full(n_bins, np.nan), np.full(n_bins, np.nan)
-    acc[count > 0], mean_conf[count > 0] = calibration_curve(correct, conf, n_bins=n_bins, pos_label=1)
+    acc[count > 0], mean_conf[count > 0] = calibration_curve(correct.astype(int), conf, n_bins=n_bins, pos_label=1)
     return np.column_stack([(edges[:-1] + edges[1:]) / 2, acc, mean_conf, count])
 
 

@@ -89,7 +89,11 @@ def tumour_roi(label: np.ndarray) -> list[int] | None:
 @torch.no_grad()
 def segment_with_uncertainty(net: torch.nn.Module, spec: SegModelSpec, image: np.ndarray) -> tuple[np.ndarray, float]:
     """Label map plus a test-time-augmentation uncertainty: mean per-voxel variance of the class
-    probabilities over 4 in-plane flips, inside the predicted gland/tumour (0 = all flips agree)."""
+    probabilities over 4 in-plane flips, inside the predicted gland/tumour (0 = all flips agree).
+
+    Not ``monai.data.TestTimeAugmentation``: it needs random transforms and draws `num_examples` of them,
+    so the score (stored per study for active learning) would become random instead of these 4 fixed
+    flips; MONAI Label's ``EpistemicScoring`` is a different measure (dropout samples of the network)."""
     inferer = SlidingWindowInferer(roi_size=spec.patch, sw_batch_size=2, overlap=0.25, mode="gaussian")
     x = torch.from_numpy(image)[None]
     probs = []
@@ -128,6 +132,8 @@ def box_input(image: np.ndarray, roi: Sequence[int], spec: SegModelSpec) -> tupl
     box = check_roi(roi, shape)
     mask = np.zeros(shape, np.float32)
     mask[box] = 1.0
+    # plain slicing: MONAI SpatialCrop(roi_slices=region) gives the same tensor (tests/test_boxes.py) but
+    # costs ~45 ms per call (MetaTensor bookkeeping), paid on every training sample of the box model
     crop = np.concatenate([image[(slice(None),) + region], mask[region][None]], 0)
     t = torch.from_numpy(np.ascontiguousarray(crop))[None]
     return F.interpolate(t, size=spec.patch, mode="trilinear", align_corners=False), region
