@@ -24,6 +24,7 @@ import torch
 import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from report import report  # noqa: E402  (benchmarks/report.py)
 from conftest import SAMPLE, Server, copy_app, copy_studies  # noqa: E402
 
 
@@ -74,9 +75,7 @@ def main(argv=None) -> int:
     out = {"model": a.model, "n": a.n, "p50_with_heatmap_s": round(p50_map, 3), "p50_json_only_s": round(p50_json, 3),
            "gradcam_extra_s": round(p50_map - p50_json, 3), "reference_resnet18_layer2_60x224_s": round(ref, 3),
            "ratio_classify_to_reference": round(p50_map / ref, 3)}
-    print(json.dumps(out, indent=2))
-    if a.json:
-        Path(a.json).write_text(json.dumps(out, indent=2))
+    report(out, a.json)
     return 0
 
 

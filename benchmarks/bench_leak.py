@@ -21,6 +21,7 @@ import psutil
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from report import report  # noqa: E402  (benchmarks/report.py)
 from conftest import SAMPLE, Server, copy_app, copy_studies  # noqa: E402
 
 
@@ -55,9 +56,7 @@ def main(argv=None) -> int:
     out = {"model": a.model, "requests": a.n, "base": a.base, "rss_mib": samples,
            "growth_mib": round(samples[a.n] - samples[a.base], 1), "wall_s": round(time.perf_counter() - t0, 1),
            "data": "synthetic sample studies (sample-data/studies)"}
-    print(json.dumps(out, indent=2))
-    if a.json:
-        Path(a.json).write_text(json.dumps(out, indent=2))
+    report(out, a.json)
     return 0
 
 

@@ -33,6 +33,7 @@ import numpy as np
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from report import report  # noqa: E402  (benchmarks/report.py)
 from conftest import SAMPLE, Server, copy_app, copy_studies  # noqa: E402
 
 
@@ -72,9 +73,7 @@ def main(argv=None) -> int:
         out["load_average_at_end"] = list(os.getloadavg())
     finally:
         srv.stop()
-    print(json.dumps(out, indent=2))
-    if a.json:
-        Path(a.json).write_text(json.dumps(out, indent=2))
+    report(out, a.json)
     return 0 if not out["many_clients"]["errors"] else 1
 
 

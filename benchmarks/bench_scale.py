@@ -24,6 +24,7 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from bench_load import phase  # noqa: E402
+from report import report  # noqa: E402  (benchmarks/report.py)
 from conftest import SAMPLE, Server, copy_app, copy_studies  # noqa: E402
 
 
@@ -88,9 +89,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     out = {"mode": a.mode, "model": a.model, "clients": a.clients, "seconds": a.seconds,
            "data": "synthetic sample studies, loopback", **(run_workers(a) if a.mode == "workers" else run_nginx(a))}
-    print(json.dumps(out, indent=2))
-    if a.json:
-        Path(a.json).write_text(json.dumps(out, indent=2))
+    report(out, a.json)
     return 0 if not any(v.get("errors") for v in out.values() if isinstance(v, dict)) else 1
 
 

@@ -23,6 +23,7 @@ import psutil
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from report import report  # noqa: E402  (benchmarks/report.py)
 from conftest import Server, copy_app, copy_studies  # noqa: E402  (the same server harness as the tests)
 
 
@@ -72,9 +73,7 @@ def main(argv=None) -> int:
         "model": a.model, "n": a.n, "p50_s": round(float(np.median(lat)), 3), "p95_s": round(float(np.percentile(lat, 95)), 3),
         "max_s": round(max(lat), 3), "server_peak_rss_gib": round(peak[0] / 2**30, 3), "cpu_count": os.cpu_count(),
     }
-    print(json.dumps(out, indent=2))
-    if a.json:
-        Path(a.json).write_text(json.dumps(out, indent=2))
+    report(out, a.json)
     return 0
 
 

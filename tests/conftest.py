@@ -137,3 +137,29 @@ def sample_ids(server) -> list[str]:
     """The shipped sample studies (all labelled), whatever other tests uploaded to the server since."""
     with open(SAMPLE / "datastore_v2.json") as f:
         return sorted(json.load(f)["objects"])
+
+
+# --------------------------------------------------------------------------- small shared helpers
+def rotation(ax, ay, az):
+    """Rotation matrix ``Rz @ Ry @ Rx`` from angles in radians."""
+    import math
+
+    import numpy as np
+
+    cx, sx, cy, sy, cz, sz = math.cos(ax), math.sin(ax), math.cos(ay), math.sin(ay), math.cos(az), math.sin(az)
+    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def sr_series(pacs, uid: str) -> dict[str, int]:
+    """SR series of study `uid` on the PACS: SeriesInstanceUID -> number of instances."""
+    import pydicom
+
+    out = {}
+    for s in pacs.client().search_for_series(uid, search_filters={"Modality": "SR"},
+                                             fields=["NumberOfSeriesRelatedInstances"]):
+        d = pydicom.Dataset.from_json(s)
+        out[str(d.SeriesInstanceUID)] = int(d.get("NumberOfSeriesRelatedInstances", 0) or 0)
+    return out

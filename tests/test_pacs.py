@@ -25,6 +25,7 @@ import requests
 import SimpleITK as sitk
 from pydicom.uid import generate_uid
 
+from conftest import sr_series
 from parotid.labels import get_label_set
 from parotid.pacs import writeback
 from parotid.pacs.client import make_client
@@ -276,16 +277,6 @@ def test_classification_sr_roundtrip(pacs, store, synth, uploaded):
     assert back["predicted_class"] == max(probs, key=probs.get)
     assert back["roi"] == roi
     assert (back["model_name"], back["model_version"]) == ("parotid-cls-resnet", "0.1.0")
-
-
-def sr_series(pacs, uid: str) -> dict[str, int]:
-    """SR series of study `uid` on the PACS: SeriesInstanceUID -> number of instances."""
-    out = {}
-    for s in pacs.client().search_for_series(uid, search_filters={"Modality": "SR"},
-                                             fields=["NumberOfSeriesRelatedInstances"]):
-        d = pydicom.Dataset.from_json(s)
-        out[str(d.SeriesInstanceUID)] = int(d.get("NumberOfSeriesRelatedInstances", 0) or 0)
-    return out
 
 
 def new_sr_series(pacs, uid: str, before: dict) -> dict[str, int]:

@@ -26,7 +26,7 @@ import pytest
 import requests
 import SimpleITK as sitk
 
-from conftest import APP, Server, copy_app
+from conftest import APP, Server, copy_app, sr_series
 from parotid.pacs import writeback
 from parotid.pacs.orthanc import OrthancProcess, orthanc_available
 from parotid.study import read_study, same_grid
@@ -201,15 +201,6 @@ def classify(pacs_server, realm, role, uid, roi, **params):
     return requests.post(pacs_server.url + "/infer/classify_malignancy", params={"image": uid, "output": "json"},
                          data={"params": json.dumps({"roi": roi, "no_heatmap": True, **params})},
                          headers=hdr(realm, role), timeout=300)
-
-
-def sr_series(pacs, uid) -> dict:
-    out = {}
-    for s in pacs.client().search_for_series(uid, search_filters={"Modality": "SR"},
-                                             fields=["NumberOfSeriesRelatedInstances"]):
-        d = pydicom.Dataset.from_json(s)
-        out[str(d.SeriesInstanceUID)] = int(d.get("NumberOfSeriesRelatedInstances", 0) or 0)
-    return out
 
 
 def test_classification_sr_roles_idempotence_and_model_version(pacs_server, pacs, cohort, realm, tmp_path):

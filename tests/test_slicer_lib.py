@@ -24,6 +24,7 @@ import pytest
 import SimpleITK as sitk
 
 import ParotidTumorLib as L
+from conftest import rotation
 from ParotidTumorLib import errors, geometry, labels, responses, results, sequences, study
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,14 +35,6 @@ FLIP = np.diag([-1.0, -1.0, 1.0])
 
 
 # --------------------------------------------------------------------------- helpers
-def rotation(ax, ay, az):
-    cx, sx, cy, sy, cz, sz = math.cos(ax), math.sin(ax), math.cos(ay), math.sin(ay), math.cos(az), math.sin(az)
-    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
-    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
-    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
-    return rz @ ry @ rx
-
-
 def make_image(size=(40, 32, 24), spacing=(0.7, 0.9, 3.3), direction=None, origin=(10.0, -20.0, 5.0), seed=0):
     rng = np.random.default_rng(seed)
     img = sitk.GetImageFromArray(rng.normal(100, 20, size[::-1]).astype(np.float32))

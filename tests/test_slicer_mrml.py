@@ -12,7 +12,6 @@ imports ParotidTumor.py itself with qt/ctk stubbed.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ import slicer.util as sutil
 import vtk
 
 import ParotidTumorLib as L
+from conftest import rotation
 from ParotidTumorLib import geometry, mrml, sequences
 
 REPO = Path(__file__).resolve().parents[1]
@@ -135,14 +135,6 @@ def test_roi_round_trip_needs_float32_tolerance(scene, monkeypatch):
         ref = volume(scene, shape, m, name=sid)
         off += mrml.roi_box(mrml.set_roi_from_box(scene, None, box, ref), ref) != box
     assert off > 0
-
-
-def rotation(ax, ay, az):
-    cx, sx, cy, sy, cz, sz = math.cos(ax), math.sin(ax), math.cos(ay), math.sin(ay), math.cos(az), math.sin(az)
-    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
-    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
-    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
-    return rz @ ry @ rx
 
 
 GRIDS = {  # IJK->RAS 3x3 direction (columns) and spacing
