@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-import torch
 from sklearn.metrics import log_loss, roc_auc_score
 
 from parotid.cohort import CohortItem
@@ -59,15 +58,11 @@ def classifier_scores(path: str, items: Sequence[CohortItem]) -> dict:
 def segmentation_scores(path: str, spec, items: Sequence[CohortItem]) -> dict:
     from scipy import ndimage
 
-    from parotid.model_space import checkpoint_spacing
     from parotid.segmentation.inference import contour_study, dice, segment_study
-    from parotid.segmentation.networks import build_network
+    from parotid.segmentation.subset_models import load_segmenter
 
-    ck = torch.load(path, map_location="cpu", weights_only=True)
-    net = build_network(spec)
-    net.load_state_dict(ck["model"])
-    net.eval()
-    spacing = checkpoint_spacing(ck)
+    seg = load_segmenter(path, spec)  # the served choice of weights per study (parotid.segmentation.subset_models)
+    spacing = seg.spacing
     tumour, gland, ids, skipped = [], [], [], {}
     for it in items:
         if not it.label:
@@ -79,6 +74,7 @@ def segmentation_scores(path: str, spec, items: Sequence[CohortItem]) -> dict:
             skipped[it.study_id] = str(e)[:200]
             continue
         lab = read_label_map(it.label)
+        net = seg.network(study.sequences)[1]
         if spec.box_prompted:
             comps, n = ndimage.label(lab == TUMOR)
             if n == 0:

@@ -93,16 +93,13 @@ def classification_rows(path: str, records, n_boot: int, seed: int, limit: int |
 # ------------------------------------------------------------------------------------ segmentation
 def segmentation_rows(path: str, task: str, records, n_boot: int, seed: int, limit: int | None,
                       progress: Callable) -> tuple[dict, list]:
-    from parotid.model_space import checkpoint_spacing
     from parotid.segmentation.inference import box_region, contour_study, dice, segment_study, tumour_roi
-    from parotid.segmentation.networks import SPECS, build_network
+    from parotid.segmentation.networks import SPECS
+    from parotid.segmentation.subset_models import load_segmenter
 
     spec = SPECS[task]
-    net = build_network(spec)
-    ck = torch.load(path, map_location="cpu", weights_only=True)
-    net.load_state_dict(ck.get("model", ck))
-    net.eval()
-    spacing = checkpoint_spacing(ck)
+    seg = load_segmenter(path, spec)  # the served choice of weights per study (parotid.segmentation.subset_models)
+    spacing = seg.spacing
     seqs = list(spec.sequences)
     studies = [(r, s, read_label_map(r.label)) for r, s in _complete([r for r in records if r.label], seqs, limit)]
     rows = []
@@ -110,6 +107,7 @@ def segmentation_rows(path: str, task: str, records, n_boot: int, seed: int, lim
         gland, tumour = [], []
         for r, s, lab in studies:
             sub = removed_study(s, seqs, used)
+            net = seg.network(sub.sequences)[1]
             if spec.box_prompted:
                 roi = tumour_roi(lab)  # the tight box of the largest tumour is the prompt
                 if roi is None:

@@ -21,10 +21,10 @@ import torch
 
 from parotid.cohort import load_cohort
 from parotid.labels import GLAND, TUMOR
-from parotid.model_space import checkpoint_spacing
 from parotid.segmentation.inference import dice, segment_study
-from parotid.segmentation.networks import SPECS, build_network
+from parotid.segmentation.networks import SPECS
 from parotid.segmentation.sequence_dropout import SUBSETS, missing_in
+from parotid.segmentation.subset_models import Segmenter
 from parotid.study import Study, read_label_map, read_study, study_from_array
 
 
@@ -34,16 +34,15 @@ def without(study: Study, missing) -> Study:
     return study_from_array(study.array(keep), keep, study.reference)
 
 
-def load_checkpoint(path: str):
-    ck = torch.load(path, map_location="cpu", weights_only=False)
+def load_checkpoint(path: str) -> tuple[Segmenter, object]:
+    """(the file's weights chosen per study as served, parotid.segmentation.subset_models; its spec)."""
+    ck = torch.load(path, map_location="cpu", weights_only=True)
     spec = SPECS[ck.get("spec", "segmentation")]
     if spec.box_prompted:
         raise ValueError(f"{path}: a box-prompted model; this evaluates whole-study segmentation")
     # what the checkpoint was trained to need (older checkpoints: none recorded; evaluated with zero channels)
     spec = replace(spec, required=tuple(ck.get("required", ["T2"])))
-    net = build_network(spec)
-    net.load_state_dict(ck["model"])
-    return net.eval(), spec, checkpoint_spacing(ck)
+    return Segmenter(ck, spec), spec
 
 
 def evaluate_cohorts(cohorts: list[str], checkpoints: list[str], subsets=tuple(SUBSETS)) -> dict:
@@ -60,9 +59,9 @@ def evaluate_cohorts(cohorts: list[str], checkpoints: list[str], subsets=tuple(S
         lab = read_label_map(it.label)
         for subset in subsets:
             sub = without(study, missing_in(subset, spec0.sequences))
-            for path, (net, spec, spacing) in models.items():
+            for path, (seg, spec) in models.items():
                 with torch.no_grad():
-                    pred, _ = segment_study(net, spec, sub, spacing)
+                    pred, _ = segment_study(seg.network(sub.sequences)[1], spec, sub, seg.spacing)
                 scores[path][subset]["gland"].append(dice(pred == GLAND, lab == GLAND))
                 scores[path][subset]["tumor"].append(dice(pred == TUMOR, lab == TUMOR))
     out = {"synthetic": True, "cohorts": cohorts, "n": len(used), "studies": used, "skipped_incomplete": skipped,

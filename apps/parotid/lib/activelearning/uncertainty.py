@@ -29,9 +29,10 @@ from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
 
 from lib.activelearning.strategies import ScoreRanked
-from parotid.model_space import checkpoint_spacing, to_model_space
+from parotid.model_space import to_model_space
 from parotid.segmentation.inference import segment_with_uncertainty, study_input, tumour_roi
-from parotid.segmentation.networks import SEGMENTATION, build_network
+from parotid.segmentation.networks import SEGMENTATION
+from parotid.segmentation.subset_models import load_segmenter
 from parotid.study import StudyError, read_study
 
 logger = logging.getLogger(__name__)
@@ -68,11 +69,8 @@ class StudyUncertaintyScoring(ScoringMethod):
         self.seg_path, self.cls_path = seg_path, cls_path
 
     def _models(self):
-        seg = build_network(SEGMENTATION)
-        ck = torch.load(self.seg_path, map_location="cpu")
-        seg.load_state_dict(ck["model"])
-        seg.eval()
-        self.seg_spacing = checkpoint_spacing(ck)
+        seg = load_segmenter(self.seg_path, SEGMENTATION)  # weights per study's sequences (subset_models)
+        self.seg_spacing = seg.spacing
         cls_model = cls_cfg = None
         if os.path.exists(self.cls_path):
             from parotid.classification.train import load_checkpoint
@@ -95,7 +93,7 @@ class StudyUncertaintyScoring(ScoringMethod):
                 continue  # already scored with these checkpoints
             try:
                 study = read_study(datastore.get_image_uri(image_id), image_id)
-                scores = score_study(study, seg, cls_model, cls_cfg, self.seg_spacing)
+                scores = score_study(study, seg.network(study.sequences)[1], cls_model, cls_cfg, self.seg_spacing)
             except StudyError as e:
                 logger.warning(f"cannot score study {image_id}: {e}")
                 continue

@@ -12,6 +12,7 @@ from parotid import input_check
 from parotid.labels import INFO_ROI
 from parotid.segmentation.inference import contour_study, segment_study, tumour_roi
 from parotid.segmentation.networks import SegModelSpec
+from parotid.segmentation.subset_models import COMPLETE, cached_segmenter
 from parotid.study import Study, StudyError
 
 
@@ -33,9 +34,12 @@ class SegmentStudy(StudyInferTask):
 
     def predict(self, network, study: Study, data: Dict[str, Any]):
         self.require_sequences(study)
-        label, space = segment_study(network, self.spec, study, self.model_spacing())
+        # the file's weights for this study's sequences (complete / incomplete, parotid.segmentation.subset_models);
+        # the complete part is the network BasicInferTask loaded and hot-reloads
+        part, routed = cached_segmenter(self.get_path(), self.spec).network(study.sequences)
+        label, space = segment_study(network if part == COMPLETE else routed, self.spec, study, self.model_spacing())
         comps, _ = input_check.study_components(study, self.model_dir, label=label)
-        return label, {"model": self.spec.name, **_summary(label, study), **space.params,
+        return label, {"model": self.spec.name, "weights": part, **_summary(label, study), **space.params,
                        **self.sequence_report(study), "input_check": input_check.combine(comps)}
 
 

@@ -27,6 +27,7 @@ from lib.errors import http_errors
 from parotid import subsets
 from parotid.model_space import checkpoint_spacing
 from parotid.registry import ModelRegistry
+from parotid.segmentation.subset_models import check_parts
 from parotid.study import Study, StudyError, copy_geometry
 from parotid.study_cache import read_study_cached
 
@@ -126,6 +127,7 @@ class StudyInferTask(BasicInferTask):
             if not isinstance(state, dict):
                 raise ValueError("no state dict in the file")
             copy.deepcopy(self.network).load_state_dict(state, strict=True)
+            check_parts(ck, self.network)  # a segmentation file's incomplete-study weights too
         except pickle.UnpicklingError:
             raise StudyError("not a PyTorch weights file (files with pickled code are refused)") from None
         except Exception as e:
