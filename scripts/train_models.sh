@@ -8,10 +8,11 @@
 # with the trainer of commit 2ba7931 (src/parotid/segmentation/train.py). Rerun from scratch, every round uses today's
 # generator and trainer (with sequence dropout and early stopping): close, not bit-identical, models.
 # apps/parotid/model/segmentation.pt holds TWO sets of weights (parotid.segmentation.subset_models, issue 15):
-# round c for complete studies (key "model") and round d for studies lacking any optional sequence
-# (key "subset_models.incomplete"); the last segmentation line combines them. Round d (sequence dropout)
-# fine-tunes round c's weights on cohorts 31/32/41 made by today's generator; alone it lost a little
-# full-sequence tumour Dice (docs/model-card-segmentation.md), so complete studies keep round c's weights.
+# round c for complete studies (key "model") and round f for studies lacking any optional sequence
+# (key "subset_models.incomplete"); the last segmentation line combines them. Rounds d and f (sequence
+# dropout) fine-tune round c's weights on cohorts 31/32/41 made by today's generator; round d alone (one
+# network for every study) lost a little full-sequence tumour Dice (docs/model-card-segmentation.md), so
+# complete studies keep round c's weights.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
@@ -32,8 +33,11 @@ seg --cohort "$DATA/s41" "$DATA/s31" "$DATA/s32" --model segmentation --out "$W/
 # 250 iterations, best weights kept, stop after 3 validations without improvement. The measured run (1 thread,
 # on a 2-core machine shared with other jobs): stopped early at 1750 iterations in 2924 s, best at 1000.
 seg --cohort "$DATA/s41" "$DATA/s31" "$DATA/s32" --model segmentation --iterations 2000 --lr 1e-3 --seed 4 --val-interval 250 --patience 3 --threads 1 --init-from "$W/c/segmentation.pt" --out "$W/d"
-# one file: round c serves complete studies, round d studies lacking any optional sequence
-$PY -m parotid.segmentation.subset_models combine --complete "$W/c/segmentation.pt" --incomplete "$W/d/segmentation.pt" --out "$OUT/segmentation.pt"
+# incomplete-study weights: every sample lacks sequences, validated on incomplete studies only (same validation
+# studies: seed 4). Measured (2 threads, load 11-17): stopped early at 750 iterations in 2788 s, best at 250.
+seg --cohort "$DATA/s41" "$DATA/s31" "$DATA/s32" --model segmentation --iterations 1000 --lr 3e-4 --seed 4 --val-interval 250 --patience 2 --dropout-prob 1.0 --init-from "$W/d/segmentation.pt" --out "$W/f"
+# one file: round c serves complete studies, round f studies lacking any optional sequence
+$PY -m parotid.segmentation.subset_models combine --complete "$W/c/segmentation.pt" --incomplete "$W/f/segmentation.pt" --out "$OUT/segmentation.pt"
 # box-prompted contouring: from scratch, then one fine-tuning round
 seg --cohort "$DATA/s41" "$DATA/s32" --model contour_box --out "$W/e" --iterations 2500 --seed 0
 seg --cohort "$DATA/s41" "$DATA/s31" "$DATA/s32" --model contour_box --out "$OUT" --iterations 4000 --lr 1e-3 --seed 3 --init-from "$W/e/contour_box.pt"
