@@ -7,9 +7,12 @@
 # cohorts 31/32 made by the generator at commit ffc85bd (smaller field of view) and 41 made at 105f260,
 # with the trainer of commit 2ba7931 (src/parotid/segmentation/train.py). Rerun from scratch, every round uses today's
 # generator and trainer (with sequence dropout and early stopping): close, not bit-identical, models.
-# Round d (sequence dropout, issue 15) is a CANDIDATE, not shipped: it fine-tunes round c's weights (the
-# shipped checkpoint) on cohorts 31/32/41 made by today's generator and loses a little full-sequence
-# tumour Dice (docs/model-card-segmentation.md), so apps/parotid/model/segmentation.pt is round c.
+# apps/parotid/model/segmentation.pt holds TWO sets of weights (parotid.segmentation.subset_models, issue 15):
+# round c for complete studies (key "model") and round f for studies lacking any optional sequence
+# (key "subset_models.incomplete"); the last segmentation line combines them. Rounds d and f (sequence
+# dropout) fine-tune round c's weights on cohorts 31/32/41 made by today's generator; round d alone (one
+# network for every study) lost a little full-sequence tumour Dice (docs/model-card-segmentation.md), so
+# complete studies keep round c's weights.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
@@ -25,11 +28,16 @@ seg() { $PY -m parotid.segmentation.train --threads 2 "$@"; }
 # whole-study segmentation: from scratch, then two fine-tuning rounds on more data
 seg --cohort "$DATA/s31" "$DATA/s32" --model segmentation --out "$W/a" --iterations 1600 --seed 0
 seg --cohort "$DATA/s41" "$DATA/s31" --model segmentation --out "$W/b" --iterations 1200 --lr 1e-3 --seed 1 --init-from "$W/a/segmentation.pt"
-seg --cohort "$DATA/s41" "$DATA/s31" "$DATA/s32" --model segmentation --out "$OUT" --iterations 5000 --lr 1e-3 --seed 2 --init-from "$W/b/segmentation.pt"
-# sequence dropout (CE-T1, DWI/ADC, T1 zeroed at random; T2 required): validation every 250 iterations,
-# best weights kept, stop after 3 validations without improvement. The measured run (1 thread, on a
-# 2-core machine shared with other jobs): stopped early at 1750 iterations in 2924 s, best at 1000.
-seg --cohort "$DATA/s41" "$DATA/s31" "$DATA/s32" --model segmentation --iterations 2000 --lr 1e-3 --seed 4 --val-interval 250 --patience 3 --threads 1 --init-from "$OUT/segmentation.pt" --out "$W/d"
+seg --cohort "$DATA/s41" "$DATA/s31" "$DATA/s32" --model segmentation --out "$W/c" --iterations 5000 --lr 1e-3 --seed 2 --init-from "$W/b/segmentation.pt"
+# sequence dropout (CE-T1, DWI/ADC, T1 zeroed at random in half the samples; T2 required): validation every
+# 250 iterations, best weights kept, stop after 3 validations without improvement. The measured run (1 thread,
+# on a 2-core machine shared with other jobs): stopped early at 1750 iterations in 2924 s, best at 1000.
+seg --cohort "$DATA/s41" "$DATA/s31" "$DATA/s32" --model segmentation --iterations 2000 --lr 1e-3 --seed 4 --val-interval 250 --patience 3 --threads 1 --init-from "$W/c/segmentation.pt" --out "$W/d"
+# incomplete-study weights: every sample lacks sequences, validated on incomplete studies only (same validation
+# studies: seed 4). Measured (2 threads, load 11-17): stopped early at 750 iterations in 2788 s, best at 250.
+seg --cohort "$DATA/s41" "$DATA/s31" "$DATA/s32" --model segmentation --iterations 1000 --lr 3e-4 --seed 4 --val-interval 250 --patience 2 --dropout-prob 1.0 --init-from "$W/d/segmentation.pt" --out "$W/f"
+# one file: round c serves complete studies, round f studies lacking any optional sequence
+$PY -m parotid.segmentation.subset_models combine --complete "$W/c/segmentation.pt" --incomplete "$W/f/segmentation.pt" --out "$OUT/segmentation.pt"
 # box-prompted contouring: from scratch, then one fine-tuning round
 seg --cohort "$DATA/s41" "$DATA/s32" --model contour_box --out "$W/e" --iterations 2500 --seed 0
 seg --cohort "$DATA/s41" "$DATA/s31" "$DATA/s32" --model contour_box --out "$OUT" --iterations 4000 --lr 1e-3 --seed 3 --init-from "$W/e/contour_box.pt"

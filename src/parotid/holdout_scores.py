@@ -62,7 +62,7 @@ def segmentation_scores(path: str, spec, items: Sequence[CohortItem]) -> dict:
     from parotid.segmentation.inference import contour_study, dice, segment_study
 
     ck = load_segmentation(path, spec)
-    net, spacing = ck.net, ck.spacing
+    spacing = ck.spacing
     tumour, gland, ids, skipped = [], [], [], {}
     for it in items:
         if not it.label:
@@ -74,6 +74,7 @@ def segmentation_scores(path: str, spec, items: Sequence[CohortItem]) -> dict:
             skipped[it.study_id] = str(e)[:200]
             continue
         lab = read_label_map(it.label)
+        net = ck.network_for(study.sequences)[1]  # the served choice of weights
         if spec.box_prompted:
             comps, n = ndimage.label(lab == TUMOR)
             if n == 0:

@@ -561,9 +561,10 @@ def _ensure_cohort(folder: str, seed: int, n: int) -> str:
 
 
 def fit_command(models: str, work: str, train_seed: int = 101, train_n: int = 240, cal_seed: int = 202,
-                cal_n: int = 60, n_neighbors: int = 10, classifiers_only: bool = False) -> dict:
+                cal_n: int = 60, n_neighbors: int = 10, classifiers_only: bool = False, reference_only: bool = False) -> dict:
     """Fit the reference file and the classifier densities for the models in `models` (idempotent).
-    `classifiers_only`: keep input_check.json (it depends on the segmentation model only)."""
+    `classifiers_only`: keep input_check.json (it depends on the segmentation model only);
+    `reference_only`: refit input_check.json only (after retraining the segmentation model)."""
     import glob
 
     import torch
@@ -582,6 +583,8 @@ def fit_command(models: str, work: str, train_seed: int = 101, train_n: int = 24
     if not classifiers_only:
         summary["reference_fitted"] = _fit_reference_file(models, train_dir, cal_dir, seg_path, train_seed, train_n,
                                                           cal_seed, cal_n)
+    if reference_only:
+        return summary
     cal_recs = _cohort(cal_dir)
     cal_studies = [read_study(r.image, r.study_id) for r in cal_recs]
     for path in sorted(glob.glob(os.path.join(models, "classify_*.pt"))):
@@ -640,6 +643,8 @@ def main(argv=None) -> int:
     f.add_argument("--neighbors", type=int, default=10, help="Local Outlier Factor n_neighbors")
     f.add_argument("--classifiers-only", action="store_true",
                    help="refit only the classifier densities (after retraining classifiers; keeps input_check.json)")
+    f.add_argument("--reference-only", action="store_true",
+                   help="refit only input_check.json (after retraining the segmentation model; keeps classify_*.pt)")
     rc = sub.add_parser("recalibrate", help="family-wise intensity thresholds for an already fitted input_check.json")
     rc.add_argument("--models", default="apps/parotid/model")
     rc.add_argument("--calibration", required=True, help="the held-out calibration cohort folder (seed 202, n 60)")
@@ -648,7 +653,7 @@ def main(argv=None) -> int:
         print(json.dumps(recalibrate_command(a.models, a.calibration), indent=1))
         return 0
     print(json.dumps(fit_command(a.models, a.work, a.train_seed, a.train_n, a.cal_seed, a.cal_n, a.neighbors,
-                                        a.classifiers_only), indent=1))
+                                        a.classifiers_only, a.reference_only), indent=1))
     return 0
 
 

@@ -99,7 +99,7 @@ def segmentation_rows(path: str, task: str, records, n_boot: int, seed: int, lim
 
     spec = SPECS[task]
     ck = load_segmentation(path, spec)
-    net, spacing = ck.net, ck.spacing
+    spacing = ck.spacing
     seqs = list(spec.sequences)
     studies = [(r, s, read_label_map(r.label)) for r, s in _complete([r for r in records if r.label], seqs, limit)]
     rows = []
@@ -107,6 +107,7 @@ def segmentation_rows(path: str, task: str, records, n_boot: int, seed: int, lim
         gland, tumour = [], []
         for r, s, lab in studies:
             sub = removed_study(s, seqs, used)
+            net = ck.network_for(sub.sequences)[1]  # the served choice of weights per study's sequences
             if spec.box_prompted:
                 roi = tumour_roi(lab)  # the tight box of the largest tumour is the prompt
                 if roi is None:

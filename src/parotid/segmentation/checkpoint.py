@@ -3,8 +3,10 @@ check (through the served segmentation task), the active-learning scorer, the pr
 evaluations all load them with :func:`load_segmentation`.
 
 A checkpoint (``segmentation/train.py`` writes it) is plain data: ``model`` (the UNet's state dict),
-``spec``, ``sequences``, ``required``, ``optional``, ``stats`` and the training ``spacing``. Older
-checkpoints are a bare state dict or lack ``spec`` / ``required`` / ``spacing``.
+``spec``, ``sequences``, ``required``, ``optional``, ``stats`` and the training ``spacing``, and optionally
+weights for incomplete studies (``subset_models``, parotid.segmentation.subset_models: the study's sequences
+choose the weights, :meth:`SegCheckpoint.network_for`). Older checkpoints are a bare state dict or lack
+``spec`` / ``required`` / ``spacing``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 
 from parotid.model_space import checkpoint_spacing
 from parotid.segmentation.networks import SEGMENTATION, SPECS, SegModelSpec, build_network
+from parotid.segmentation.subset_models import COMPLETE, SUBSET_MODELS, check_parts, part_for, state_dict_of
 from parotid.study import Study, StudyError
 from parotid.study_cache import study_key
 
@@ -34,6 +37,13 @@ class SegCheckpoint:
     spacing: tuple[float, float, float] | None
     meta: dict[str, Any] = field(default_factory=dict)
     identity: Hashable = None
+    subset_nets: dict[str, torch.nn.Module] = field(default_factory=dict)
+
+    def network_for(self, sequences) -> tuple[str, torch.nn.Module]:
+        """(part, network) serving a study with `sequences`: the incomplete-study weights when the study lacks
+        one of the model's inputs and the file has them, else the complete-study network ``net``."""
+        part = part_for(self.meta, self.spec, sequences)
+        return part, (self.net if part == COMPLETE else self.subset_nets[part])
 
 
 def load_segmentation(path: str, spec: SegModelSpec | None = None) -> SegCheckpoint:
@@ -49,8 +59,14 @@ def load_segmentation(path: str, spec: SegModelSpec | None = None) -> SegCheckpo
     net = build_network(spec)
     net.load_state_dict(state, strict=True)
     net.eval()
+    check_parts(entries, net)  # every part loads strictly, one training spacing
+    subset_nets = {}
+    for part in entries.get(SUBSET_MODELS) or {}:
+        subset_nets[part] = build_network(spec)
+        subset_nets[part].load_state_dict(state_dict_of(entries, part), strict=True)
+        subset_nets[part].eval()
     return SegCheckpoint(net, spec, checkpoint_spacing(entries or None),
-                         {k: v for k, v in entries.items() if k != "model"}, (path, st.st_mtime_ns))
+                         {k: v for k, v in entries.items() if k != "model"}, (path, st.st_mtime_ns), subset_nets)
 
 
 class HotCheckpoint:
@@ -116,6 +132,6 @@ class StudySegmenter:
             if key in self._labels:
                 self._labels.move_to_end(key)
                 return self._labels[key]
-        label, _ = segment_study(ck.net, ck.spec, study, ck.spacing)
+        label, _ = segment_study(ck.network_for(study.sequences)[1], ck.spec, study, ck.spacing)
         self.remember(ck, study, label)
         return label

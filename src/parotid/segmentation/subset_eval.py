@@ -38,7 +38,7 @@ def load_checkpoint(path: str):
     if ck.spec.box_prompted:
         raise ValueError(f"{path}: a box-prompted model; this evaluates whole-study segmentation")
     # what the checkpoint was trained to need (older checkpoints: none recorded; evaluated with zero channels)
-    return ck.net, replace(ck.spec, required=tuple(ck.meta.get("required", ["T2"]))), ck.spacing
+    return ck, replace(ck.spec, required=tuple(ck.meta.get("required", ["T2"])))
 
 
 def evaluate_cohorts(cohorts: list[str], checkpoints: list[str], subsets=tuple(SUBSETS)) -> dict:
@@ -55,9 +55,9 @@ def evaluate_cohorts(cohorts: list[str], checkpoints: list[str], subsets=tuple(S
         lab = read_label_map(it.label)
         for subset in subsets:
             sub = without(study, missing_in(subset, spec0.sequences))
-            for path, (net, spec, spacing) in models.items():
+            for path, (ck, spec) in models.items():
                 with torch.no_grad():
-                    pred, _ = segment_study(net, spec, sub, spacing)
+                    pred, _ = segment_study(ck.network_for(sub.sequences)[1], spec, sub, ck.spacing)
                 scores[path][subset]["gland"].append(dice(pred == GLAND, lab == GLAND))
                 scores[path][subset]["tumor"].append(dice(pred == TUMOR, lab == TUMOR))
     out = {"synthetic": True, "cohorts": cohorts, "n": len(used), "studies": used, "skipped_incomplete": skipped,

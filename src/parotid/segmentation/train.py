@@ -44,6 +44,7 @@ from parotid.model_space import SPACING_KEY, checkpoint_spacing, file_spacing, l
 from parotid.segmentation.inference import box_input, box_region, contour_in_box, dice, segment, study_input
 from parotid.segmentation.networks import SPECS, SegModelSpec, build_network
 from parotid.segmentation.sequence_dropout import MINIMUM, SUBSETS, RandSequenceDropoutd, missing_in, optional_sequences
+from parotid.segmentation.subset_models import COMPLETE, INCOMPLETE, SUBSET_MODELS, combine, state_dict_of
 from parotid.study import read_label_map, read_study, roi_from_mask
 
 KEY_METRIC = "val_mean_dice"
@@ -130,14 +131,15 @@ def _box_sample(img: np.ndarray, lab: np.ndarray, roi: Sequence[int], spec: SegM
     return {"image": x[0], "label": F.interpolate(y, size=spec.patch, mode="nearest")[0]}
 
 
-def augmentation(spec: SegModelSpec) -> Compose:
-    """MONAI transforms on {"image", "label"}: in-plane flips, intensity scale/shift, sequence dropout."""
+def augmentation(spec: SegModelSpec, dropout_prob: float = 0.5) -> Compose:
+    """MONAI transforms on {"image", "label"}: in-plane flips, intensity scale/shift, sequence dropout
+    (`dropout_prob` of the samples lack sequences; 1.0: every sample is an incomplete study)."""
     return Compose([
         RandFlipd(["image", "label"], prob=0.5, spatial_axis=0),
         RandFlipd(["image", "label"], prob=0.5, spatial_axis=1),
         RandScaleIntensityd("image", 0.1, prob=0.5),
         RandShiftIntensityd("image", 0.1, prob=0.5),
-        RandSequenceDropoutd("image", spec.sequences, prob=0.5),
+        RandSequenceDropoutd("image", spec.sequences, prob=dropout_prob),
     ])
 
 
@@ -145,12 +147,12 @@ class RandomSamples(torch.utils.data.Dataset):
     """`length` training samples drawn in order from one generator: a random patch of a random study
     (whole-study model) or a random tumour of a random study under a jittered box (box model)."""
 
-    def __init__(self, data, spec: SegModelSpec, length: int, seed: int):
+    def __init__(self, data, spec: SegModelSpec, length: int, seed: int, dropout_prob: float = 0.5):
         self.data, self.spec, self.length = data, spec, length
         if spec.box_prompted:
             self.data = [(img, lab) for img, lab in data if (lab == TUMOR).any()]
         self.rng = np.random.default_rng(seed)
-        self.transform = augmentation(spec)
+        self.transform = augmentation(spec, dropout_prob)
         self.transform.set_random_state(seed)
 
     def __len__(self) -> int:
@@ -177,13 +179,15 @@ def drop_sequences(img: np.ndarray, spec: SegModelSpec, subset: str) -> np.ndarr
     return out
 
 
-def validation_samples(data, spec: SegModelSpec) -> list[dict]:
+def validation_samples(data, spec: SegModelSpec, dropout_prob: float = 0.5) -> list[dict]:
     """Each validation study with all its sequences and once more as an incomplete study (no CE-T1,
-    no DWI/ADC, T2 only in turn), so the best weights are the best on both."""
+    no DWI/ADC, T2 only in turn), so the best weights are the best on both. Weights trained for one kind
+    of study only are validated on it: `dropout_prob` 0, complete studies; 1, incomplete ones."""
     subsets = [s for s in SUBSETS if s != "all"]
     out = []
     for i, (img, lab) in enumerate(data):
-        for subset in ("all", subsets[i % len(subsets)]):
+        kinds = ("all", subsets[i % len(subsets)])
+        for subset in kinds[:1] if dropout_prob <= 0 else kinds[1:] if dropout_prob >= 1 else kinds:
             x = drop_sequences(img, spec, subset)
             if spec.box_prompted:
                 comps = _tumour_components(lab == TUMOR)
@@ -231,17 +235,18 @@ def _loader(samples, batch_size: int) -> torch.utils.data.DataLoader:
 
 def build_engines(net, spec: SegModelSpec, trn, val, iterations: int, batch_size: int, lr: float, seed: int,
                   val_interval: int, patience: int, progress: Callable[[int, float], None] | None = None,
-                  stop_after: int | None = None):
+                  stop_after: int | None = None, dropout_prob: float = 0.5):
     """(trainer, evaluator): one trainer 'epoch' is `val_interval` iterations, then a validation.
     `stop_after`: stop after that many iterations (rounded up to a validation), the learning-rate
-    schedule still planned for `iterations`."""
+    schedule still planned for `iterations`. `dropout_prob`: share of training samples lacking sequences
+    (0: complete studies only, 1: incomplete ones only; validated likewise)."""
     device = torch.device("cpu")
     n_classes = spec.out_channels
     post = Compose([AsDiscreted("pred", argmax=True, to_onehot=n_classes), AsDiscreted("label", to_onehot=n_classes)])
     inferer = SimpleInferer() if spec.box_prompted else SlidingWindowInferer(
         roi_size=spec.patch, sw_batch_size=2, overlap=0.25, mode="gaussian")
     evaluator = SupervisedEvaluator(
-        device=device, val_data_loader=_loader(validation_samples(val, spec), 1), network=net, inferer=inferer,
+        device=device, val_data_loader=_loader(validation_samples(val, spec, dropout_prob), 1), network=net, inferer=inferer,
         postprocessing=post, key_val_metric={KEY_METRIC: MeanDice(include_background=False, output_transform=from_engine(["pred", "label"]))},
     )
     epochs = -(-iterations // val_interval)  # iterations rounded up to whole validation intervals
@@ -250,7 +255,7 @@ def build_engines(net, spec: SegModelSpec, trn, val, iterations: int, batch_size
     trainer = SupervisedTrainer(
         device=device, max_epochs=min(epochs, -(-stop_after // val_interval)) if stop_after else epochs,
         epoch_length=val_interval,
-        train_data_loader=_loader(RandomSamples(trn, spec, epochs * val_interval * batch_size, seed), batch_size),
+        train_data_loader=_loader(RandomSamples(trn, spec, epochs * val_interval * batch_size, seed, dropout_prob), batch_size),
         network=net, optimizer=opt, loss_function=DiceCELoss(to_onehot_y=True, softmax=True),
         train_handlers=[LrScheduleHandler(sched, print_lr=False, epoch_level=False),
                         ValidationHandler(validator=evaluator, interval=1, epoch_level=True)],
@@ -305,9 +310,12 @@ def train(
     patience: int = 4,
     max_val_studies: int = 16,
     stop_after: int | None = None,
+    dropout_prob: float = 0.5,
+    init_part: str = COMPLETE,
 ) -> dict:
     """Train `spec` on `items` (held-out studies excluded); write the best checkpoint atomically to
-    `out_path` (+ stats json next to it); return the stats."""
+    `out_path` (+ stats json next to it); return the stats. `init_part`: which weights of `init_from`
+    to start from (parotid.segmentation.subset_models)."""
     set_determinism(seed)
     rng = np.random.default_rng(seed)
     n_items = len(items)
@@ -324,10 +332,10 @@ def train(
 
     net = build_network(spec)
     if init_from and os.path.exists(init_from):
-        net.load_state_dict(torch.load(init_from, map_location="cpu")["model"])
+        net.load_state_dict(state_dict_of(torch.load(init_from, map_location="cpu", weights_only=True), init_part))
     val_interval = val_interval or default_val_interval(iterations)
     trainer, evaluator = build_engines(net, spec, trn, val, iterations, batch_size, lr, seed, val_interval, patience, progress,
-                                       stop_after)
+                                       stop_after, dropout_prob)
     start = time.time()
 
     def publish():
@@ -346,10 +354,32 @@ def train(
         best_metric_iteration=int(evaluator.state.best_metric_epoch) * val_interval, val_interval=val_interval,
         stopped_early=trainer.state.iteration < trainer.state.max_epochs * val_interval, subset_dice=subsets,
         train_seconds=round(time.time() - start, 1), version=time.strftime("%Y%m%d-%H%M%S"), spacing=spacing,
-        required=list(MINIMUM), optional=optional_sequences(spec.sequences),
+        required=list(MINIMUM), optional=optional_sequences(spec.sequences), dropout_prob=dropout_prob,
     )
     save_checkpoint(net, spec, stats, out_path, spacing)
     return stats
+
+
+def has_subset_models(path: str | None) -> bool:
+    return bool(path and os.path.exists(path)
+                and torch.load(path, map_location="cpu", weights_only=True).get(SUBSET_MODELS))
+
+
+def train_subset_models(spec: SegModelSpec, items: Sequence[CohortItem], out_path: str, init_from: str | None = None,
+                        **kwargs) -> dict:
+    """Retrain a file with complete- and incomplete-study weights (parotid.segmentation.subset_models):
+    the complete part without sequence dropout, the incomplete part with every sample lacking sequences,
+    each from its own weights of `init_from` (None: from scratch); then one file. `kwargs`: `train`'s."""
+    import tempfile
+
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".subset-models-", dir=os.path.dirname(os.path.abspath(out_path))) as tmp:
+        paths = {part: os.path.join(tmp, part, f"{spec.name}.pt") for part in (COMPLETE, INCOMPLETE)}
+        for part, prob in ((COMPLETE, 0.0), (INCOMPLETE, 1.0)):
+            start = init_from if init_from and (part == COMPLETE or has_subset_models(init_from)) else None
+            train(spec, items, paths[part], init_from=start, init_part=part if start else COMPLETE,
+                  dropout_prob=prob, **kwargs)
+        return combine(paths[COMPLETE], paths[INCOMPLETE], out_path)
 
 
 def save_checkpoint(net, spec: SegModelSpec, stats: dict, out_path: str, spacing=None) -> None:
@@ -381,6 +411,10 @@ def main(argv=None) -> int:
     p.add_argument("--patience", type=int, default=4, help="validations without improvement before stopping")
     p.add_argument("--stop-after", type=int, help="stop after this many iterations (schedule still for --iterations)")
     p.add_argument("--init-from", help="checkpoint to fine-tune from")
+    p.add_argument("--init-part", choices=[COMPLETE, INCOMPLETE], default=COMPLETE,
+                   help="which weights of an --init-from file with subset models to start from")
+    p.add_argument("--dropout-prob", type=float, default=0.5,
+                   help="share of training samples lacking sequences (1.0: a model for incomplete studies only)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     spec = SPECS[a.model]
@@ -394,7 +428,7 @@ def main(argv=None) -> int:
 
     stats = train(spec, items, os.path.join(a.out, f"{spec.name}.pt"), a.iterations, a.batch_size, lr=a.lr,
                   seed=a.seed, init_from=a.init_from, val_interval=a.val_interval, patience=a.patience, progress=progress,
-                  stop_after=a.stop_after)
+                  stop_after=a.stop_after, dropout_prob=a.dropout_prob, init_part=a.init_part)
     print(json.dumps(stats, indent=2))
     return 0
 

@@ -76,7 +76,7 @@ class StudyUncertaintyScoring(ScoringMethod):
             from parotid.classification.checkpoint import load_checkpoint
 
             cls_model, cls_cfg = load_checkpoint(self.cls_path)
-        return ck.net, cls_model, cls_cfg
+        return ck, cls_model, cls_cfg
 
     def __call__(self, request: Dict[str, Any], datastore: Datastore) -> Dict[str, Any]:
         images = datastore.get_unlabeled_images(DefaultLabelTag.FINAL)
@@ -93,7 +93,7 @@ class StudyUncertaintyScoring(ScoringMethod):
                 continue  # already scored with these checkpoints
             try:
                 study = read_study(datastore.get_image_uri(image_id), image_id)
-                scores = score_study(study, seg, cls_model, cls_cfg, self.seg_spacing)
+                scores = score_study(study, seg.network_for(study.sequences)[1], cls_model, cls_cfg, self.seg_spacing)
             except StudyError as e:
                 logger.warning(f"cannot score study {image_id}: {e}")
                 continue

@@ -71,10 +71,12 @@ class SegmentStudy(SegmentationTask):
 
     def predict(self, network: SegCheckpoint, study: Study, data: Dict[str, Any]):
         self.require_sequences(study)
-        label, space = segment_study(network.net, self.spec, study, network.spacing)
+        # the file's weights for this study's sequences (complete / incomplete, parotid.segmentation.subset_models)
+        part, net = network.network_for(study.sequences)
+        label, space = segment_study(net, self.spec, study, network.spacing)
         self.segmenter.remember(network, study, label)  # the classifiers' box and input check reuse it
         comps, _ = input_check.study_components(study, self.model_dir, label=label, segmenter=self.segmenter)
-        return label, {"model": self.spec.name, **_summary(label, study), **space.params,
+        return label, {"model": self.spec.name, "weights": part, **_summary(label, study), **space.params,
                        **self.sequence_report(study), "input_check": input_check.combine(comps)}
 
 
@@ -112,7 +114,7 @@ class ContourInBox(UsesSegmentation, SegmentationTask):
         box = comps.pop("tumor_in_box", None)
         label, space = np.zeros(study.shape, np.uint8), None
         if box is None or box["tumor_found"]:
-            label, space = contour_study(network.net, self.spec, study, roi, network.spacing)
+            label, space = contour_study(network.network_for(study.sequences)[1], self.spec, study, roi, network.spacing)
         found = bool((label == TUMOR).any())
         space_params = space.params if space else {"model_spacing": network.spacing, "resampled": False}
         return label, {"model": self.spec.name, INFO_ROI: [int(v) for v in roi], **_summary(label, study),

@@ -1,7 +1,8 @@
 """Train task for the segmentation models: runs in MONAI Label's training subprocess.
 
 Fine-tunes from the served checkpoint on the datastore's final labels outside the fixed held-out part
-(``parotid.cohort.split_holdout``), writes a candidate version into the model registry, and the
+(``parotid.cohort.split_holdout``; a file with complete- and incomplete-study weights,
+parotid.segmentation.subset_models: both parts, each from its own weights), writes a candidate version into the model registry, and the
 promotion gate compares it with the served checkpoint by mean tumour Dice on the held-out studies
 (parotid.registry). Promoted, it replaces the served checkpoint atomically (hot reload by mtime).
 """
@@ -18,7 +19,7 @@ from lib.trainers.gated import GatedTrainTask
 from parotid.cohort import cohort_items, split_holdout
 from parotid.holdout_scores import segmentation_scores
 from parotid.segmentation.networks import SegModelSpec
-from parotid.segmentation.train import train
+from parotid.segmentation.train import has_subset_models, train, train_subset_models
 
 logger = logging.getLogger(__name__)
 
@@ -53,9 +54,12 @@ class TrainSegmentation(GatedTrainTask):
                     f"({len(holdout_items)} held out for the promotion gate): {conf}")
         init_from = None if conf.get("from_scratch") else self.path
 
+        args = dict(iterations=int(conf["iterations"]), batch_size=int(conf["batch_size"]), seed=int(conf["seed"]))
+
         def train_candidate(path: str) -> dict:
-            return train(self.spec, train_items, path, iterations=int(conf["iterations"]),
-                         batch_size=int(conf["batch_size"]), seed=int(conf["seed"]), init_from=init_from)
+            if has_subset_models(self.path):  # complete- and incomplete-study weights: both retrained
+                return train_subset_models(self.spec, train_items, path, init_from=init_from, **args)
+            return train(self.spec, train_items, path, init_from=init_from, **args)
 
         return self.run_gated(conf, train_items, holdout_items, train_candidate,
                               lambda path: segmentation_scores(path, self.spec, holdout_items), config=conf)

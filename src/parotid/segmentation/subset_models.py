@@ -1,0 +1,109 @@
+"""One segmentation checkpoint file, one set of weights per kind of study (issue 15).
+
+A whole-study segmentation checkpoint holds the weights for COMPLETE studies (every input sequence
+present) under ``model``, as every checkpoint always has, and may hold a second set under
+``subset_models["incomplete"]``: weights trained with sequence dropout (parotid.segmentation.sequence_dropout)
+that serve a study lacking any optional sequence (no CE-T1, no DWI/ADC, T2 only, ...). The study's
+sequences choose the weights at request time (``parotid.segmentation.checkpoint.load_segmentation`` loads
+every part, ``SegCheckpoint.network_for`` picks one); a file without ``subset_models`` serves ``model`` to
+every study, as before. Both parts share the spec, the input sequences and the training spacing, so the
+registry, hot reload, PUT /model and the SHA-256-stamped subsets table keep treating the file as one
+model.
+
+Why two sets (measured, SYNTHETIC, docs/model-card-segmentation.md): one network trained with sequence
+dropout gains on incomplete studies (T2 only: gland Dice 0.00 -> 0.75) but lost ~0.01 tumour Dice on
+complete ones, below the full-sequence quality bar; two sets keep the full-sequence weights unchanged.
+
+    python -m parotid.segmentation.subset_models combine --complete c.pt --incomplete f.pt --out apps/parotid/model/segmentation.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Sequence
+
+import torch
+
+from parotid.model_space import SPACING_KEY, checkpoint_spacing
+from parotid.segmentation.networks import SPECS, SegModelSpec, build_network
+
+COMPLETE, INCOMPLETE = "complete", "incomplete"
+SUBSET_MODELS = "subset_models"
+
+
+def part_for(ck: dict, spec: SegModelSpec, sequences: Sequence[str]) -> str:
+    """The weights serving a study with `sequences`: INCOMPLETE when it lacks one of the model's input
+    sequences and the file has incomplete-study weights, else COMPLETE."""
+    complete = all(s in sequences for s in spec.sequences)
+    return INCOMPLETE if not complete and INCOMPLETE in (ck.get(SUBSET_MODELS) or {}) else COMPLETE
+
+
+def state_dict_of(ck: dict, part: str) -> dict:
+    return ck["model"] if part == COMPLETE else ck[SUBSET_MODELS][part]["model"]
+
+
+def parts(ck: dict) -> list[str]:
+    return [COMPLETE] + list(ck.get(SUBSET_MODELS) or {})
+
+
+def check_parts(ck: dict, network: torch.nn.Module) -> None:
+    """Every part of `ck` loads strictly into a copy of `network` and they share one spacing (raises)."""
+    import copy
+
+    for part in parts(ck)[1:]:
+        entry = ck[SUBSET_MODELS][part]
+        if not isinstance(entry, dict) or not isinstance(entry.get("model"), dict):
+            raise ValueError(f"subset model {part!r} has no state dict")
+        copy.deepcopy(network).load_state_dict(entry["model"], strict=True)
+        if entry.get(SPACING_KEY) is not None and checkpoint_spacing(entry) != checkpoint_spacing(ck):
+            raise ValueError(f"subset model {part!r} was trained at spacing {entry[SPACING_KEY]}, "
+                             f"the file's is {ck.get(SPACING_KEY)}")
+
+
+def combine(complete_path: str, incomplete_path: str, out_path: str) -> dict:
+    """Write `out_path` (+ its .json sidecar): `complete_path`'s checkpoint with `incomplete_path`'s
+    weights as the incomplete-study part. Returns the stats written to the sidecar."""
+    ck = torch.load(complete_path, map_location="cpu", weights_only=True)
+    inc = torch.load(incomplete_path, map_location="cpu", weights_only=True)
+    for other in (ck, inc):
+        if SUBSET_MODELS in other:
+            raise ValueError("combine plain checkpoints (one set of weights each)")
+    if ck.get("spec") != inc.get("spec") or list(ck.get("sequences", [])) != list(inc.get("sequences", [])):
+        raise ValueError(f"different models: {ck.get('spec')} {ck.get('sequences')} vs {inc.get('spec')} {inc.get('sequences')}")
+    if checkpoint_spacing(ck) != checkpoint_spacing(inc):
+        raise ValueError(f"different training spacings: {ck.get(SPACING_KEY)} vs {inc.get(SPACING_KEY)}")
+    spec = SPECS[ck.get("spec", "segmentation")]
+    inc_stats = dict(inc.get("stats") or {})
+    stats = {**dict(ck.get("stats") or {}), "required": list(inc.get("required", ["T2"])),
+             "optional": list(inc.get("optional", [])),
+             SUBSET_MODELS: {INCOMPLETE: {"serves": "studies lacking any of " + ", ".join(spec.sequences), **inc_stats}}}
+    out = {**ck, "stats": stats, "required": stats["required"], "optional": stats["optional"],
+           SUBSET_MODELS: {INCOMPLETE: {"model": inc["model"], "stats": inc_stats, SPACING_KEY: inc.get(SPACING_KEY)}}}
+    check_parts(out, build_network(spec))
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    tmp = out_path + ".tmp"
+    torch.save(out, tmp)
+    os.replace(tmp, out_path)  # atomic: the server's hot reload never sees a partial file
+    with open(os.path.splitext(out_path)[0] + ".json", "w") as f:
+        json.dump(stats, f, indent=2)
+    return stats
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m parotid.segmentation.subset_models",
+                                 description="One segmentation checkpoint with weights for complete and incomplete studies.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("combine", help="complete-study weights + incomplete-study weights -> one checkpoint file")
+    c.add_argument("--complete", required=True, help="checkpoint serving studies with every input sequence")
+    c.add_argument("--incomplete", required=True, help="checkpoint (sequence dropout) serving studies lacking any")
+    c.add_argument("--out", required=True, help="e.g. apps/parotid/model/segmentation.pt")
+    a = ap.parse_args(argv)
+    stats = combine(a.complete, a.incomplete, a.out)
+    print(json.dumps({k: stats[k] for k in ("dice_gland", "dice_tumor", "required") if k in stats}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

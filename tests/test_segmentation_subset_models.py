@@ -1,0 +1,93 @@
+"""One whole-study segmentation checkpoint with weights for complete and for incomplete studies (issue 15,
+parotid.segmentation.subset_models): the study's sequences choose the weights; combining keeps each part
+bit for bit and refuses parts that do not fit together; retraining such a file retrains both parts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from parotid.cohort import load_cohort
+from parotid.segmentation.networks import SEGMENTATION, build_network
+from parotid.segmentation.sequence_dropout import SUBSETS, missing_in
+from parotid.segmentation.checkpoint import load_segmentation
+from parotid.segmentation.subset_models import (COMPLETE, INCOMPLETE, SUBSET_MODELS, check_parts, combine, part_for,
+                                                state_dict_of)
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "sample-data" / "studies"
+MODEL = ROOT / "apps" / "parotid" / "model" / "segmentation.pt"
+
+
+def _plain(tmp_path: Path, name: str, part: str = COMPLETE, shift: float = 0.0, **extra) -> str:
+    """A one-part checkpoint from a part of the shipped file (weights shifted by `shift`)."""
+    ck = torch.load(MODEL, map_location="cpu", weights_only=True)
+    state = {k: v + shift if v.is_floating_point() else v for k, v in state_dict_of(ck, part).items()}
+    out = {k: v for k, v in ck.items() if k != SUBSET_MODELS}
+    out.update(model=state, stats={"part": name}, **extra)
+    path = tmp_path / name / "segmentation.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(out, path)
+    return str(path)
+
+
+def _equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_shipped_file_serves_incomplete_studies_with_their_own_weights():
+    ck = torch.load(MODEL, map_location="cpu", weights_only=True)
+    seqs = SEGMENTATION.sequences
+    assert part_for(ck, SEGMENTATION, seqs) == COMPLETE
+    for subset in [s for s in SUBSETS if s != "all"] + ["no_T1"]:
+        lacking = missing_in(subset, seqs) if subset in SUBSETS else ("T1",)
+        assert part_for(ck, SEGMENTATION, [s for s in seqs if s not in lacking]) == INCOMPLETE, subset
+    assert not _equal(state_dict_of(ck, COMPLETE), state_dict_of(ck, INCOMPLETE))
+    assert ck["required"] == ["T2"] and "serves" in ck["stats"][SUBSET_MODELS][INCOMPLETE]
+    seg = load_segmentation(str(MODEL))  # the one loader builds every part once
+    assert seg.network_for(["T2"]) == (INCOMPLETE, seg.subset_nets[INCOMPLETE]) and seg.network_for(seqs)[1] is seg.net
+    assert seg.network_for(["T2"])[1] is seg.network_for(["T2", "CET1"])[1]
+    assert _equal(seg.subset_nets[INCOMPLETE].state_dict(), state_dict_of(ck, INCOMPLETE))
+    # a file without incomplete-study weights serves its one model to every study, as before
+    assert part_for({"model": ck["model"]}, SEGMENTATION, ["T2"]) == COMPLETE
+
+
+def test_combine_keeps_each_part_and_refuses_parts_that_do_not_fit(tmp_path):
+    a = _plain(tmp_path, "a")
+    b = _plain(tmp_path, "b", shift=0.01)
+    out = tmp_path / "out" / "segmentation.pt"
+    stats = combine(a, b, str(out))
+    ck = torch.load(out, map_location="cpu", weights_only=True)
+    assert _equal(state_dict_of(ck, COMPLETE), torch.load(a, weights_only=True)["model"])
+    assert _equal(state_dict_of(ck, INCOMPLETE), torch.load(b, weights_only=True)["model"])
+    assert stats["part"] == "a" and stats[SUBSET_MODELS][INCOMPLETE]["part"] == "b"
+    assert (out.parent / "segmentation.json").exists()
+    with pytest.raises(ValueError, match="spacing"):
+        combine(a, _plain(tmp_path, "c", spacing=[1.0, 1.0, 3.0]), str(tmp_path / "x.pt"))
+    with pytest.raises(ValueError, match="plain"):
+        combine(str(out), b, str(tmp_path / "y.pt"))
+    # an uploaded file whose incomplete part does not load into the network is refused (PUT /model check)
+    ck[SUBSET_MODELS][INCOMPLETE]["model"] = {k: v for k, v in list(ck["model"].items())[:-1]}
+    with pytest.raises(RuntimeError, match="Missing key"):
+        check_parts(ck, build_network(SEGMENTATION))
+
+
+def test_retraining_a_two_part_file_retrains_both_parts(tmp_path):
+    from parotid.segmentation.train import train_subset_models
+
+    torch.set_num_threads(1)
+    init = tmp_path / "init" / "segmentation.pt"
+    combine(_plain(tmp_path, "a"), _plain(tmp_path, "b", part=INCOMPLETE), str(init))
+    out = tmp_path / "out" / "segmentation.pt"
+    stats = train_subset_models(SEGMENTATION, load_cohort(str(SAMPLE)), str(out), init_from=str(init),
+                                iterations=2, batch_size=1, lr=1e-3, seed=0, val_interval=2, max_val_studies=1)
+    ck, start = (torch.load(p, map_location="cpu", weights_only=True) for p in (out, init))
+    assert stats["dropout_prob"] == 0.0 and stats[SUBSET_MODELS][INCOMPLETE]["dropout_prob"] == 1.0
+    for part in (COMPLETE, INCOMPLETE):  # each part fine-tuned from its own weights
+        new, old, other = (state_dict_of(c, p) for c, p in ((ck, part), (start, part), (start, COMPLETE if part == INCOMPLETE else INCOMPLETE)))
+        assert not _equal(new, old)
+        key = next(k for k in new if new[k].is_floating_point() and new[k].numel() > 100)
+        assert (new[key] - old[key]).abs().max() < (new[key] - other[key]).abs().max(), part
+    assert sorted(p.name for p in out.parent.iterdir()) == ["segmentation.json", "segmentation.pt"]
