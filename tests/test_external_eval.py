@@ -16,14 +16,16 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, roc_auc_score
 
+from parotid import input_check
 from parotid.evaluation import cli
 from parotid.evaluation.external import load_pool, study_sites
+from parotid.study import read_study
 from parotid.importer import main as import_main
 from parotid.synth.cohort import write_cohort
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 TINY = ["--fusion", "T2", "CET1", "--size", "32", "--epochs1", "1", "--epochs2", "2", "--folds", "2", "--n-boot", "10",
-        "--threads", "1"]
+        "--threads", "1", "--no-input-check"]
 
 
 @pytest.fixture(scope="module")
@@ -106,3 +108,44 @@ def test_bad_arguments(sites):
         cli.main(["external", "--train", str(a), "--out", str(tmp / "x")])  # neither --test nor --leave-one-site-out
     with pytest.raises(SystemExit, match="two sites"):
         cli.main(["external", "--leave-one-site-out", "--cohorts", str(a), "--out", str(tmp / "x")] + TINY)
+
+
+def test_input_check_flags_are_counted(sites, tmp_path):
+    """The report counts the external studies the SERVED input check flags (apps/parotid/model) and gives the
+    metrics of the unflagged ones; one study is made implausible (12 mm slices: physical check)."""
+    import SimpleITK as sitk
+
+    a, b, tmp = sites
+    c = tmp_path / "siteB_flag"
+    shutil.copytree(b, c)
+    bad = "syn7_0023"
+    img = sitk.ReadImage(str(c / f"{bad}.nii.gz"))
+    img.SetSpacing(img.GetSpacing()[:2] + (12.0,))
+    sitk.WriteImage(img, str(c / f"{bad}.nii.gz"))
+    model_dir = os.path.join(ROOT, "apps", "parotid", "model")
+    args = [x for x in TINY if x != "--no-input-check"] + ["--input-check", model_dir]
+    res = cli.main(["external", "--train", str(a), "--test", str(c), "--out", str(tmp_path / "o"), "--name", "ic"] + args)
+    r = res["siteB_1.5T"]
+    expect = {}
+    for row in csv.DictReader(open(c / "cohort.csv")):  # the served path, study by study
+        roi = json.loads(row["roi"])
+        comps = input_check.box_components(read_study(str(c / f"{row['study_id']}.nii.gz"), row["study_id"]), roi,
+                                           model_dir)
+        expect[row["study_id"]] = not input_check.combine(comps)["in_distribution"]
+    assert expect[bad]
+    assert r["input_check"]["n_checked"] == 5
+    assert r["input_check"]["n_flagged"] == sum(expect.values())
+    assert r["input_check"]["flagged"] == sorted(k for k, v in expect.items() if v)
+    assert r["input_check"]["by_component"].get("physical", 0) >= 1
+    pr = [p for p in r["predictions"] if p["part"] == "external"]
+    assert {p["study_id"]: p["flagged"] for p in pr} == expect
+    ok = [p for p in pr if not p["flagged"]]
+    yb = np.array([p["y"] == 3 for p in ok], int)
+    if r["external_unflagged"] is None:  # the unflagged studies lack a benign or a malignant one
+        assert len(set(yb)) < 2
+    else:
+        assert r["external_unflagged"]["n"] == len(ok)
+        assert r["external_unflagged"]["binary"]["roc_auc"][0] == pytest.approx(
+            roc_auc_score(yb, [p["prob"][3] for p in ok]))
+    md = (tmp_path / "o" / "ic.md").read_text()
+    assert f"{sum(expect.values())} / 5" in md
