@@ -1,7 +1,7 @@
 """``parotid-eval external``: cross-site validation (SYNTHETIC cohorts, tiny settings, CPU).
 
-Site A: the shipped sample-data/studies (seed 7, default profile; no ``site`` column -> the folder
-name). Site B: 5 new patients (seed 7, indices 22-26: all four classes) with the ``siteB_1.5T``
+Site A: the shipped sample-data/studies (seed 7, default profile), copied with its ``site`` column and
+label-info ``site`` removed (a cohort that does not say its site -> the folder name). Site B: 5 new patients (seed 7, indices 22-26: all four classes) with the ``siteB_1.5T``
 acquisition profile (``site`` column of cohort.csv).
 """
 
@@ -33,10 +33,29 @@ def sites(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ext")
     a = tmp / "siteA"
     shutil.copytree(os.path.join(ROOT, "sample-data", "studies"), a)
+    _remove_site(a)
     b = tmp / "siteB"
     write_cohort(str(b), n=5, seed=7, start=22, raw=True, keep=("CET1", "T2"), profile="siteB_1.5T", progress=False)
     os.environ.setdefault("PAROTID_CROP_CACHE", str(tmp / "crops"))
     return a, b, tmp
+
+
+def _remove_site(folder) -> None:
+    rows = list(csv.DictReader(open(folder / "cohort.csv")))
+    with open(folder / "cohort.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=[k for k in rows[0] if k != "site"])
+        w.writeheader()
+        w.writerows([{k: v for k, v in r.items() if k != "site"} for r in rows])
+    ds = json.load(open(folder / "datastore_v2.json"))
+    for obj in ds["objects"].values():
+        obj["labels"]["final"]["info"].pop("site", None)
+    json.dump(ds, open(folder / "datastore_v2.json", "w"))
+
+
+def test_sample_data_says_its_site():
+    sample = os.path.join(ROOT, "sample-data", "studies")
+    assert set(study_sites(sample).values()) == {"default"}
+    assert {r["site"] for r in csv.DictReader(open(os.path.join(sample, "cohort.csv")))} == {"default"}
 
 
 def test_sites_read_from_cohort_csv_label_info_or_folder(sites, tmp_path):
@@ -149,3 +168,50 @@ def test_input_check_flags_are_counted(sites, tmp_path):
             roc_auc_score(yb, [p["prob"][3] for p in ok]))
     md = (tmp_path / "o" / "ic.md").read_text()
     assert f"{sum(expect.values())} / 5" in md
+
+
+def test_ablation_switches_each_measure(sites):
+    """--ablation: one run per configuration (none, each measure alone, all), one model per configuration
+    trained on the --train cohort and tested on every --test site; no internal CV with --folds 0."""
+    a, b, tmp = sites
+    out = tmp / "abl"
+    args = [x if x != "2" or i == 0 else x for i, x in enumerate(TINY)]
+    res = cli.main(["external", "--train", str(a), "--test", str(b), "--out", str(out), "--name", "abl", "--ablation",
+                    "--label-set", "benign_malignant"] + [x for x in args] + ["--folds", "0"])
+    assert list(res) == ["none", "histogram", "augment", "spacing", "histogram+augment+spacing"]
+    for cfg, r in res.items():
+        assert r["siteB_1.5T"]["internal"] is None and r["siteB_1.5T"]["external"]["n"] == 5
+    meta = json.load(open(out / "abl.json"))["meta"]
+    assert meta["measures"]["spacing"]["physical_spacing"] and not meta["measures"]["none"]["augment"]
+    # different measures, different predictions (each switch does something)
+    probs = {k: [p["prob"] for p in r["siteB_1.5T"]["predictions"]] for k, r in res.items()}
+    for k in ("histogram", "augment", "spacing"):
+        assert not np.allclose(probs[k], probs["none"]), k
+    md = (out / "abl.md").read_text()
+    assert "Ablation" in md and md.count("| histogram+augment+spacing |") == 1
+
+
+def test_histogram_standardisation_ignores_the_scanner_scale(sites):
+    """Any monotone change of a sequence's intensities (gain, contrast gamma) gives the same standardised
+    crops; the served p1/p99 scaling is invariant to gain only."""
+    from parotid.evaluation.external import (_standardise_percentile, acquisition_augment, acquisition_transform,
+                                             histogram_standardise)
+
+    a, _, _ = sites
+    cs, _ = load_pool([str(a)], size=32)
+    cs = cs.subset(np.arange(4))
+    scanner = cs.subset(np.arange(4))
+    x = scanner.slices.astype(np.float32)
+    x[:, :, 0] = (np.clip(x[:, :, 0], -2, 4) + 2.0) ** 1.4 * 2.5  # monotone: gamma 1.4 and a gain
+    scanner.slices = x.astype(np.float16)
+    h0, h1 = histogram_standardise(cs).slices.astype(float), histogram_standardise(scanner).slices.astype(float)
+    assert np.abs(h0 - h1)[:, :, 0].mean() < 0.005  # measured 0.002 (256 bins)
+    p0 = np.stack([[_standardise_percentile(s[:, c]) for c in range(s.shape[1])] for s in cs.slices.astype(np.float32)])
+    p1 = np.stack([[_standardise_percentile(s[:, c]) for c in range(s.shape[1])] for s in x])
+    assert np.abs(p0 - p1)[:, 0].mean() > 0.01  # measured 0.015
+    # augmentation: MONAI transforms, deterministic per seed, missing sequences stay zero
+    names = [type(t).__name__ for t in acquisition_transform(0).transforms]
+    assert names == ["RandGaussianSmooth", "RandBiasField", "RandAdjustContrast", "RandScaleIntensity", "RandGaussianNoise"]
+    g1, g2 = acquisition_augment(cs, [0, 1, 2], 5), acquisition_augment(cs, [0, 1, 2], 5)
+    assert np.array_equal(g1.slices, g2.slices) and not np.array_equal(g1.slices, cs.subset([0, 1, 2]).slices)
+    assert (g1.slices[~g1.avail.repeat(1, 0)[:, None, :].repeat(g1.slices.shape[1], 1)] == 0).all()

@@ -4,6 +4,7 @@
     parotid-eval holdout --cohort /tmp/cohort202 --models apps/parotid/model --out docs/results
     parotid-eval external --train /tmp/siteA --test /tmp/siteB --out docs/results     # train on sites, test on another
     parotid-eval external --leave-one-site-out --cohorts /tmp/siteA /tmp/siteB /tmp/siteC
+    parotid-eval sites --cohorts /tmp/s600_default /tmp/s600_siteB_1.5T --models apps/parotid/model   # served, per site
     parotid-eval subsets --cohort /tmp/cohort500 --models apps/parotid/model --write-tables   # per sequence subset
 
 Both write ``<out>/<name>.json`` (all numbers), PNG plots (ROC/PR, reliability, confusion) and a
@@ -595,12 +596,15 @@ def main(argv=None):
     g.add_argument("--ablation", action="store_true",
                    help="run once per configuration: none, each measure alone, all")
     e.set_defaults(fn=cmd_external)
+    from .sites import add_parser as add_sites
     from .subsets import add_parser as add_subsets
 
     add_subsets(sub)
+    add_sites(sub)
     a = ap.parse_args(argv)
     a.argv = argv
-    return a.fn(a)
+    res = a.fn(a)
+    return res if argv is not None else 0  # the console script exits 0; callers with argv get the results
 
 
 if __name__ == "__main__":
