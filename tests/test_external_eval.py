@@ -215,3 +215,31 @@ def test_histogram_standardisation_ignores_the_scanner_scale(sites):
     g1, g2 = acquisition_augment(cs, [0, 1, 2], 5), acquisition_augment(cs, [0, 1, 2], 5)
     assert np.array_equal(g1.slices, g2.slices) and not np.array_equal(g1.slices, cs.subset([0, 1, 2]).slices)
     assert (g1.slices[~g1.avail.repeat(1, 0)[:, None, :].repeat(g1.slices.shape[1], 1)] == 0).all()
+
+
+def test_sites_served_models_per_site(sites, tmp_path):
+    """parotid-eval sites: the served classifiers on one site; flag counts, failures flagged and metrics
+    agree with the per-study results (scikit-learn); a study with 12 mm slices is flagged."""
+    import SimpleITK as sitk
+
+    _, b, _ = sites
+    c = tmp_path / "siteB_sites"
+    shutil.copytree(b, c)
+    img = sitk.ReadImage(str(c / "syn7_0023.nii.gz"))
+    img.SetSpacing(img.GetSpacing()[:2] + (12.0,))
+    sitk.WriteImage(img, str(c / "syn7_0023.nii.gz"))
+    model_dir = os.path.join(ROOT, "apps", "parotid", "model")
+    res = cli.main(["sites", "--cohorts", str(c), "--models", model_dir, "--tasks", "classify_malignancy",
+                    "--out", str(tmp_path / "o"), "--n-boot", "10", "--internal", "none"])
+    r = res[model_dir]["classify_malignancy"]["siteB_1.5T"]
+    pr = r["predictions"]
+    flagged = {p["study_id"]: not p["check"]["in_distribution"] for p in pr}
+    assert len(pr) == 5 and flagged["syn7_0023"]
+    assert r["input_check"]["n_flagged"] == sum(flagged.values())
+    y = np.array([p["y"] for p in pr])
+    score = np.array([p["prob"][1] for p in pr])
+    assert r["all"]["roc_auc"][0] == pytest.approx(roc_auc_score(y, score))
+    wrong = (score >= 0.5) != (y == 1)
+    assert r["misclassified_benign_malignant"] == wrong.sum()
+    assert r["of_which_flagged"] == sum(w and flagged[p["study_id"]] for w, p in zip(wrong, pr))
+    assert "siteB_1.5T" in (tmp_path / "o" / "sites.md").read_text()
