@@ -495,6 +495,9 @@ def cmd_external(a):
         res = _external_runs(a, ls, m, check_cache)
         excluded = res.pop("_excluded")
         all_results[m.name] = res
+        if a.ablation:  # each finished configuration is kept, should a long ablation be stopped
+            with open(os.path.join(a.out, f"{a.name}.partial.json"), "w") as f:
+                json.dump({"results": all_results, "seconds": round(time.time() - t0, 1)}, f, default=float)
     meta = {"command": " ".join(["parotid-eval"] + (sys.argv[1:] if a.argv is None else a.argv)),
             "cohorts": [os.path.abspath(f) for f in folders], "label_set": ls.name, "fusion": a.fusion, "folds": a.folds,
             "epochs1": a.epochs1, "epochs2": a.epochs2, "seed": a.seed, "n_boot": a.n_boot,
