@@ -74,7 +74,10 @@ class CropSet:
 
 
 def build_cropset(folder: str, size: int = DEFAULT_SIZE, n_slices: int = DEFAULT_SLICES, n_free: int = 4,
-                  margin: float = DEFAULT_MARGIN, cache_dir: str | None = None, limit: int | None = None) -> CropSet:
+                  margin: float = DEFAULT_MARGIN, cache_dir: str | None = None, limit: int | None = None,
+                  spacing=None) -> CropSet:
+    """Crops of every labelled study of `folder`; `spacing` (mm, I J K): cut after resampling each study to
+    it (parotid.model_space, as the served models do) instead of on the study's own grid."""
     recs = load_classification_cohort(folder)
     if limit:
         recs = recs[:limit]
@@ -85,14 +88,17 @@ def build_cropset(folder: str, size: int = DEFAULT_SIZE, n_slices: int = DEFAULT
         tag = hashlib.md5(os.path.abspath(folder).encode()).hexdigest()[:8]
         cache_dir = os.environ.get("PAROTID_CROP_CACHE") or os.path.join(tempfile.gettempdir(), "parotid-crops", tag)
     return cropset_from_records(recs, size, n_slices, n_free, margin, cache_dir,
-                                name=os.path.basename(folder.rstrip("/")))
+                                name=os.path.basename(folder.rstrip("/")), spacing=spacing)
 
 
 def cropset_from_records(recs: list[CohortItem], size: int = DEFAULT_SIZE, n_slices: int = DEFAULT_SLICES, n_free: int = 4,
-                         margin: float = DEFAULT_MARGIN, cache_dir: str | None = None, name: str = "cohort") -> CropSet:
-    """Crops of the given studies; cached in `cache_dir` (keyed by ids, boxes, classes and file mtimes)."""
-    key = hashlib.md5(json.dumps([[r.study_id, r.roi, r.tumor_class, os.path.getmtime(r.image),
-                                   os.path.getmtime(r.label) if r.label else 0] for r in recs]).encode()).hexdigest()[:10]
+                         margin: float = DEFAULT_MARGIN, cache_dir: str | None = None, name: str = "cohort",
+                         spacing=None) -> CropSet:
+    """Crops of the given studies; cached in `cache_dir` (keyed by ids, boxes, classes and file mtimes, and
+    `spacing` when given: studies resampled to it first, boxes and labels mapped with them)."""
+    rows = [[r.study_id, r.roi, r.tumor_class, os.path.getmtime(r.image), os.path.getmtime(r.label) if r.label else 0]
+            for r in recs]
+    key = hashlib.md5(json.dumps(rows if spacing is None else [rows, [float(v) for v in spacing]]).encode()).hexdigest()[:10]
     cache = os.path.join(cache_dir, f"crops_s{size}_n{n_slices}_f{n_free}_m{margin}_{key}_k.npz") if cache_dir else None
     if cache and os.path.exists(cache):
         z = np.load(cache, allow_pickle=False)
@@ -110,9 +116,15 @@ def cropset_from_records(recs: list[CohortItem], size: int = DEFAULT_SIZE, n_sli
     ks = np.zeros((n, n_slices), np.int32)
     for i, r in enumerate(tqdm(recs, desc=f"crops {name}", mininterval=5)):
         st = read_study(r.image, r.study_id)
-        arr = st.array()
         lab = read_label_map(r.label) if r.label else None
-        c = extract_crop(arr, r.roi, size, n_slices, margin, label=lab, n_free=n_free)
+        roi = r.roi
+        if spacing is not None:
+            from parotid.model_space import label_to_model, to_model_space
+
+            space = to_model_space(st, spacing)
+            st, roi = space.model_study, space.roi_to_model(r.roi)
+            lab = None if lab is None else label_to_model(lab, space)
+        c = extract_crop(st.array(), roi, size, n_slices, margin, label=lab, n_free=n_free)
         ch = [seqs.index(s) for s in st.sequences]
         slices[i][:, ch] = c.slices
         avail[i, ch] = True

@@ -4,6 +4,7 @@
     parotid-eval holdout --cohort /tmp/cohort202 --models apps/parotid/model --out docs/results
     parotid-eval external --train /tmp/siteA --test /tmp/siteB --out docs/results     # train on sites, test on another
     parotid-eval external --leave-one-site-out --cohorts /tmp/siteA /tmp/siteB /tmp/siteC
+    parotid-eval sites --cohorts /tmp/s600_default /tmp/s600_siteB_1.5T --models apps/parotid/model   # served, per site
     parotid-eval subsets --cohort /tmp/cohort500 --models apps/parotid/model --write-tables   # per sequence subset
 
 Both write ``<out>/<name>.json`` (all numbers), PNG plots (ROC/PR, reliability, confusion) and a
@@ -266,89 +267,268 @@ def cmd_holdout(a):
     print(text)
 
 
-def _split_result(name, cs, ls, sites, split, a):
-    """Internal vs external summaries of one split, the drop, and per-study predictions."""
+def _served_model_dir() -> str | None:
+    """The repository's served model folder (apps/parotid/model), when this is a checkout."""
+    d = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "..", "apps", "parotid", "model"))
+    return d if os.path.isdir(d) else None
+
+
+def _subset_summary(y, prob, ls, idx, a):
+    """_summarise on the rows `idx` of (y, prob), or None when they lack a benign or a malignant study."""
+    yb = np.isin(y[idx], ls.malignant_indices)
+    if len(idx) < 2 or yb.all() or not yb.any():
+        return None
+    r = {"prob": prob[idx], "score": prob[idx][:, ls.malignant_indices].sum(1), "pred_bin": None}
+    return _summarise("unflagged", y[idx], ls, r, a.n_boot, a.seed)
+
+
+def _split_result(name, cs, ls, sites, split, a, checks=None):
+    """Internal vs external summaries of one split, the drop, the input check's flags on the external
+    studies (with the metrics of the unflagged ones) and per-study predictions."""
     y = cs.labels(ls)
     out = {}
     for part in ("internal", "external"):
+        if split[part] is None:
+            out[part] = None
+            continue
         idx, prob = split[part]
         r = {"prob": prob, "score": prob[:, ls.malignant_indices].sum(1), "pred_bin": None}
         out[part] = _summarise(part, y[idx], ls, r, a.n_boot, a.seed)
         out[part]["n"] = int(len(idx))
         out[part]["sites"] = sorted(set(sites[idx]))
-    drop = {k: out["internal"]["binary"][k][0] - out["external"]["binary"][k][0]
-            for k in ("roc_auc", "pr_auc", "accuracy", "sensitivity", "specificity")}
-    if "multiclass" in out["external"] and "multiclass" in out["internal"]:
-        for k in ("macro_auc", "micro_auc", "accuracy"):
-            drop[f"{k}_classes"] = out["internal"]["multiclass"][k][0] - out["external"]["multiclass"][k][0]
-    drop["ece_top_label"] = out["external"]["ece_top_label"] - out["internal"]["ece_top_label"]  # increase
-    out["drop"] = drop
+    if out["internal"] is not None:
+        drop = {k: out["internal"]["binary"][k][0] - out["external"]["binary"][k][0]
+                for k in ("roc_auc", "pr_auc", "accuracy", "sensitivity", "specificity")}
+        if "multiclass" in out["external"] and "multiclass" in out["internal"]:
+            for k in ("macro_auc", "micro_auc", "accuracy"):
+                drop[f"{k}_classes"] = out["internal"]["multiclass"][k][0] - out["external"]["multiclass"][k][0]
+        drop["ece_top_label"] = out["external"]["ece_top_label"] - out["internal"]["ece_top_label"]  # increase
+        out["drop"] = drop
+    ext_idx, ext_prob = split["external"]
+    if checks is not None:
+        from .flags import flag_summary
+
+        ids = [cs.study_ids[i] for i in ext_idx]
+        mine = {sid: checks[sid] for sid in ids}
+        out["input_check"] = flag_summary(mine)
+        ok = np.array([mine[sid]["in_distribution"] for sid in ids], bool)
+        out["external_unflagged"] = _subset_summary(y[ext_idx], ext_prob, ls, np.nonzero(ok)[0], a)
+        if out["external_unflagged"] is not None:
+            out["external_unflagged"]["n"] = int(ok.sum())
     out["predictions"] = [{"study_id": cs.study_ids[i], "site": str(sites[i]), "part": part, "y": int(y[i]),
-                           "prob": [float(v) for v in p]}
-                          for part in ("internal", "external") for i, p in zip(*split[part])]
-    reliability_plot({f"internal ({'+'.join(out['internal']['sites'])}, CV)": (y[split['internal'][0]], split["internal"][1]),
-                      f"external ({'+'.join(out['external']['sites'])})": (y[split["external"][0]], split["external"][1])},
-                     os.path.join(a.out, f"{a.name}_{name}_reliability.png"))
+                           "prob": [float(v) for v in p],
+                           **({"flagged": not checks[cs.study_ids[i]]["in_distribution"]}
+                              if checks is not None and part == "external" else {})}
+                          for part in ("internal", "external") if split[part] is not None for i, p in zip(*split[part])]
+    curves = {f"external ({'+'.join(out['external']['sites'])})": (y[ext_idx], ext_prob)}
+    if split["internal"] is not None:
+        curves = {f"internal ({'+'.join(out['internal']['sites'])}, CV)": (y[split["internal"][0]], split["internal"][1]),
+                  **curves}
+    reliability_plot(curves, os.path.join(a.out, f"{a.name}_{name}_reliability.png"))
     return out
 
 
-def cmd_external(a):
-    """Train on some sites, test on another (``--train/--test``) or each site in turn (``--leave-one-site-out``)."""
-    from .external import concat, load_pool, run_split
+def _measures_of(a):
+    from .external import Measures
 
-    if a.leave_one_site_out == bool(a.test):
-        raise SystemExit("parotid-eval external: give either --test COHORT or --leave-one-site-out")
-    folders = list(a.train) + ([a.test] if a.test else [])
-    torch.set_num_threads(a.threads)
-    ls = get_label_set(a.label_set)
-    cs, sites = load_pool(list(a.train), size=a.size)
-    is_test = np.zeros(len(cs), bool)
-    if a.test:  # every study of the --test folder is a test study, whatever its site
-        cs_te, sites_te = load_pool([a.test], size=a.size)
-        cs, sites = concat([cs, cs_te]), np.concatenate([sites, sites_te])
-        is_test = np.r_[is_test, np.ones(len(cs_te), bool)]
-    need = cs.channels(a.fusion)
-    keep = np.array([ls.accepts(c) and bool(cs.avail[i, need].all()) for i, c in enumerate(cs.tumor_class)])
-    os.makedirs(a.out, exist_ok=True)
-    t0 = time.time()
-    if a.test:
-        splits = {"+".join(sorted(set(sites[is_test]))): (np.where(keep & ~is_test)[0], np.where(keep & is_test)[0])}
-    else:
-        names = sorted(set(sites[keep]))
-        if len(names) < 2:
-            raise SystemExit(f"--leave-one-site-out needs at least two sites; found {names}")
-        splits = {s: (np.where(keep & (sites != s))[0], np.where(keep & (sites == s))[0]) for s in names}
+    if a.ablation:  # each measure alone, none and all (issue 14 item 3)
+        return [Measures(), Measures(intensity="histogram"), Measures(augment=True, augment_copies=a.augment_copies),
+                Measures(physical_spacing=True),
+                Measures("histogram", True, True, a.augment_copies)]
+    return [Measures(a.intensity, a.acq_augment, a.physical_spacing, a.augment_copies)]
+
+
+def _external_pool(a, folders_train, folders_test, spacing, measures):
+    """(cs, sites, is_test, folder of each study) with the measures' standardisation applied."""
+    from .external import concat, histogram_standardise, load_pool
+
+    parts = [(f, False) for f in folders_train] + [(f, True) for f in folders_test]
+    sets, sites, is_test, folder_of = [], [], [], []
+    for f, te in parts:
+        cs_f, s_f = load_pool([f], size=a.size, spacing=spacing)
+        sets.append(cs_f)
+        sites.append(s_f)
+        is_test += [te] * len(cs_f)
+        folder_of += [f] * len(cs_f)
+    cs = concat(sets)
+    if measures.intensity == "histogram":
+        cs = histogram_standardise(cs)
+    return cs, np.concatenate(sites), np.array(is_test, bool), folder_of
+
+
+def _external_runs(a, ls, measures, check_cache) -> dict:
+    """One measures configuration: {test site: split result}."""
+    from .external import run_split, training_spacing_of
+    from .flags import served_input_checks
+
+    pools: dict = {}
+
+    def pool(spacing):
+        key = None if spacing is None else tuple(spacing)
+        if key not in pools:
+            pools[key] = _external_pool(a, list(a.train), list(a.test or []), spacing, measures)
+        return pools[key]
+
+    def checks_for(cs, folder_of, idx):
+        if check_cache is None:
+            return None
+        missing: dict = {}
+        for i in idx:
+            if (folder_of[i], cs.study_ids[i]) not in check_cache:
+                missing.setdefault(folder_of[i], []).append(cs.study_ids[i])
+        for f, ids in missing.items():
+            for sid, c in served_input_checks(f, a.input_check, ids).items():
+                check_cache[(f, sid)] = c
+        return {cs.study_ids[i]: check_cache[(folder_of[i], cs.study_ids[i])] for i in idx}
+
+    need_of = lambda cs: cs.channels(a.fusion)  # noqa: E731
     results = {}
-    for name, (tr, te) in splits.items():
+    if a.test:  # one model trained on the --train cohorts; each site of the --test cohorts is a test site
+        spacing = training_spacing_of(list(a.train)) if measures.physical_spacing else None
+        cs, sites, is_test, folder_of = pool(spacing)
+        keep = np.array([ls.accepts(c) and bool(cs.avail[i, need_of(cs)].all()) for i, c in enumerate(cs.tumor_class)])
+        tr, te = np.where(keep & ~is_test)[0], np.where(keep & is_test)[0]
+        if len(tr) == 0 or len(te) == 0:
+            raise SystemExit(f"{len(tr)} training / {len(te)} test studies with {a.fusion}")
+        split = run_split(cs, ls, tr, te, a.fusion, folds=a.folds, epochs1=a.epochs1, epochs2=a.epochs2, seed=a.seed,
+                          measures=measures)
+        idx, prob = split["external"]
+        for name in sorted(set(sites[te])):
+            m = sites[idx] == name
+            sub = {"internal": split["internal"], "external": (idx[m], prob[m])}
+            results[name] = _split_result(f"{measures.name}_{name}" if a.ablation else name, cs, ls, sites, sub, a,
+                                          checks_for(cs, folder_of, idx[m]))
+        results["_excluded"] = int((~keep).sum())
+        return results
+    cs0, sites0, _, _ = pool(None)
+    keep0 = np.array([ls.accepts(c) and bool(cs0.avail[i, need_of(cs0)].all()) for i, c in enumerate(cs0.tumor_class)])
+    names = sorted(set(sites0[keep0]))
+    if len(names) < 2:
+        raise SystemExit(f"--leave-one-site-out needs at least two sites; found {names}")
+    for name in names:
+        spacing = training_spacing_of(list(a.train), sites_excluded=[name]) if measures.physical_spacing else None
+        cs, sites, _, folder_of = pool(spacing)
+        keep = np.array([ls.accepts(c) and bool(cs.avail[i, need_of(cs)].all()) for i, c in enumerate(cs.tumor_class)])
+        tr, te = np.where(keep & (sites != name))[0], np.where(keep & (sites == name))[0]
         if len(tr) == 0 or len(te) == 0:
             raise SystemExit(f"split {name}: {len(tr)} training / {len(te)} test studies with {a.fusion}")
-        split = run_split(cs, ls, tr, te, a.fusion, folds=a.folds, epochs1=a.epochs1, epochs2=a.epochs2, seed=a.seed)
-        results[name] = _split_result(name, cs, ls, sites, split, a)
+        split = run_split(cs, ls, tr, te, a.fusion, folds=a.folds, epochs1=a.epochs1, epochs2=a.epochs2, seed=a.seed,
+                          measures=measures)
+        results[name] = _split_result(f"{measures.name}_{name}" if a.ablation else name, cs, ls, sites, split, a,
+                                      checks_for(cs, folder_of, te))
+        results["_excluded"] = int((~keep).sum())
+    return results
+
+
+def _signed(d, k) -> str:
+    return f"{d[k]:+.2f}" if d and k in d else "–"
+
+
+def _external_table(results, ls, checked: bool) -> str:
+    mc = len(ls.classes) > 2
+    head = ("| Test site | Training sites | n train / test | ROC-AUC (b/m) internal | external | drop |"
+            + (" Macro-AUC internal | external | drop |" if mc else "") + " Accuracy internal | external | ECE internal | ECE external |"
+            + (" Input check flagged | ROC-AUC unflagged |" + (" Macro-AUC unflagged |" if mc else "") if checked else ""))
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    dash = " – |"
+    for name, r in results.items():
+        i, e, d = r["internal"], r["external"], r.get("drop")
+        row = (f"| {name} | {'+'.join(i['sites']) if i else '(no CV)'} | {i['n'] if i else '–'} / {e['n']} | "
+               f"{_fmt(i['binary']['roc_auc']) if i else '–'} | {_fmt(e['binary']['roc_auc'])} | "
+               f"{_signed(d, 'roc_auc')} |")
+        if mc:
+            if "multiclass" in e:
+                row += (f" {_fmt(i['multiclass']['macro_auc']) if i and 'multiclass' in i else '–'} | "
+                        f"{_fmt(e['multiclass']['macro_auc'])} | "
+                        f"{_signed(d, 'macro_auc_classes')} |")
+            else:
+                row += dash * 3
+        row += (f" {_fmt(i['binary']['accuracy']) if i else '–'} | {_fmt(e['binary']['accuracy'])} | "
+                f"{'–' if not i else format(i['ece_top_label'], '.3f')} | {e['ece_top_label']:.3f} |")
+        if checked:
+            ic, u = r["input_check"], r["external_unflagged"]
+            row += f" {ic['n_flagged']} / {ic['n_checked']} |"
+            row += f" {_fmt(u['binary']['roc_auc'])} (n {u['n']}) |" if u else " n/a |"
+            if mc:
+                row += f" {_fmt(u['multiclass']['macro_auc'])} |" if u and "multiclass" in u else dash
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def _ablation_table(all_results, ls) -> str:
+    """Rows: measures configuration; columns: external ROC-AUC (and macro-AUC) per test site, and their mean."""
+    mc = len(ls.classes) > 2
+    sites = [s for s in next(iter(all_results.values()))]
+    head = "| Measures | " + " | ".join(f"{s} ROC-AUC" + (f" | {s} macro-AUC" if mc else "") for s in sites) + \
+        " | mean ROC-AUC |" + (" mean macro-AUC |" if mc else "")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for cfg, res in all_results.items():
+        row, aucs, maucs = f"| {cfg} |", [], []
+        for s in sites:
+            e = res[s]["external"]
+            row += f" {_fmt(e['binary']['roc_auc'])} |"
+            aucs.append(e["binary"]["roc_auc"][0])
+            if mc:
+                m = e.get("multiclass")
+                row += f" {_fmt(m['macro_auc'])} |" if m else " – |"
+                maucs.append(m["macro_auc"][0] if m else np.nan)
+        row += f" {np.nanmean(aucs):.3f} |" + (f" {np.nanmean(maucs):.3f} |" if mc else "")
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def cmd_external(a):
+    """Train on some sites, test on others (``--train/--test``) or each site in turn (``--leave-one-site-out``);
+    with ``--ablation`` once per measures configuration (parotid.evaluation.external.Measures)."""
+    if a.leave_one_site_out == bool(a.test):
+        raise SystemExit("parotid-eval external: give either --test COHORT.. or --leave-one-site-out")
+    folders = list(a.train) + list(a.test or [])
+    torch.set_num_threads(a.threads)
+    ls = get_label_set(a.label_set)
+    if a.no_input_check:
+        a.input_check = None
+    elif a.input_check is None:
+        a.input_check = _served_model_dir()
+    os.makedirs(a.out, exist_ok=True)
+    t0 = time.time()
+    check_cache = None if a.input_check is None else {}
+    all_results, excluded = {}, 0
+    for m in _measures_of(a):
+        res = _external_runs(a, ls, m, check_cache)
+        excluded = res.pop("_excluded")
+        all_results[m.name] = res
+        if a.ablation:  # each finished configuration is kept, should a long ablation be stopped
+            with open(os.path.join(a.out, f"{a.name}.partial.json"), "w") as f:
+                json.dump({"results": all_results, "seconds": round(time.time() - t0, 1)}, f, default=float)
     meta = {"command": " ".join(["parotid-eval"] + (sys.argv[1:] if a.argv is None else a.argv)),
             "cohorts": [os.path.abspath(f) for f in folders], "label_set": ls.name, "fusion": a.fusion, "folds": a.folds,
             "epochs1": a.epochs1, "epochs2": a.epochs2, "seed": a.seed, "n_boot": a.n_boot,
-            "excluded_missing_sequence": int((~keep).sum()), "seconds": round(time.time() - t0, 1),
-            "calibration": "uncalibrated softmax (no temperature)", "input_check": None}
+            "measures": {k: vars(m) | {"name": m.name} for k, m in zip(all_results, _measures_of(a))},
+            "excluded_missing_sequence": excluded, "seconds": round(time.time() - t0, 1),
+            "calibration": "uncalibrated softmax (no temperature)",
+            "input_check": None if a.input_check is None else {
+                "model_dir": os.path.abspath(a.input_check),
+                "components": "physical, intensity, anatomy, tumour_in_box (the served reference and segmentation "
+                              "model, as the classify task); no classifier-feature density (the model evaluated here "
+                              "is trained by this command)"}}
+    results = all_results if a.ablation else next(iter(all_results.values()))
     with open(os.path.join(a.out, f"{a.name}.json"), "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=1, default=float)
-    mc = len(ls.classes) > 2
-    head = ("| Test site | Training sites | n train / test | ROC-AUC (b/m) internal | external | drop |"
-            + (" Macro-AUC internal | external | drop |" if mc else "") + " Accuracy internal | external | ECE internal | ECE external |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for name, r in results.items():
-        i, e, d = r["internal"], r["external"], r["drop"]
-        row = (f"| {name} | {'+'.join(i['sites'])} | {i['n']} / {e['n']} | {_fmt(i['binary']['roc_auc'])} | "
-               f"{_fmt(e['binary']['roc_auc'])} | {d['roc_auc']:+.2f} |")
-        if mc:
-            row += (f" {_fmt(i['multiclass']['macro_auc'])} | {_fmt(e['multiclass']['macro_auc'])} | "
-                    f"{d['macro_auc_classes']:+.2f} |" if "multiclass" in e and "multiclass" in i else " – | – | – |")
-        row += (f" {_fmt(i['binary']['accuracy'])} | {_fmt(e['binary']['accuracy'])} | {i['ece_top_label']:.3f} | "
-                f"{e['ece_top_label']:.3f} |")
-        lines.append(row)
-    md = (f"External validation (label set `{ls.name}`, early fusion {'+'.join(a.fusion)}, {a.epochs1}/{a.epochs2} epochs, "
-          f"seed {a.seed}). Internal: {a.folds}-fold CV inside the training sites; external: trained on all training-site "
-          f"studies, tested on the test site. 95 % CIs: ROC-AUC DeLong, others percentile bootstrap ({a.n_boot} resamples). Drop = internal − external. "
-          f"{meta['excluded_missing_sequence']} studies lacking a fusion sequence excluded.\n\n" + "\n".join(lines))
+    m0 = _measures_of(a)[0]
+    intro = (f"External validation (label set `{ls.name}`, early fusion {'+'.join(a.fusion)}, {a.epochs1}/{a.epochs2} "
+             f"epochs, seed {a.seed}). Internal: {a.folds}-fold CV inside the training sites" +
+             (" (not run: --folds 0)" if a.folds == 0 else "") + "; external: trained on all training-site studies, "
+             f"tested on each test site. 95 % CIs: ROC-AUC DeLong, others percentile bootstrap ({a.n_boot} resamples). "
+             f"Drop = internal − external. {excluded} studies lacking a fusion sequence excluded." +
+             ("" if a.input_check is None else " Input check: the served one (study + box components, "
+              f"`{os.path.relpath(a.input_check)}`); unflagged = studies it passes."))
+    if a.ablation:
+        md = intro + "\n\nAblation of the measures (external ROC-AUC benign/malignant and macro-AUC):\n\n" + \
+            _ablation_table(all_results, ls)
+        for k, res in all_results.items():
+            md += f"\n\nMeasures `{k}`:\n\n" + _external_table(res, ls, a.input_check is not None)
+    else:
+        md = intro + f" Measures: `{m0.name}`.\n\n" + _external_table(results, ls, a.input_check is not None)
     with open(os.path.join(a.out, f"{a.name}.md"), "w") as f:
         f.write(md + "\n")
     print(md)
@@ -390,7 +570,8 @@ def main(argv=None):
     e = sub.add_parser("external", help="external validation: train on some sites, test on another (or leave one site out)")
     e.add_argument("--train", "--cohorts", nargs="+", required=True, dest="train",
                    help="training cohort folder(s); with --leave-one-site-out: every cohort of the pool")
-    e.add_argument("--test", default=None, help="test cohort folder (another site)")
+    e.add_argument("--test", nargs="+", default=None,
+                   help="test cohort folder(s): one model trained on --train, tested on each of their sites")
     e.add_argument("--leave-one-site-out", action="store_true",
                    help="each site of the pooled cohorts in turn is the test site (site: cohort.csv / label info "
                         "'site', else the folder name)")
@@ -398,20 +579,37 @@ def main(argv=None):
     e.add_argument("--name", default="external")
     e.add_argument("--label-set", default="subtype4")
     e.add_argument("--fusion", nargs="+", default=list(CLASSIFIER_SEQUENCES))
-    e.add_argument("--folds", type=int, default=5, help="CV folds for the internal (same-site) figures")
+    e.add_argument("--folds", type=int, default=5, help="CV folds for the internal (same-site) figures; 0: none")
     e.add_argument("--epochs1", type=int, default=8)
     e.add_argument("--epochs2", type=int, default=40)
     e.add_argument("--size", type=int, default=48)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--n-boot", type=int, default=1000)
     e.add_argument("--threads", type=int, default=1)
+    e.add_argument("--input-check", default=None, metavar="MODEL_DIR",
+                   help="served model folder whose input check counts the flagged external studies "
+                        "(default: this checkout's apps/parotid/model)")
+    e.add_argument("--no-input-check", action="store_true", help="do not run the input check")
+    g = e.add_argument_group("measures that make a model travel (parotid.evaluation.external)")
+    g.add_argument("--intensity", choices=["percentile", "histogram"], default="percentile",
+                   help="per-sequence standardisation: p1/p99 scaling (served models) or histogram (MONAI HistogramNormalize)")
+    g.add_argument("--acq-augment", action="store_true",
+                   help="acquisition augmentation (MONAI noise, contrast, scale, bias field, smoothing) of the training studies")
+    g.add_argument("--augment-copies", type=int, default=1, help="augmented copies per training study")
+    g.add_argument("--physical-spacing", action="store_true",
+                   help="resample every study to the training studies' median spacing before cutting crops")
+    g.add_argument("--ablation", action="store_true",
+                   help="run once per configuration: none, each measure alone, all")
     e.set_defaults(fn=cmd_external)
+    from .sites import add_parser as add_sites
     from .subsets import add_parser as add_subsets
 
     add_subsets(sub)
+    add_sites(sub)
     a = ap.parse_args(argv)
     a.argv = argv
-    return a.fn(a)
+    res = a.fn(a)
+    return res if argv is not None else 0  # the console script exits 0; callers with argv get the results
 
 
 if __name__ == "__main__":
