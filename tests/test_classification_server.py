@@ -16,9 +16,8 @@ from parotid.classification.crops import crop_window
 from parotid.study import read_study, study_from_array, write_study
 
 TASKS = ("classify_subtype", "classify_malignancy")
-# Served as late fusion Spl (T2 required). classify_malignancy still ships the early-fusion checkpoint
-# (T2 + CE-T1 required): its late-fusion retrain did not fit the shared CPU budget (docs/results.md 1b).
-LATE_TASKS = ("classify_subtype",)
+# Both shipped classifiers are late fusion Spl (T2 required; docs/results.md 1b).
+LATE_TASKS = TASKS
 
 
 def assert_4xx(r, status, fragment):
@@ -199,21 +198,27 @@ def test_study_without_t2_is_refused(server, studies_copy, labelled, tmp_path):
 
 
 def test_served_classifiers_fusion_and_required_sequences(server, studies_copy, labelled, tmp_path):
-    """Every classifier needs only T2 (parotid.subsets minimum). The early-fusion checkpoint (trained
-    with CE-T1 required, validated ROC-AUC 0.36 without it) answers a study without contrast, but
-    undetermined, with the reason naming the missing sequence and the floor (issue 15)."""
+    """Every classifier needs only T2 (parotid.subsets minimum) and is late fusion Spl. A study without
+    contrast is answered from the other branches; its validated no-CE-T1 ROC-AUC is above the floor, so
+    the missing sequence is not a reason for `undetermined` (the early-fusion malignancy checkpoint it
+    replaced, validated 0.36 without CE-T1, answered such studies undetermined; issue 15)."""
+    from parotid import subsets
+
     info = requests.get(server.url + "/info/", timeout=30).json()
     for task in TASKS:
         m = info["models"][task]
-        assert m["fusion"] == ("spl" if task in LATE_TASKS else "early")
+        assert m["fusion"] == "spl"
         assert m["required_sequences"] == ["T2"]
+    no_ce = next(s for s in info["models"]["classify_malignancy"]["subsets"] if s["name"] == "no_CET1")
+    assert no_ce["expected_performance"]["metrics"]["roc_auc"][0] >= subsets.CLASSIFICATION_FLOOR, no_ce
+    assert no_ce["answered"] == "determined"
     sid, roi = sorted(labelled.items())[0][0], sorted(labelled.items())[0][1]["roi"]
     r = infer(server, "classify_malignancy", params={"roi": roi},
               files={"file": ("no_ce.nii.gz", _without(studies_copy, sid, tmp_path, ("CET1",)))})
     assert r.status_code == 200, r.text[:300]
     params = r.json()["params"] if "params" in r.json() else r.json()
-    assert params["sequences_missing"] == ["CET1"] and params["undetermined"] is True
-    assert any("CET1" in why and "floor" in why for why in params["undetermined_reasons"]), params["undetermined_reasons"]
+    assert params["sequences_missing"] == ["CET1"] and params["expected_performance"]["validated"] is True
+    assert not [why for why in params["undetermined_reasons"] if "floor" in why or "CET1" in why], params["undetermined_reasons"]
 
 
 def test_train_task_reads_datastore_and_hot_reloads(server, labelled):

@@ -13,3 +13,7 @@ DEFAULT_FUSION = "spl"
 DEFAULT_REQUIRED = MINIMUM_SEQUENCES  # the others may be missing: their branches drop out (late) / zero channels (early)
 DEFAULT_BRANCH_DROPOUT = 0.5  # stage 2 also sees the training studies with optional branches removed
 TASK_LABEL_SETS = {"classify_subtype": "subtype4", "classify_malignancy": "benign_malignant"}
+# The training settings of the shipped checkpoints (``task_model.train_task_model``'s defaults, the recipe of
+# scripts/train_models.sh): what ``parotid-eval cv --server-settings`` cross-validates.
+SERVED_TRAINING = {"epochs1": 12, "epochs2": 60, "val_frac": 0.2, "patience1": 4, "patience2": 15,
+                   "branch_dropout": DEFAULT_BRANCH_DROPOUT, "required": DEFAULT_REQUIRED}

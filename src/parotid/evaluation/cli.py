@@ -76,7 +76,38 @@ def _summarise(name, y, label_set, r, n_boot, seed):
     if prob is not None:
         out["ece_top_label"] = expected_calibration_error(y, prob)
         out["ece_binary"] = expected_calibration_error(yb, score)
+    if r.get("subsets"):
+        out["subsets"] = {sub: _sequence_subset_summary(y, label_set, p, n_boot, seed) for sub, p in r["subsets"].items()}
     return out
+
+
+def _sequence_subset_summary(y, label_set, prob, n_boot, seed) -> dict:
+    """Out-of-fold figures of one sequence subset: benign vs malignant (P(malignant), 0.5) and, for more
+    than two classes, macro-AUC and class accuracy."""
+    yb = np.isin(y, label_set.malignant_indices).astype(int)
+    score = prob[:, label_set.malignant_indices].sum(1)
+    out = {"binary": binary_report(yb, score, (score >= 0.5).astype(int), n_boot=n_boot, seed=seed)}
+    if prob.shape[1] > 2:
+        out["macro_auc"] = bootstrap_ci(lambda a, b: multiclass_metrics(a, b)["macro_auc"], y, prob, n_boot=n_boot, seed=seed)
+        out["accuracy_classes"] = bootstrap_ci(lambda a, b: multiclass_metrics(a, b)["accuracy"], y, prob, n_boot=n_boot, seed=seed)
+    return out
+
+
+def _subsets_table(summary) -> str:
+    rows = [(k, sub, v) for k, s in summary.items() for sub, v in s.get("subsets", {}).items()]
+    if not rows:
+        return ""
+    mc = any("macro_auc" in v for _, _, v in rows)
+    head = "| Variant | Sequences | ROC-AUC (b/m) | Accuracy (b/m) |" + (" Macro-AUC | Accuracy (classes) |" if mc else "")
+    lines = ["\n\nOut-of-fold predictions of the same folds' test studies with sequences removed as the server does "
+             "(zero channels / absent late-fusion branches):\n", head, "|" + "---|" * (head.count("|") - 1)]
+    for k, sub, v in rows:
+        b = v["binary"]
+        row = f"| {k} | {sub} | {_fmt(b['roc_auc'])} | {_fmt(b['accuracy'])} |"
+        if mc:
+            row += f" {_fmt(v['macro_auc'])} | {_fmt(v['accuracy_classes'])} |" if "macro_auc" in v else " – | – |"
+        lines.append(row)
+    return "\n".join(lines)
 
 
 def slice_level_metrics(y, prob, label_set) -> dict:
@@ -146,10 +177,21 @@ def _notes(summary) -> str:
 
 def cmd_cv(a):
     from parotid.classification.data import build_cropset
+    from parotid.classification.defaults import SERVED_TRAINING
     from .cv import run_ablation
 
     torch.set_num_threads(a.threads)
     ls = get_label_set(a.label_set)
+    train_kw = None
+    if not a.server_settings:
+        a.epochs1 = 8 if a.epochs1 is None else a.epochs1
+        a.epochs2 = 40 if a.epochs2 is None else a.epochs2
+    else:  # the shipped checkpoints' recipe (defaults.SERVED_TRAINING), per-subset figures too
+        a.epochs1 = SERVED_TRAINING["epochs1"] if a.epochs1 is None else a.epochs1
+        a.epochs2 = SERVED_TRAINING["epochs2"] if a.epochs2 is None else a.epochs2
+        a.subsets = True
+        train_kw = {k: SERVED_TRAINING[k] for k in ("val_frac", "patience1", "patience2", "branch_dropout")}
+        train_kw["optional"] = tuple(q for q in a.fusion if q not in SERVED_TRAINING["required"])
     cs = build_cropset(a.cohort, size=a.size)
     seqs = list(a.single or cs.sequences)
     need = cs.channels(sorted(set(seqs) | set(a.fusion)))
@@ -159,7 +201,7 @@ def cmd_cv(a):
     t0 = time.time()
     res = run_ablation(cs, ls, seqs, a.fusion, folds=a.folds, seed=a.seed, epochs1=a.epochs1, epochs2=a.epochs2,
                        resnet_epochs=a.resnet_epochs, gland=a.gland,
-                       variants=set(a.variants) if a.variants else None)
+                       variants=set(a.variants) if a.variants else None, train_kw=train_kw, subsets=a.subsets)
     y = res.pop("_y")
     timing = res.pop("_timing_s")
     order = [f"{s} {k}" for s in seqs for k in ("single image", "single sequence")]
@@ -175,6 +217,8 @@ def cmd_cv(a):
     meta = {"command": " ".join(["parotid-eval"] + sys.argv[1:]), "cohort": os.path.abspath(a.cohort), "n": len(y),
             "class_counts": {c: int((y == i).sum()) for i, c in enumerate(ls.classes)}, "label_set": ls.name,
             "folds": a.folds, "seed": a.seed, "epochs1": a.epochs1, "epochs2": a.epochs2,
+            "training": ({**train_kw, "optional": list(train_kw["optional"])} if train_kw else "plain (no validation split, "
+                         "no early stopping, no branch dropout)"),
             "seconds": round(time.time() - t0, 1), "train_seconds_per_variant": {k: round(v, 1) for k, v in timing.items()},
             "synthetic": True}
     with open(os.path.join(a.out, f"{name}.json"), "w") as f:
@@ -184,6 +228,12 @@ def cmd_cv(a):
           f"(95 % CI: ROC-AUC DeLong, others percentile bootstrap, {a.n_boot} resamples). Benign/malignant columns use "
           f"P(malignant).\n\n"
           + _table(summary, ls, multiclass=len(ls.classes) > 2))
+    if train_kw:
+        md = (f"Training as the served checkpoints ({a.epochs1}/{a.epochs2} epochs, {train_kw['val_frac']:.0%} of each fold's "
+              f"training patients validate (best epoch, early stopping after {train_kw['patience1']}/{train_kw['patience2']} "
+              f"epochs), optional sequences {'+'.join(train_kw['optional'])} dropped in training, branch dropout "
+              f"{train_kw['branch_dropout']}). " + md)
+    md += _subsets_table(summary)
     md += _notes(summary)
     with open(os.path.join(a.out, f"{name}.md"), "w") as f:
         f.write(md + "\n")
@@ -273,7 +323,7 @@ def _served_model_dir() -> str | None:
     return d if os.path.isdir(d) else None
 
 
-def _subset_summary(y, prob, ls, idx, a):
+def _rows_summary(y, prob, ls, idx, a):
     """_summarise on the rows `idx` of (y, prob), or None when they lack a benign or a malignant study."""
     yb = np.isin(y[idx], ls.malignant_indices)
     if len(idx) < 2 or yb.all() or not yb.any():
@@ -312,7 +362,7 @@ def _split_result(name, cs, ls, sites, split, a, checks=None):
         mine = {sid: checks[sid] for sid in ids}
         out["input_check"] = flag_summary(mine)
         ok = np.array([mine[sid]["in_distribution"] for sid in ids], bool)
-        out["external_unflagged"] = _subset_summary(y[ext_idx], ext_prob, ls, np.nonzero(ok)[0], a)
+        out["external_unflagged"] = _rows_summary(y[ext_idx], ext_prob, ls, np.nonzero(ok)[0], a)
         if out["external_unflagged"] is not None:
             out["external_unflagged"]["n"] = int(ok.sum())
     out["predictions"] = [{"study_id": cs.study_ids[i], "site": str(sites[i]), "part": part, "y": int(y[i]),
@@ -545,11 +595,16 @@ def main(argv=None):
     c.add_argument("--label-set", default="subtype4")
     c.add_argument("--single", nargs="*", default=None, help="sequences for the single-sequence rows (default: all present)")
     c.add_argument("--fusion", nargs="+", default=list(CLASSIFIER_SEQUENCES))
-    c.add_argument("--variants", nargs="*", default=None, help="subset of: single late early resnet lof")
+    c.add_argument("--variants", nargs="*", default=None, help="subset of: single late early clinical resnet lof")
     c.add_argument("--folds", type=int, default=5)
-    c.add_argument("--epochs1", type=int, default=8)
-    c.add_argument("--epochs2", type=int, default=40)
+    c.add_argument("--epochs1", type=int, default=None, help="default 8 (--server-settings: the served recipe's)")
+    c.add_argument("--epochs2", type=int, default=None, help="default 40 (--server-settings: the served recipe's)")
     c.add_argument("--resnet-epochs", type=int, default=8)
+    c.add_argument("--server-settings", action="store_true",
+                   help="train the sequence models as the shipped checkpoints (defaults.SERVED_TRAINING: epochs unless "
+                        "given, validation split, early stopping, branch dropout) and report per-subset figures")
+    c.add_argument("--subsets", action="store_true",
+                   help="also predict each fold's test studies without CE-T1 / DWI+ADC / all but T2 (fusion variants)")
     c.add_argument("--gland", choices=["both", "with", "without"], default="with",
                    help="ResNet rows with / without the gland-mask channel")
     c.add_argument("--size", type=int, default=48)

@@ -25,6 +25,12 @@ P(malignant) = sum of the malignant classes' probabilities):
   VGG16; no CURET texture class) with L2-constrained softmax (alpha 80), LOF (k = 5, novelty) fitted on
   benign training patients' features; malignancy score = LOF outlier score; operating point: Youden
   threshold on the ROC (as 003), scikit-learn's default LOF offset kept for comparison.
+
+``train_kw`` (``parotid-eval cv --server-settings``): the sequence models are trained as the served
+checkpoints are (``defaults.SERVED_TRAINING``: a validation part of each fold's training patients picks the
+best epoch and stops early, optional sequences dropped in training, branch dropout); with ``subsets`` the
+fusion variants also predict each fold's test studies with sequences removed as the server does
+(``parotid.subsets.named_subsets``: all, no CE-T1, no DWI/ADC, T2 only).
 """
 
 from __future__ import annotations
@@ -40,14 +46,18 @@ from parotid.classification.data import CropSet
 from parotid.classification.slice_classifier import predict_patients_001
 from parotid.classification.baselines import lof_scores, train_slice_resnet
 from parotid.classification.liu import fit_sequence_model, predict_logits, slice_outputs, train_image_net
+from parotid.subsets import named_subsets
 
 
 def run_ablation(cs: CropSet, label_set, single_seqs, fusion_seqs, folds: int = 5, seed: int = 0,
                  epochs1: int = 8, epochs2: int = 40, resnet_epochs: int = 8, gland: str = "with",
-                 variants: set[str] | None = None, log=print) -> dict:
+                 variants: set[str] | None = None, train_kw: dict | None = None, subsets: bool = False,
+                 log=print) -> dict:
     """Returns {variant: {"prob": (n, C) or None, "score": (n,) malignancy score, "pred_bin": (n,) or None,
-    "pred_cls": (n,) or None, "threshold": "youden" (score variants), "slice": {"y", "prob"} (slice classifier)}}
-    on out-of-fold predictions, plus "_y" and timing."""
+    "pred_cls": (n,) or None, "threshold": "youden" (score variants), "slice": {"y", "prob"} (slice classifier),
+    "subsets": {subset name: (n, C)} (fusion variants, with `subsets`)}} on out-of-fold predictions, plus "_y"
+    and timing. Variants: single, late, early, clinical, resnet, lof (None: all). `train_kw`: extra
+    ``fit_sequence_model`` arguments of every sequence model (val_frac, patience1/2, branch_dropout, optional)."""
     y = cs.labels(label_set)
     n, C = len(y), len(label_set.classes)
     mal = label_set.malignant_indices
@@ -70,6 +80,16 @@ def run_ablation(cs: CropSet, label_set, single_seqs, fusion_seqs, folds: int = 
             r["pred_cls"][idx] = pred_cls
 
     want = (lambda v: True) if variants is None else (lambda v: v in variants)
+    kw = dict(train_kw or {})
+    subset_drops = {name: [q for q in fusion_seqs if q not in used] for name, used in named_subsets(fusion_seqs).items()}
+
+    def put_subsets(name, model, te, groups, clinical=False):
+        """Out-of-fold probabilities of the test studies with each subset's sequences removed."""
+        if not subsets:
+            return
+        for sub, drop in subset_drops.items():
+            p = res[name].setdefault("subsets", {}).setdefault(sub, np.full((n, C), np.nan))
+            p[te] = torch.softmax(predict_logits(model, cs, te, groups, clinical, drop=drop), 1).numpy()
     skf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     timing = {}
     for f, (tr, te) in enumerate(tqdm(list(skf.split(np.zeros(n), y)), desc="folds")):
@@ -86,25 +106,29 @@ def run_ablation(cs: CropSet, label_set, single_seqs, fusion_seqs, folds: int = 
             if not (want("single") or want("late")):
                 break
             m, _ = timed(f"{s} single sequence", lambda: fit_sequence_model(
-                cs, tr, label_set, [[s]], "spl", epochs1, epochs2, seed + f, nets=nets, desc=f"f{f} {s}"))
+                cs, tr, label_set, [[s]], "spl", epochs1, epochs2, seed + f, nets=nets, desc=f"f{f} {s}", **kw))
             put(f"{s} single sequence", te, torch.softmax(predict_logits(m, cs, te, [[s]]), 1).numpy())
-            net = nets[((s,), None)]
+            net = next(v for k, v in nets.items() if k[:2] == ((s,), None))  # (+ validation ids with val_frac)
             lg = slice_outputs(net, cs, te, cs.channels([s]))[1][:, mid]
             put(f"{s} single image", te, torch.softmax(lg, 1).numpy())
-        if want("late") and all(((s,), None) in nets for s in fusion_seqs):
+        if want("late") and all(any(k[:2] == ((s,), None) for k in nets) for s in fusion_seqs):
             for fu in ("add", "spl"):
                 name = f"late fusion {'Add' if fu == 'add' else 'Spl'} ({'+'.join(fusion_seqs)})"
                 m, _ = timed(name, lambda: fit_sequence_model(cs, tr, label_set, [[s] for s in fusion_seqs], fu,
-                                                              epochs1, epochs2, seed + f, nets=nets))
+                                                              epochs1, epochs2, seed + f, nets=nets,
+                                                              desc=f"f{f} late {fu}", **kw))
                 put(name, te, torch.softmax(predict_logits(m, cs, te, [[s] for s in fusion_seqs]), 1).numpy())
+                put_subsets(name, m, te, [[s] for s in fusion_seqs])
         if want("early"):
             name = f"early fusion ({'+'.join(fusion_seqs)})"
             m, _ = timed(name, lambda: fit_sequence_model(cs, tr, label_set, [list(fusion_seqs)], "spl", epochs1,
-                                                          epochs2, seed + f, nets=nets, desc=f"f{f} early"))
+                                                          epochs2, seed + f, nets=nets, desc=f"f{f} early", **kw))
             put(name, te, torch.softmax(predict_logits(m, cs, te, [list(fusion_seqs)]), 1).numpy())
+            put_subsets(name, m, te, [list(fusion_seqs)])
+        if want("clinical"):
             name = f"early fusion + clinical variables, ours inspired by 002 ({'+'.join(fusion_seqs)})"
             m, _ = timed(name, lambda: fit_sequence_model(cs, tr, label_set, [list(fusion_seqs)], "spl", epochs1,
-                                                          epochs2, seed + f, nets=nets, clinical=True))
+                                                          epochs2, seed + f, nets=nets, clinical=True, **kw))
             put(name, te, torch.softmax(predict_logits(m, cs, te, [list(fusion_seqs)], clinical=True), 1).numpy())
         if want("resnet"):
             for g in {"both": [False, True], "with": [True], "without": [False]}[gland]:
