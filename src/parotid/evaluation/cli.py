@@ -28,6 +28,7 @@ from parotid.sequences import CLASSIFIER_SEQUENCES
 from .metrics import (binary_report, bootstrap_ci, expected_calibration_error, multiclass_metrics, per_class_prf,
                       prf_report, youden_threshold)
 from .plots import confusion_plot, reliability_plot, roc_pr_plot
+from .report import write_report
 
 
 def _fmt(t):
@@ -221,8 +222,6 @@ def cmd_cv(a):
                          "no early stopping, no branch dropout)"),
             "seconds": round(time.time() - t0, 1), "train_seconds_per_variant": {k: round(v, 1) for k, v in timing.items()},
             "synthetic": True}
-    with open(os.path.join(a.out, f"{name}.json"), "w") as f:
-        json.dump({"meta": meta, "results": summary}, f, indent=1, default=float)
     md = (f"SYNTHETIC cohort `{os.path.basename(os.path.abspath(a.cohort))}` (n = {len(y)}, {meta['class_counts']}), "
           f"{a.folds}-fold stratified CV (seed {a.seed}), label set `{ls.name}`; values: pooled out-of-fold estimate "
           f"(95 % CI: ROC-AUC DeLong, others percentile bootstrap, {a.n_boot} resamples). Benign/malignant columns use "
@@ -235,9 +234,7 @@ def cmd_cv(a):
               f"{train_kw['branch_dropout']}). " + md)
     md += _subsets_table(summary)
     md += _notes(summary)
-    with open(os.path.join(a.out, f"{name}.md"), "w") as f:
-        f.write(md + "\n")
-    print(md)
+    write_report(a.out, name, {"meta": meta, "results": summary}, md)
     print(f"\n[{meta['seconds']} s]")
 
 
@@ -310,11 +307,8 @@ def cmd_holdout(a):
     text = (f"SYNTHETIC held-out cohort `{os.path.basename(os.path.abspath(a.cohort))}` (seed not used for training); "
             f"calibrated probabilities; 95 % CIs: ROC-AUC DeLong, others percentile bootstrap ({a.n_boot} resamples, seed {a.seed}).\n\n" + head + "\n" + "\n".join(md)
             + _notes(all_out))
-    with open(os.path.join(a.out, f"{a.name}.json"), "w") as f:
-        json.dump({"meta": {"command": " ".join(["parotid-eval"] + sys.argv[1:]), "synthetic": True}, "results": all_out}, f, indent=1, default=float)
-    with open(os.path.join(a.out, f"{a.name}.md"), "w") as f:
-        f.write(text + "\n")
-    print(text)
+    write_report(a.out, a.name, {"meta": {"command": " ".join(["parotid-eval"] + sys.argv[1:]), "synthetic": True},
+                                 "results": all_out}, text)
 
 
 def _served_model_dir() -> str | None:
@@ -562,8 +556,6 @@ def cmd_external(a):
                               "model, as the classify task); no classifier-feature density (the model evaluated here "
                               "is trained by this command)"}}
     results = all_results if a.ablation else next(iter(all_results.values()))
-    with open(os.path.join(a.out, f"{a.name}.json"), "w") as f:
-        json.dump({"meta": meta, "results": results}, f, indent=1, default=float)
     m0 = _measures_of(a)[0]
     intro = (f"External validation (label set `{ls.name}`, early fusion {'+'.join(a.fusion)}, {a.epochs1}/{a.epochs2} "
              f"epochs, seed {a.seed}). Internal: {a.folds}-fold CV inside the training sites" +
@@ -579,9 +571,7 @@ def cmd_external(a):
             md += f"\n\nMeasures `{k}`:\n\n" + _external_table(res, ls, a.input_check is not None)
     else:
         md = intro + f" Measures: `{m0.name}`.\n\n" + _external_table(results, ls, a.input_check is not None)
-    with open(os.path.join(a.out, f"{a.name}.md"), "w") as f:
-        f.write(md + "\n")
-    print(md)
+    write_report(a.out, a.name, {"meta": meta, "results": results}, md)
     return results
 
 

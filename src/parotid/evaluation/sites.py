@@ -15,7 +15,6 @@ reference (``input_check.json``) and segmentation checkpoint.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -31,6 +30,7 @@ from parotid.study import StudyError, read_study
 from .external import study_sites
 from .flags import flag_summary, flagged_result
 from .metrics import binary_report, bootstrap_ci, expected_calibration_error, multiclass_metrics
+from .report import write_report
 
 TARGETS = {"internal_roc_auc": 0.96, "external_roc_auc": 0.90, "external_macro_auc": 0.85}
 
@@ -171,16 +171,12 @@ def cmd_sites(a) -> dict:
             "synthetic": True, "checkpoint_sha256": {f"{d}/{t}.pt": sha256_of(os.path.join(d, f"{t}.pt"))
                                                     for d in a.models for t in a.tasks
                                                     if os.path.exists(os.path.join(d, f"{t}.pt"))}}
-    with open(os.path.join(a.out, f"{a.name}.json"), "w") as f:
-        json.dump({"meta": meta, "results": results}, f, indent=1, default=float)
     md = ("SYNTHETIC cohorts, one per acquisition profile (`parotid-synth --profile`); served inference path; "
           f"calibrated probabilities; 95 % CIs: ROC-AUC DeLong, others percentile bootstrap ({a.n_boot} resamples). "
           "Input check: the served one (all components, incl. the classifier-feature density); misclassified b/m: "
           "P(malignant) >= 0.5 on the wrong side (in brackets: how many of them the input check flags).\n\n"
           + markdown(results, a.internal))
-    with open(os.path.join(a.out, f"{a.name}.md"), "w") as f:
-        f.write(md + "\n")
-    print(md)
+    write_report(a.out, a.name, {"meta": meta, "results": results}, md)
     return results
 
 

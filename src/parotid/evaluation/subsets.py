@@ -33,6 +33,7 @@ from parotid.labels import GLAND, TUMOR, get_label_set
 from parotid.study import Study, read_label_map, read_study
 
 from .metrics import binary_report, bootstrap_ci, multiclass_metrics
+from .report import write_report
 
 SEG_TASKS = ("segmentation", "contour_box")
 
@@ -156,8 +157,6 @@ def markdown(results: dict, cohort: str, before: dict | None = None) -> str:
 
 
 def cmd_subsets(a) -> dict:
-    import json
-
     from parotid.cohort import load_classification_cohort
 
     torch.set_num_threads(a.threads)
@@ -182,13 +181,8 @@ def cmd_subsets(a) -> dict:
                          **meta, "subsets": rows}
             if a.write_tables and out is results:
                 subsets.write_table(subsets.table_path(a.models, task), out[task])
-    with open(os.path.join(a.out, f"{a.name}.json"), "w") as f:
-        json.dump({"meta": {"command": command, "synthetic": True, "cohort": cohort}, "results": results,
-                   **({"before": before} if before else {})}, f, indent=1, default=float)
-    md = markdown(results, cohort, before)
-    with open(os.path.join(a.out, f"{a.name}.md"), "w") as f:
-        f.write(md + "\n")
-    print(md)
+    write_report(a.out, a.name, {"meta": {"command": command, "synthetic": True, "cohort": cohort}, "results": results,
+                                 **({"before": before} if before else {})}, markdown(results, cohort, before))
     return results
 
 
