@@ -457,6 +457,11 @@ def test_result_text_names_sequences_and_expected_performance():
     stale = {**seg, "expected_performance": {"validated": False, "reason": "measured for another checkpoint"}}
     assert "not validated (measured for another checkpoint)" in L.sequences_summary(stale)
     assert L.sequences_summary({"volumes_ml": {}}) == ""
+    assert "weights for incomplete studies" not in text  # complete study: the full-sequence weights
+    t2_only = {**seg, "sequences_used": ["T2"], "sequences_missing": ["T1", "CET1", "DWI_B0", "DWI_B1000", "ADC"],
+               "weights": "incomplete"}
+    assert "MISSING: T1, CET1" in L.sequences_summary(t2_only)
+    assert "segmented with the model's weights for incomplete studies" in L.sequences_summary(t2_only)
 
 
 # --------------------------------------------------------------------------- errors

@@ -39,6 +39,8 @@ def sequences_summary(params: dict) -> str:
     used = ", ".join(params.get("sequences_used") or []) or "-"
     missing = list(params.get("sequences_missing") or [])
     text = f"Sequences used: {used}" + (f"; MISSING: {', '.join(missing)}" if missing else "; none missing")
+    if params.get("weights") == "incomplete":  # whole-study segmentation: the weights trained for incomplete studies
+        text += " (segmented with the model's weights for incomplete studies)"
     perf = params.get("expected_performance") or {}
     if perf.get("validated"):
         shown = [_metric_text(k, v) for k, v in (perf.get("metrics") or {}).items() if k in _METRIC_NAMES]
