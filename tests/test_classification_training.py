@@ -136,6 +136,7 @@ def test_refit_calibration_on_unseen_cohort_keeps_weights(tmp_path_factory):
     assert {k: v for k, v in c["split"].items() if k != "calibration"} == \
         {k: v for k, v in cfg["split"].items() if k != "calibration"}
     assert c["calibration"]["cohort"] == "unseen" and c["calibration"]["previous_temperature"] == cfg["temperature"]
+    assert c["calibration"]["n"] == 20 and c["calibration"]["date"] and "cohort_seeds" in c["calibration"]
     assert all(s.startswith("toy007_") for s in c["split"]["calibration"])
     # the refit T is the one fitted on the unseen patients, not the one the training patients would give
     m, _ = load_checkpoint(ck)

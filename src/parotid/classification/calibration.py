@@ -98,6 +98,18 @@ def trained_study_ids(cfg: dict) -> set[str]:
     return {str(s) for role in ("stage1", "stage2", "early_stopping") for s in split.get(role, [])}
 
 
+def _cohort_seeds(cohort: str) -> list[int]:
+    """Generator seeds in the cohort's ``cohort.csv`` (parotid-synth writes a ``seed`` column); [] if none."""
+    import csv
+    import os
+
+    path = os.path.join(cohort, "cohort.csv")
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        return sorted({int(r["seed"]) for r in csv.DictReader(f) if (r.get("seed") or "").isdigit()})
+
+
 def refit_checkpoint(path: str, cohort: str, out: str, seed: int = 0, note: str = "") -> dict:
     """Refit the temperature and the undetermined threshold of the checkpoint `path` on the labelled
     `cohort` folder (patients the model never saw) and write the result to `out`. Weights and the input
@@ -126,7 +138,7 @@ def refit_checkpoint(path: str, cohort: str, out: str, seed: int = 0, note: str 
     cal = calibrate(model, cfg["groups"], cs, idx, ls, "refit on unseen cohort", seed=seed)
     rec = cal["calibration"]
     ids = rec.pop("study_ids")
-    rec.update(cohort=name, seed=seed, refit=True, note=note, previous_temperature=cfg.get("temperature"),
+    rec.update(cohort=name, cohort_seeds=_cohort_seeds(cohort), mc_dropout_seed=seed, refit=True, note=note, previous_temperature=cfg.get("temperature"),
                date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     new = dict(raw[CONFIG])  # as stored (fusion keys not normalised)
     new.update(temperature=cal["temperature"], uncertainty=cal["uncertainty"], calibration=rec)
