@@ -103,3 +103,48 @@ def test_train_stats_in_monai_label_format_and_best_epoch_weights_kept(toy_cs):
     with torch.no_grad():
         v = float(loss(net(b["image"], b["box"]), b["label"]))
     assert v == pytest.approx(st["best_metric"], rel=1e-4)
+
+
+def test_refit_calibration_on_unseen_cohort_keeps_weights(tmp_path_factory):
+    """`python -m parotid.classification.calibration refit`: temperature and undetermined threshold refit on
+    a cohort the checkpoint never saw; weights and input check stay bit-identical; a cohort holding
+    training patients is refused."""
+    from parotid.classification.calibration import calibrate, main, refit_checkpoint
+    from parotid.classification.checkpoint import load_checkpoint, read_raw, save_checkpoint
+    from parotid.classification.data import build_cropset
+    from parotid.labels import get_label_set
+
+    d = tmp_path_factory.mktemp("refit")
+    train_dir, unseen_dir = str(d / "train"), str(d / "unseen")
+    write_toy_cohort(train_dir, 40, seed=3)
+    write_toy_cohort(unseen_dir, 20, seed=7)
+    train_cs = build_cropset(train_dir, size=32, n_slices=4)
+    model, cfg = _train(train_cs)
+    model.input_check = {"toy": torch.arange(3.0)}
+    ck = str(d / "m.pt")
+    save_checkpoint(ck, model, cfg)
+    out = str(d / "out" / "m.pt")
+    main(["refit", "--checkpoint", ck, "--cohort", unseen_dir, "--out", out, "--note", "toy"])
+    old, new = read_raw(ck), read_raw(out)
+    assert old["state_dict"].keys() == new["state_dict"].keys()
+    for k, v in old["state_dict"].items():
+        assert v.dtype == new["state_dict"][k].dtype and torch.equal(v, new["state_dict"][k]), k
+    assert torch.equal(old["input_check"]["toy"], new["input_check"]["toy"])
+    c = new["config"]
+    changed = {"temperature", "uncertainty", "calibration", "split"}
+    assert {k: v for k, v in c.items() if k not in changed} == {k: v for k, v in cfg.items() if k not in changed}
+    assert {k: v for k, v in c["split"].items() if k != "calibration"} == \
+        {k: v for k, v in cfg["split"].items() if k != "calibration"}
+    assert c["calibration"]["cohort"] == "unseen" and c["calibration"]["previous_temperature"] == cfg["temperature"]
+    assert c["calibration"]["n"] == 20 and c["calibration"]["date"] and "cohort_seeds" in c["calibration"]
+    assert all(s.startswith("toy007_") for s in c["split"]["calibration"])
+    # the refit T is the one fitted on the unseen patients, not the one the training patients would give
+    m, _ = load_checkpoint(ck)
+    ls, unseen = get_label_set("subtype4"), build_cropset(unseen_dir, size=32, n_slices=4)
+    usable = lambda cs: [i for i, t in enumerate(cs.tumor_class) if ls.accepts(t)]  # noqa: E731
+    assert c["temperature"] == calibrate(m, cfg["groups"], unseen, usable(unseen), ls, "x")["temperature"]
+    stage1 = [i for i, s in enumerate(train_cs.study_ids) if s in set(cfg["split"]["stage1"])]
+    assert abs(c["temperature"] - calibrate(m, cfg["groups"], train_cs, stage1, ls, "x")["temperature"]) > 1e-3
+    assert load_checkpoint(out)[1]["temperature"] == c["temperature"]
+    with pytest.raises(ValueError, match="were trained on"):
+        refit_checkpoint(ck, train_dir, str(d / "bad.pt"))

@@ -89,3 +89,90 @@ def calibrate(model: SequenceModel, groups: list[list[str]], cs, idx, label_set,
                nll_before=float(F.cross_entropy(logits, yt)), nll_after=float(F.cross_entropy(logits / T, yt)),
                accuracy=float((p1.argmax(1) == y).mean()), undetermined_threshold=thr)
     return {"temperature": T, "uncertainty": unc, "calibration": rec}
+
+
+def trained_study_ids(cfg: dict) -> set[str]:
+    """Study ids a checkpoint's config records as trained on or used for early stopping (empty for
+    checkpoints from before ``cfg["split"]``: then only the training cohort's name is known)."""
+    split = cfg.get("split") or {}
+    return {str(s) for role in ("stage1", "stage2", "early_stopping") for s in split.get(role, [])}
+
+
+def _cohort_seeds(cohort: str) -> list[int]:
+    """Generator seeds in the cohort's ``cohort.csv`` (parotid-synth writes a ``seed`` column); [] if none."""
+    import csv
+    import os
+
+    path = os.path.join(cohort, "cohort.csv")
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        return sorted({int(r["seed"]) for r in csv.DictReader(f) if (r.get("seed") or "").isdigit()})
+
+
+def refit_checkpoint(path: str, cohort: str, out: str, seed: int = 0, note: str = "") -> dict:
+    """Refit the temperature and the undetermined threshold of the checkpoint `path` on the labelled
+    `cohort` folder (patients the model never saw) and write the result to `out`. Weights and the input
+    check block are copied as stored (bit-identical); only ``temperature``, ``uncertainty``,
+    ``calibration`` (with ``cohort``, ``note`` and ``date``) and ``split["calibration"]`` change."""
+    import os
+    import time
+
+    from parotid.labels import get_label_set
+
+    from .checkpoint import CONFIG, load_checkpoint, read_raw, write_config
+    from .data import build_cropset
+
+    raw = read_raw(path)
+    model, cfg = load_checkpoint(path)
+    ls = get_label_set(cfg["label_set"])
+    cs = build_cropset(cohort, size=cfg["size"], n_slices=cfg["n_slices"])  # as the trainer and parotid-eval holdout
+    name = os.path.basename(os.path.abspath(cohort))
+    if name == (cfg.get("trained") or {}).get("cohort"):
+        raise ValueError(f"{cohort} is the cohort the checkpoint was trained on")
+    seen = trained_study_ids(cfg) & {str(s) for s in cs.study_ids}
+    if seen:
+        raise ValueError(f"{len(seen)} studies of {cohort} were trained on: {sorted(seen)[:5]}")
+    required = cs.channels(cfg.get("required", []))
+    idx = [i for i, t in enumerate(cs.tumor_class) if ls.accepts(t) and all(cs.avail[i, required])]
+    cal = calibrate(model, cfg["groups"], cs, idx, ls, "refit on unseen cohort", seed=seed)
+    rec = cal["calibration"]
+    ids = rec.pop("study_ids")
+    rec.update(cohort=name, cohort_seeds=_cohort_seeds(cohort), mc_dropout_seed=seed, refit=True, note=note, previous_temperature=cfg.get("temperature"),
+               date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    new = dict(raw[CONFIG])  # as stored (fusion keys not normalised)
+    new.update(temperature=cal["temperature"], uncertainty=cal["uncertainty"], calibration=rec)
+    new["split"] = {**(new.get("split") or {}), "calibration": ids}
+    write_config(path, new, out)
+    return new
+
+
+def main(argv=None) -> None:
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(prog="python -m parotid.classification.calibration",
+                                 description="Refit a classifier checkpoint's temperature and undetermined threshold "
+                                             "on a labelled cohort it never saw (weights kept bit-identical).")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("refit")
+    r.add_argument("--checkpoint", required=True)
+    r.add_argument("--cohort", required=True, help="labelled cohort folder excluded from every training stage")
+    r.add_argument("--out", help="output checkpoint (default: overwrite --checkpoint); <out>.json sidecar written too")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--note", default="")
+    r.add_argument("--threads", type=int, default=1)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    out = a.out or a.checkpoint
+    cfg = refit_checkpoint(a.checkpoint, a.cohort, out, a.seed, a.note)
+    with open(out[:-3] + ".json" if out.endswith(".pt") else out + ".json", "w") as f:
+        json.dump(cfg, f, indent=1)
+    c = cfg["calibration"]
+    print(f"{out}: T {c['previous_temperature']} -> {cfg['temperature']:.3f} on {c['n']} patients of {c['cohort']} "
+          f"(ECE {c.get('ece_before', float('nan')):.3f} -> {c.get('ece_after', float('nan')):.3f}); "
+          f"undetermined below top prob {cfg['uncertainty']['max_top_prob_below']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -78,3 +78,13 @@ def stamp_input_check(path: str, block: dict[str, Any]) -> None:
     ck = read_raw(path)
     ck[INPUT_CHECK] = block
     _write_atomic(ck, path)
+
+
+def write_config(path: str, config: dict[str, Any], out: str | None = None) -> None:
+    """Write `config` as the config of the checkpoint `path` (to `out`, default `path`); every other entry
+    (weights, input check) is kept as loaded, so the weights stay bit-identical."""
+    ck = read_raw(path)
+    ck[CONFIG] = config
+    if out and os.path.dirname(out):
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+    _write_atomic(ck, out or path)
