@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import APP, BIN, ROOT, SAMPLE, copy_studies, free_port, infer
+from conftest import APP, BIN, ROOT, SAMPLE, copy_studies, free_port, free_port_range, infer
 from test_workers import _label
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
@@ -44,7 +44,7 @@ class Deployment:
         self.studies = studies or str(copy_studies(SAMPLE, root / "studies"))
         env = {**os.environ, **(env or {}), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
                "PYTHON": sys.executable, "STUDIES": self.studies, "MODEL_DIR": str(model), "MODELS": models,
-               "REPLICAS": "2", "PORT": str(self.port), "BASE_PORT": str(free_port())}
+               "REPLICAS": "2", "PORT": str(self.port), "BASE_PORT": str(free_port_range(2))}
         subprocess.run(["bash", str(ROOT / "deploy/nginx/start.sh"), str(self.run)], env=env, check=True, timeout=900)
         self.replicas = [f"http://127.0.0.1:{(self.run / f'replica-{k}.port').read_text().strip()}" for k in (1, 2)]
 

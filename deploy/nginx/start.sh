@@ -19,6 +19,9 @@ MODELS=${MODELS:-all}; WORKERS=${WORKERS:-1}; READY_TIMEOUT=${READY_TIMEOUT:-600
 PY=${PYTHON:-$(command -v python3)}
 NGINX=${NGINX:-$(command -v nginx || echo /usr/sbin/nginx)}
 
+# a start that fails half-way stops what it started (nginx, replicas): nothing is left holding ports
+trap 'status=$?; [ $status -eq 0 ] || bash "$here/stop.sh" "$run" >/dev/null 2>&1; exit $status' EXIT
+
 servers=""
 for k in $(seq 1 "$REPLICAS"); do
   port=$((BASE_PORT + k - 1))
@@ -45,7 +48,7 @@ sed -e "s|@PREFIX@|$run|g" -e "s|@LISTEN@|127.0.0.1:$PORT|" -e "s|@SERVERS@|$ser
 deadline=$((SECONDS + READY_TIMEOUT))
 for k in $(seq 1 "$REPLICAS"); do
   port=$(cat "$run/replica-$k.port")
-  until curl -sf "http://127.0.0.1:$port/info/" >/dev/null; do
+  until curl -sf --max-time 10 "http://127.0.0.1:$port/info/" >/dev/null; do
     if ! kill -0 "$(cat "$run/replica-$k.pid")" 2>/dev/null; then
       echo "start.sh: replica $k exited; see $run/replica-$k.log" >&2; tail -20 "$run/replica-$k.log" >&2; exit 1
     fi
@@ -53,5 +56,5 @@ for k in $(seq 1 "$REPLICAS"); do
     sleep 1
   done
 done
-curl -sf "http://127.0.0.1:$PORT/info/" >/dev/null
+curl -sf --max-time 30 "http://127.0.0.1:$PORT/info/" >/dev/null
 echo "start.sh: nginx on http://127.0.0.1:$PORT -> $REPLICAS replicas (ports $BASE_PORT..$((BASE_PORT + REPLICAS - 1)))"

@@ -11,6 +11,7 @@ choose the weights, :meth:`SegCheckpoint.network_for`). Older checkpoints are a 
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections import OrderedDict
@@ -25,6 +26,8 @@ from parotid.segmentation.networks import SEGMENTATION, SPECS, SegModelSpec, bui
 from parotid.segmentation.subset_models import COMPLETE, SUBSET_MODELS, check_parts, part_for, state_dict_of
 from parotid.study import Study, StudyError
 from parotid.study_cache import study_key
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,7 @@ class HotCheckpoint:
         with self._lock:
             if self._loaded is None or self._loaded.identity != (self.path, mtime):
                 self._loaded = load_segmentation(self.path, self.spec)
+                logger.info(f"loaded {self.spec.name} checkpoint {self.path} (mtime_ns {mtime})")
             return self._loaded
 
 
