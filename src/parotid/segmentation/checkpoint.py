@@ -23,7 +23,7 @@ import torch
 
 from parotid.model_space import checkpoint_spacing
 from parotid.segmentation.networks import SEGMENTATION, SPECS, SegModelSpec, build_network
-from parotid.segmentation.subset_models import COMPLETE, SUBSET_MODELS, check_parts, part_for, state_dict_of
+from parotid.segmentation.subset_models import COMPLETE, part_for, part_state, parts
 from parotid.study import Study, StudyError
 from parotid.study_cache import study_key
 
@@ -62,11 +62,10 @@ def load_segmentation(path: str, spec: SegModelSpec | None = None) -> SegCheckpo
     net = build_network(spec)
     net.load_state_dict(state, strict=True)
     net.eval()
-    check_parts(entries, net)  # every part loads strictly, one training spacing
     subset_nets = {}
-    for part in entries.get(SUBSET_MODELS) or {}:
+    for part in parts(entries)[1:]:  # incomplete-study weights: each loads strictly, at the file's spacing
         subset_nets[part] = build_network(spec)
-        subset_nets[part].load_state_dict(state_dict_of(entries, part), strict=True)
+        subset_nets[part].load_state_dict(part_state(entries, part), strict=True)
         subset_nets[part].eval()
     return SegCheckpoint(net, spec, checkpoint_spacing(entries or None),
                          {k: v for k, v in entries.items() if k != "model"}, (path, st.st_mtime_ns), subset_nets)

@@ -48,18 +48,24 @@ def parts(ck: dict) -> list[str]:
     return [COMPLETE] + list(ck.get(SUBSET_MODELS) or {})
 
 
+def part_state(ck: dict, part: str) -> dict:
+    """The state dict of the extra part `part`, after checking its entry and that it was trained at the
+    file's spacing (raises ValueError)."""
+    entry = ck[SUBSET_MODELS][part]
+    if not isinstance(entry, dict) or not isinstance(entry.get("model"), dict):
+        raise ValueError(f"subset model {part!r} has no state dict")
+    if entry.get(SPACING_KEY) is not None and checkpoint_spacing(entry) != checkpoint_spacing(ck):
+        raise ValueError(f"subset model {part!r} was trained at spacing {entry[SPACING_KEY]}, "
+                         f"the file's is {ck.get(SPACING_KEY)}")
+    return entry["model"]
+
+
 def check_parts(ck: dict, network: torch.nn.Module) -> None:
     """Every part of `ck` loads strictly into a copy of `network` and they share one spacing (raises)."""
     import copy
 
     for part in parts(ck)[1:]:
-        entry = ck[SUBSET_MODELS][part]
-        if not isinstance(entry, dict) or not isinstance(entry.get("model"), dict):
-            raise ValueError(f"subset model {part!r} has no state dict")
-        copy.deepcopy(network).load_state_dict(entry["model"], strict=True)
-        if entry.get(SPACING_KEY) is not None and checkpoint_spacing(entry) != checkpoint_spacing(ck):
-            raise ValueError(f"subset model {part!r} was trained at spacing {entry[SPACING_KEY]}, "
-                             f"the file's is {ck.get(SPACING_KEY)}")
+        copy.deepcopy(network).load_state_dict(part_state(ck, part), strict=True)
 
 
 def combine(complete_path: str, incomplete_path: str, out_path: str) -> dict:
