@@ -159,12 +159,17 @@ def _mahalanobis(x: np.ndarray, mean: np.ndarray, precision: np.ndarray) -> floa
     return float(np.sqrt(max(d @ precision @ d, 0.0)))
 
 
-def intensity_check(study: Study, ref: dict) -> dict:
-    feats = intensity_features(study)
+def _intensity_verdict(feats: dict[str, list[float]], ref: dict, complete: Iterable[str] = ()) -> dict:
+    """Per-entry Mahalanobis distances of `feats` against one intensity reference. An entry the study has
+    but the reference lacks is skipped, unless it is in `complete` (a commissioned site's reference must
+    cover every entry the training reference has: a site commissioned without DWI does not vouch for DWI)."""
     entries, worst, seq_out, pair_out = {}, 0.0, [], []
     for key, f in feats.items():
         r = ref.get(key)
-        if r is None:  # a sequence the training cohort did not have: nothing to compare with
+        if r is None:  # a sequence the reference cohort did not have: nothing to compare with
+            if key in complete:
+                worst = max(worst, MAX_SCORE)
+                entries[key] = None
             continue
         d = _mahalanobis(f, np.asarray(r["mean"]), np.asarray(r["precision"]))
         ratio = d / r["threshold"]
@@ -174,11 +179,34 @@ def intensity_check(study: Study, ref: dict) -> dict:
             pair_out.append(f"{key.replace('~', '/')} {f[0]:.2f}")
         elif ratio > 1.0:
             seq_out.append(f"{key} ({d:.1f} > {r['threshold']:.1f})")
-    reasons = [f"intensity statistics unlike the training cohort (Mahalanobis distance): {', '.join(seq_out)}"] if seq_out else []
-    if pair_out:
-        reasons.append(f"sequences correlate unlike the training cohort (one series imported as several?): "
-                       f"{', '.join(pair_out)}")
-    return _component(worst, 1.0, reasons, distances=entries)
+    return {"worst": worst, "distances": entries, "sequences": seq_out, "pairs": pair_out}
+
+
+def intensity_check(study: Study, ref: dict, sites: Mapping[str, dict] | None = None) -> dict:
+    """The study's intensity statistics against the training cohort's reference `ref` and against every
+    commissioned site's (`sites`: name -> {"intensity": reference, "evidence": ...}, written by
+    ``parotid-eval commission`` after the served models met the bars on that site's labelled cohort).
+    It passes when the study matches the training cohort or one commissioned site; the score is the best
+    match's. The reasons name the training cohort's entries (and say no commissioned site matches)."""
+    feats = intensity_features(study)
+    verdicts = {"training": _intensity_verdict(feats, ref)}
+    for name, site in (sites or {}).items():
+        verdicts[f"site:{name}"] = _intensity_verdict(feats, site["intensity"], complete=ref.keys())
+    best = min(verdicts, key=lambda k: verdicts[k]["worst"])
+    shown = verdicts[best] if verdicts[best]["worst"] <= 1.0 else verdicts["training"]
+    reasons = []
+    if verdicts[best]["worst"] > 1.0:
+        tail = f"; unlike the commissioned sites too ({', '.join(sites)})" if sites else ""
+        if shown["sequences"]:
+            reasons.append(f"intensity statistics unlike the training cohort (Mahalanobis distance): "
+                           f"{', '.join(shown['sequences'])}{tail}")
+        if shown["pairs"]:
+            reasons.append(f"sequences correlate unlike the training cohort (one series imported as several?): "
+                           f"{', '.join(shown['pairs'])}{tail}")
+    details = {"distances": shown["distances"], "reference": best}
+    if sites:
+        details["reference_scores"] = {k: round(float(min(v["worst"], MAX_SCORE)), 4) for k, v in verdicts.items()}
+    return _component(verdicts[best]["worst"], 1.0, reasons, **details)
 
 
 # ------------------------------------------------------------------------------------ anatomy
@@ -394,7 +422,7 @@ def _study_components(study: Study, model_dir: str, label: np.ndarray | None,
         comps["reference"] = {"passed": True, "score": 0.0, "threshold": 1.0, "reasons": [],
                               "note": f"no {REFERENCE_FILE} next to the models: intensity and anatomy not checked"}
         return comps, label
-    comps["intensity"] = intensity_check(study, ref["intensity"])
+    comps["intensity"] = intensity_check(study, ref["intensity"], ref.get("sites"))
     if label is None and segmenter.identity() is not None:
         try:
             label = segmenter.label_of(study)
@@ -491,6 +519,63 @@ def scale_familywise(intensity: dict, calibration: list[dict]) -> float:
     return f
 
 
+def fit_site_intensity(rows: list[dict[str, list[float]]], min_rows: int = 10) -> dict:
+    """Intensity reference of one site from its studies' ``intensity_features`` (a commissioning cohort:
+    tens of studies, no separate calibration cohort). Mean and shrunk covariance (Ledoit-Wolf) from all rows;
+    each entry's threshold from leave-one-out distances (each study against the fit of the others: the
+    held-out distances an in-sample fit would understate), MARGIN x their 99th percentile, then scaled
+    family-wise over the entries as ``scale_familywise`` does, with the same leave-one-out ratios. Entries
+    with fewer than `min_rows` studies are left out (the site then does not vouch for them)."""
+    from sklearn.covariance import LedoitWolf
+
+    out, loo = {}, {}
+    for key in sorted({k for r in rows for k in r}):
+        x = np.array([r[key] for r in rows if key in r], float)
+        if len(x) < min_rows:
+            continue
+        d = []
+        for i in range(len(x)):
+            lw = LedoitWolf().fit(np.delete(x, i, axis=0))
+            d.append(_mahalanobis(x[i], lw.location_, lw.precision_))
+        lw = LedoitWolf().fit(x)
+        out[key] = {"mean": lw.location_.tolist(), "precision": lw.precision_.tolist(), "n_train": len(x),
+                    "threshold": _threshold(d), "n_calibration": len(x), "calibration": "leave-one-out"}
+        loo[key] = dict(zip([i for i, r in enumerate(rows) if key in r], d))
+    worst = [max((loo[k][i] / out[k]["threshold"] for k in out if i in loo[k]), default=0.0) for i in range(len(rows))]
+    f = max(1.0, MARGIN * float(np.percentile(worst, 99))) if len(worst) >= min_rows else 1.0
+    for r in out.values():
+        r["threshold"] = float(r["threshold"] * f)
+        r["familywise_scale"] = float(f)
+    return out
+
+
+def write_reference(models: str, ref: dict) -> str:
+    """Replace ``<models>/input_check.json`` atomically (the server rereads it by modification time)."""
+    path = os.path.join(models, REFERENCE_FILE)
+    tmp = path + ".part"
+    with open(tmp, "w") as fh:
+        json.dump(ref, fh, indent=1)
+    os.replace(tmp, path)
+    return path
+
+
+def set_site(models: str, site: str, intensity: dict | None, evidence: dict | None = None) -> str:
+    """Add (or, with `intensity` None, remove) a commissioned site in ``<models>/input_check.json``."""
+    path = os.path.join(models, REFERENCE_FILE)
+    if not os.path.exists(path):
+        raise SystemExit(f"no {REFERENCE_FILE} in {models}: fit the input check first (python -m parotid.input_check fit)")
+    with open(path) as fh:
+        ref = json.load(fh)
+    sites = ref.setdefault("sites", {})
+    if intensity is None:
+        if site not in sites:
+            raise SystemExit(f"site '{site}' is not commissioned in {path} (commissioned: {', '.join(sites) or 'none'})")
+        del sites[site]
+    else:
+        sites[site] = {"intensity": intensity, "evidence": evidence or {}}
+    return write_reference(models, ref)
+
+
 def recalibrate_command(models: str, cal_folder: str) -> dict:
     """Apply `scale_familywise` to a fitted reference (input_check.json) with a calibration cohort's
     intensity features only (no model runs): for references fitted before the family-wise step."""
@@ -501,10 +586,7 @@ def recalibrate_command(models: str, cal_folder: str) -> dict:
         ref = json.load(fh)
     rows = [intensity_features(read_study(r.image, r.study_id)) for r in _cohort(cal_folder)]
     f = scale_familywise(ref["intensity"], rows)
-    tmp = path + ".part"
-    with open(tmp, "w") as fh:
-        json.dump(ref, fh, indent=1)
-    os.replace(tmp, path)
+    write_reference(models, ref)
     return {"reference": path, "calibration_studies": len(rows), "familywise_scale": f}
 
 
@@ -613,10 +695,10 @@ def _fit_reference_file(models, train_dir, cal_dir, seg_path, train_seed, train_
     ref["fitted"] = {"command": "python -m parotid.input_check fit", "train_cohort": f"parotid-synth --seed {train_seed} --n {train_n}",
                      "calibration_cohort": f"parotid-synth --seed {cal_seed} --n {cal_n}", "margin": MARGIN,
                      "segmentation_checkpoint_sha256": sha256_of(seg_path), "synthetic": True}
-    tmp = os.path.join(models, REFERENCE_FILE + ".part")
-    with open(tmp, "w") as f:
-        json.dump(ref, f, indent=1)
-    os.replace(tmp, os.path.join(models, REFERENCE_FILE))
+    old = load_reference(models) or {}
+    if old.get("sites"):  # commissioned sites depend on the scanners, not on the models: kept (their evidence
+        ref["sites"] = old["sites"]  # names the checkpoints it was measured with; docs/input-check.md)
+    write_reference(models, ref)
     return True
 
 
@@ -648,7 +730,20 @@ def main(argv=None) -> int:
     rc = sub.add_parser("recalibrate", help="family-wise intensity thresholds for an already fitted input_check.json")
     rc.add_argument("--models", default="apps/parotid/model")
     rc.add_argument("--calibration", required=True, help="the held-out calibration cohort folder (seed 202, n 60)")
+    ls_ = sub.add_parser("sites", help="list the commissioned sites (parotid-eval commission) with their evidence")
+    ls_.add_argument("--models", default="apps/parotid/model")
+    rm = sub.add_parser("remove-site", help="withdraw a commissioned site (its studies are compared with the training "
+                                            "cohort only again)")
+    rm.add_argument("--models", default="apps/parotid/model")
+    rm.add_argument("--site", required=True)
     a = ap.parse_args(argv)
+    if a.cmd == "sites":
+        ref = load_reference(a.models) or {}
+        print(json.dumps({k: v.get("evidence", {}) for k, v in (ref.get("sites") or {}).items()}, indent=1))
+        return 0
+    if a.cmd == "remove-site":
+        print(json.dumps({"removed": a.site, "reference": set_site(a.models, a.site, None)}))
+        return 0
     if a.cmd == "recalibrate":
         print(json.dumps(recalibrate_command(a.models, a.calibration), indent=1))
         return 0

@@ -6,6 +6,7 @@
     parotid-eval external --leave-one-site-out --cohorts /tmp/siteA /tmp/siteB /tmp/siteC
     parotid-eval sites --cohorts /tmp/s600_default /tmp/s600_siteB_1.5T --models apps/parotid/model   # served, per site
     parotid-eval subsets --cohort /tmp/cohort500 --models apps/parotid/model --write-tables   # per sequence subset
+    parotid-eval commission --cohort /data/siteB --site siteB --models ~/.parotid/model   # accept a site, gated
 
 Both write ``<out>/<name>.json`` (all numbers), PNG plots (ROC/PR, reliability, confusion) and a
 markdown table ``<out>/<name>.md`` that docs/results.md includes.
@@ -646,11 +647,13 @@ def main(argv=None):
     g.add_argument("--ablation", action="store_true",
                    help="run once per configuration: none, each measure alone, all")
     e.set_defaults(fn=cmd_external)
+    from .commission import add_parser as add_commission
     from .sites import add_parser as add_sites
     from .subsets import add_parser as add_subsets
 
     add_subsets(sub)
     add_sites(sub)
+    add_commission(sub)
     a = ap.parse_args(argv)
     a.argv = argv
     res = a.fn(a)
