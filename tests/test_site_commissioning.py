@@ -3,7 +3,7 @@
 cohort's; a commissioning that misses a bar writes nothing (the study stays flagged); one that meets the bars
 adds the site's reference, and the running server then passes the study's intensity component (it rereads
 input_check.json by modification time); a duplicated series from that site is still flagged; withdrawing the
-site flags the study again. The bars are set by the test (16 studies cannot show AUC 0.90 reliably): the gate
+site flags the study again; a study of another protocol (thicker slices) is not matched by the site. The bars are set by the test (16 studies cannot show AUC 0.90 reliably): the gate
 itself is what is tested, with a bar no model can meet next to one every model meets."""
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from parotid.evaluation.commission import gate
 from parotid.study import read_study, study_from_array, write_study
 
 SITE = "siteB_1.5T"
+OTHER_PROTOCOL = "siteD_1.5T_thick"  # 7 mm slices: not the commissioned protocol
 TASK = "classify_malignancy"
 
 
@@ -31,6 +32,7 @@ def site_cohort(tmp_path_factory):
     root = tmp_path_factory.mktemp("site")
     write_cohort(str(root / "cohort"), 16, 7100, raw=False, progress=False, profile=SITE)
     write_cohort(str(root / "new"), 2, 7101, raw=False, progress=False, profile=SITE)
+    write_cohort(str(root / "other"), 2, 7101, raw=False, progress=False, profile=OTHER_PROTOCOL)
     return root
 
 
@@ -41,18 +43,18 @@ def srv(tmp_path_factory):
     s.stop()
 
 
-def _new_study(site_cohort, tmp, duplicate=False):
+def _new_study(site_cohort, tmp, duplicate=False, folder="new"):
     """(file bytes, roi) of a new study of the site; `duplicate`: its T2 imported again as CE-T1."""
     from parotid.cohort import load_classification_cohort
 
-    r = next(r for r in load_classification_cohort(str(site_cohort / "new"))
+    r = next(r for r in load_classification_cohort(str(site_cohort / folder))
              if {"CET1", "ADC"} <= set(read_study(r.image, r.study_id).sequences))
     s = read_study(r.image, r.study_id)
     if duplicate:
         arr = s.array(list(s.sequences)).copy()
         arr[s.sequences.index("CET1")] = arr[s.sequences.index("T2")]
         s = study_from_array(arr, list(s.sequences), s.reference)
-    out = tmp / ("dup.nii.gz" if duplicate else "new.nii.gz")
+    out = tmp / f"{folder}{'_dup' if duplicate else ''}.nii.gz"
     write_study(s, str(out))
     return out.read_bytes(), [int(v) for v in r.roi]
 
@@ -73,6 +75,7 @@ def test_commissioning_gates_and_opens_the_input_check_for_the_site(srv, site_co
     ref_path = f"{models}/{input_check.REFERENCE_FILE}"
     data, roi = _new_study(site_cohort, tmp_path)
     dup, _ = _new_study(site_cohort, tmp_path, duplicate=True)
+    other, other_roi = _new_study(site_cohort, tmp_path, folder="other")
 
     before = _intensity(srv, data, roi)
     assert not before["input_check"]["components"]["intensity"]["passed"], before["input_check"]
@@ -101,6 +104,11 @@ def test_commissioning_gates_and_opens_the_input_check_for_the_site(srv, site_co
     d = _intensity(srv, dup, roi)
     assert not d["input_check"]["components"]["intensity"]["passed"], d["input_check"]["components"]["intensity"]
     assert any("correlate" in r for r in d["undetermined_reasons"]), d["undetermined_reasons"]
+
+    # another protocol (thicker slices) is not vouched for by the site, whatever its intensity statistics
+    o = _intensity(srv, other, other_roi)["input_check"]["components"]["intensity"]
+    assert not o["passed"] and o["reference_scores"][f"site:{SITE}"] >= input_check.MAX_SCORE, o
+    assert any("outside its protocol" in r for r in o["reasons"]), o["reasons"]
 
     # withdrawn: flagged again
     assert input_check.main(["remove-site", "--models", models, "--site", SITE]) == 0

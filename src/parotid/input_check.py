@@ -182,21 +182,54 @@ def _intensity_verdict(feats: dict[str, list[float]], ref: dict, complete: Itera
     return {"worst": worst, "distances": entries, "sequences": seq_out, "pairs": pair_out}
 
 
+SITE_SPACING_TOLERANCE = 0.10  # a commissioned site's protocol: its cohort's voxel spacings +- 10 %
+
+
+def sorted_spacing(study: Study) -> list[float]:
+    """The reference grid's voxel spacing, smallest first (independent of the slice orientation), mm."""
+    return sorted(float(v) for v in study.image.GetSpacing())
+
+
+def site_geometry(spacings: Sequence[Sequence[float]], tolerance: float = SITE_SPACING_TOLERANCE) -> dict:
+    """A site's protocol geometry: the range of its commissioning studies' sorted voxel spacings, widened by
+    `tolerance` (a relative margin). Studies outside it are another protocol, which needs its own commissioning."""
+    x = np.asarray(spacings, float)
+    return {"spacing_mm": {"min": (x.min(0) * (1 - tolerance)).round(4).tolist(),
+                           "max": (x.max(0) * (1 + tolerance)).round(4).tolist()}, "tolerance": tolerance}
+
+
+def _geometry_mismatch(study: Study, geometry: dict | None) -> str | None:
+    if not geometry:
+        return None
+    sp, lo, hi = sorted_spacing(study), geometry["spacing_mm"]["min"], geometry["spacing_mm"]["max"]
+    if all(a <= v <= b for v, a, b in zip(sp, lo, hi)):
+        return None
+    return (f"voxel spacing {'/'.join(f'{v:.2g}' for v in sp)} mm outside its protocol's "
+            f"{'/'.join(f'{a:.2g}-{b:.2g}' for a, b in zip(lo, hi))} mm")
+
+
 def intensity_check(study: Study, ref: dict, sites: Mapping[str, dict] | None = None) -> dict:
     """The study's intensity statistics against the training cohort's reference `ref` and against every
-    commissioned site's (`sites`: name -> {"intensity": reference, "evidence": ...}, written by
-    ``parotid-eval commission`` after the served models met the bars on that site's labelled cohort).
+    commissioned site's (`sites`: name -> {"intensity", "geometry", "evidence"}, written by ``parotid-eval
+    commission`` after the served models met the bars on that site's labelled cohort). A site matches only
+    studies of its protocol (voxel spacing inside its ``geometry``) whose statistics match its reference.
     It passes when the study matches the training cohort or one commissioned site; the score is the best
-    match's. The reasons name the training cohort's entries (and say no commissioned site matches)."""
+    match's. The reasons name the training cohort's entries and why no commissioned site matches."""
     feats = intensity_features(study)
     verdicts = {"training": _intensity_verdict(feats, ref)}
+    why_not = []
     for name, site in (sites or {}).items():
-        verdicts[f"site:{name}"] = _intensity_verdict(feats, site["intensity"], complete=ref.keys())
+        v = _intensity_verdict(feats, site["intensity"], complete=ref.keys())
+        mismatch = _geometry_mismatch(study, site.get("geometry"))
+        if mismatch:
+            v["worst"] = MAX_SCORE
+        verdicts[f"site:{name}"] = v
+        why_not.append(f"{name}: {mismatch or 'intensity statistics'}")
     best = min(verdicts, key=lambda k: verdicts[k]["worst"])
     shown = verdicts[best] if verdicts[best]["worst"] <= 1.0 else verdicts["training"]
     reasons = []
     if verdicts[best]["worst"] > 1.0:
-        tail = f"; unlike the commissioned sites too ({', '.join(sites)})" if sites else ""
+        tail = f"; no commissioned site matches ({'; '.join(why_not)})" if why_not else ""
         if shown["sequences"]:
             reasons.append(f"intensity statistics unlike the training cohort (Mahalanobis distance): "
                            f"{', '.join(shown['sequences'])}{tail}")
@@ -559,7 +592,8 @@ def write_reference(models: str, ref: dict) -> str:
     return path
 
 
-def set_site(models: str, site: str, intensity: dict | None, evidence: dict | None = None) -> str:
+def set_site(models: str, site: str, intensity: dict | None, evidence: dict | None = None,
+             geometry: dict | None = None) -> str:
     """Add (or, with `intensity` None, remove) a commissioned site in ``<models>/input_check.json``."""
     path = os.path.join(models, REFERENCE_FILE)
     if not os.path.exists(path):
@@ -572,7 +606,7 @@ def set_site(models: str, site: str, intensity: dict | None, evidence: dict | No
             raise SystemExit(f"site '{site}' is not commissioned in {path} (commissioned: {', '.join(sites) or 'none'})")
         del sites[site]
     else:
-        sites[site] = {"intensity": intensity, "evidence": evidence or {}}
+        sites[site] = {"intensity": intensity, "geometry": geometry, "evidence": evidence or {}}
     return write_reference(models, ref)
 
 

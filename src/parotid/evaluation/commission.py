@@ -14,8 +14,9 @@ test a site runs once with a labelled cohort of its own studies (``parotid-impor
    ``--min-macro-auc`` (0.85), with at least ``--min-studies`` studies and ``--min-malignant`` malignant
    and as many benign ones;
 3. then the site's own intensity reference (``input_check.fit_site_intensity``: leave-one-out thresholds)
-   is added to ``<models>/input_check.json`` with the evidence (metrics with CIs, checkpoints' SHA-256,
-   cohort, date). Studies that match it pass the intensity component; every other component (physical,
+   and protocol geometry (its studies' voxel spacings +- 10 %, ``input_check.site_geometry``) are added to
+   ``<models>/input_check.json`` with the evidence (metrics with CIs, checkpoints' SHA-256, cohort, date).
+   Studies of that protocol whose statistics match pass the intensity component; every other component (physical,
    anatomy, tumour in the box, the classifier-feature density) is unchanged, and a duplicated or swapped
    series still fails the site's own sequence-pair statistics.
 
@@ -45,18 +46,20 @@ from .sites import evaluate_site, site_rows
 BARS = {"min_roc_auc": 0.90, "min_macro_auc": 0.85, "min_studies": 30, "min_malignant": 5}
 
 
-def site_features(folder: str) -> list[dict]:
-    """``intensity_features`` of every labelled study of the cohort that has the served minimum (T2)."""
+def site_features(folder: str) -> tuple[list[dict], list[list[float]]]:
+    """``intensity_features`` and sorted voxel spacing of every labelled study of the cohort that has the
+    served minimum (T2)."""
     from parotid import subsets
     from parotid.cohort import load_classification_cohort
     from parotid.study import read_study
 
-    rows = []
+    rows, spacings = [], []
     for r in load_classification_cohort(folder):
         study = read_study(r.image, r.study_id)
         if all(q in study.sequences for q in subsets.MINIMUM_SEQUENCES):
             rows.append(input_check.intensity_features(study))
-    return rows
+            spacings.append(input_check.sorted_spacing(study))
+    return rows, spacings
 
 
 def gate(metrics: dict, bars: dict) -> list[str]:
@@ -98,8 +101,9 @@ def commission(folder: str, site: str, models: str, bars: dict, tasks=None, dry_
                        "refused_missing_minimum": rows["_refused"].get((models, t), 0),
                        "flagged_before": ev.get("input_check", {}).get("n_flagged")}
         misses[t] = gate(ev["all"], bars)
-    feats = site_features(folder)
+    feats, spacings = site_features(folder)
     intensity = input_check.fit_site_intensity(feats)
+    geometry = input_check.site_geometry(spacings) if spacings else None
     accepted = not any(misses.values())
     evidence = {"site": site, "cohort": os.path.abspath(folder), "n_studies": len(feats),
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -107,9 +111,10 @@ def commission(folder: str, site: str, models: str, bars: dict, tasks=None, dry_
                 "segmentation_sha256": sha256_of(os.path.join(models, "segmentation.pt"))
                 if os.path.exists(os.path.join(models, "segmentation.pt")) else None}
     result = {"site": site, "accepted": accepted, "written": False, "missed": {t: m for t, m in misses.items() if m},
-              "evidence": evidence, "intensity_entries": sorted(intensity), "seconds": round(time.time() - t0, 1)}
+              "evidence": evidence, "intensity_entries": sorted(intensity), "geometry": geometry,
+              "seconds": round(time.time() - t0, 1)}
     if accepted and not dry_run:
-        result["reference"] = input_check.set_site(models, site, intensity, evidence)
+        result["reference"] = input_check.set_site(models, site, intensity, evidence, geometry)
         result["written"] = True
     return result
 
