@@ -435,6 +435,29 @@ def test_classification_result_fields():
     assert c.table_rows()[0] == ("warthin", "45.0 %", "predicted")
     assert "UNDETERMINED" in c.summary() and "classify_subtype 0.1" in c.summary()
     assert "Sequences" not in c.summary()  # an older server's answer has no sequence report
+    assert "low confidence" in c.summary()  # an older server gives no reasons
+
+
+def test_undetermined_result_says_why_and_commissioned_site_is_named():
+    """The radiologist reads WHY a result is undetermined (the server's reasons, not a generic "low confidence"),
+    and, when the images were accepted through a commissioned site (docs/input-check.md), which site."""
+    base = {"prediction": [{"idx": 0, "label": "benign", "score": 0.9}, {"idx": 1, "label": "malignant", "score": 0.1}],
+            "predicted_class": "benign", "model": "classify_malignancy"}
+    why = "intensity statistics unlike the training cohort (Mahalanobis distance): ADC (40.1 > 12.0)" + " x" * 100
+    und = results.ClassificationResult.from_params({**base, "undetermined": True,
+                                                    "undetermined_reasons": [why, "no tumour found in the box"]})
+    text = und.summary()
+    assert "UNDETERMINED" in text and "intensity statistics unlike the training cohort" in text
+    assert "no tumour found in the box" in text and "low confidence" not in text
+    assert len(und.undetermined_text) < 2 * results.MAX_REASON_CHARS  # one line, not the server's full detail
+    site = {"passed": True, "score": 0.4, "threshold": 1.0, "reference": "site:siteB_1.5T"}
+    ok = results.ClassificationResult.from_params({**base, "undetermined": False,
+                                                   "input_check": {"components": {"intensity": site}}})
+    assert "commissioned site siteB_1.5T" in ok.summary() and "UNDETERMINED" not in ok.summary()
+    training = {**site, "reference": "training"}
+    assert L.input_check_summary({"input_check": {"components": {"intensity": training}}}) == ""
+    failed = {**site, "passed": False}
+    assert L.input_check_summary({"input_check": {"components": {"intensity": failed}}}) == ""
 
 
 def test_result_text_names_sequences_and_expected_performance():

@@ -496,10 +496,13 @@ class ParotidTumorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         mp = "-" if result.malignancy_probability is None else f"{100 * result.malignancy_probability:.0f} %"
         self.ui.predictedClassLabel.text = result.predicted_class.replace("_", " ")
         self.ui.malignancyLabel.text = mp
-        self.ui.undeterminedLabel.text = _("YES - low confidence, do not rely on the class") if result.undetermined else _("no")
+        self.ui.undeterminedLabel.text = (_("YES - do not rely on the class: ") + result.undetermined_text
+                                          if result.undetermined else _("no"))
+        self.ui.undeterminedLabel.toolTip = "\n".join(result.undetermined_reasons)
         self.ui.undeterminedLabel.styleSheet = "color: #c0392b; font-weight: bold" if result.undetermined else ""
         self.ui.modelVersionLabel.text = f"{result.model} {result.version}".strip()
-        self.ui.sequencesResultLabel.text = lib.sequences_summary(result.raw) or "-"
+        self.ui.sequencesResultLabel.text = "\n".join(
+            t for t in (lib.sequences_summary(result.raw), lib.input_check_summary(result.raw)) if t) or "-"
         if self.ui.tumorClassComboBox.findText(result.predicted_class) >= 0:
             self.ui.tumorClassComboBox.currentText = result.predicted_class  # annotator starts from the prediction
         self.ui.heatmapOpacitySlider.enabled = result.heatmap is not None

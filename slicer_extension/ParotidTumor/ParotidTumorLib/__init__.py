@@ -21,7 +21,7 @@ from .geometry import (  # noqa: F401
     roi_to_box,
 )
 from .responses import InferResponse, parse_infer_response, parse_multipart  # noqa: F401
-from .results import ClassificationResult, ResultVolume, sequences_summary  # noqa: F401
+from .results import ClassificationResult, ResultVolume, input_check_summary, sequences_summary  # noqa: F401
 from .sequences import SEQUENCE_KEYS, auto_assign, check_distinct, match_sequence, reference_key  # noqa: F401
 from .models import ModelInfo, models_from_info, models_summary_html, tumor_classes_from_info  # noqa: F401
 from .labels import roi_from_label, write_label_map  # noqa: F401

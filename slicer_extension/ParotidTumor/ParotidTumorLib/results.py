@@ -7,6 +7,7 @@
   ``undetermined``, ``model``, ``version``, ``roi``, ``label_set``) and its heatmap, if any.
 * :func:`sequences_summary`: what every result says about the study's sequences (``sequences_used``,
   ``sequences_missing``, ``expected_performance`` of that subset, validated on SYNTHETIC data).
+* :func:`input_check_summary`: whether the images were accepted through a commissioned site.
 """
 
 from __future__ import annotations
@@ -50,6 +51,20 @@ def sequences_summary(params: dict) -> str:
     elif perf:
         text += f". Expected performance: not validated ({perf.get('reason', 'no table')})"
     return text
+
+
+MAX_REASON_CHARS = 160
+
+
+def input_check_summary(params: dict) -> str:
+    """One line when the images were accepted through a commissioned site (the server's input check matched the
+    site's reference, not the training cohort's: docs/input-check.md); '' otherwise."""
+    ic = params.get("input_check") if isinstance(params, dict) else None
+    comp = ((ic or {}).get("components") or {}).get("intensity") if isinstance(ic, dict) else None
+    ref = comp.get("reference", "") if isinstance(comp, dict) else ""
+    if comp and comp.get("passed") and isinstance(ref, str) and ref.startswith("site:"):
+        return f"Input check: images match commissioned site {ref[5:]} (accepted on that site's validation)"
+    return ""
 
 
 @dataclass
@@ -105,6 +120,7 @@ class ClassificationResult:
     sequences_used: list = field(default_factory=list)
     sequences_missing: list = field(default_factory=list)
     expected_performance: dict = field(default_factory=dict)
+    undetermined_reasons: list = field(default_factory=list)
     heatmap: ResultVolume | None = None
     raw: dict = field(default_factory=dict)
 
@@ -134,6 +150,7 @@ class ClassificationResult:
             sequences_used=list(params.get("sequences_used") or []),
             sequences_missing=list(params.get("sequences_missing") or []),
             expected_performance=dict(params.get("expected_performance") or {}),
+            undetermined_reasons=[str(r) for r in params.get("undetermined_reasons") or []],
             heatmap=heatmap,
             raw=params,
         )
@@ -166,8 +183,19 @@ class ClassificationResult:
         if self.malignancy_probability is not None:
             s += f"; malignancy probability {100 * self.malignancy_probability:.0f} %"
         if self.undetermined:
-            s += " -- UNDETERMINED: low confidence, do not rely on this class"
+            s += f" -- UNDETERMINED, do not rely on this class: {self.undetermined_text}"
         if self.model:
             s += f"  [{self.model}{' ' + self.version if self.version else ''}]"
-        seqs = sequences_summary(self.raw)
-        return f"{s}\n{seqs}" if seqs else s
+        lines = [s, sequences_summary(self.raw), input_check_summary(self.raw)]
+        return "\n".join(line for line in lines if line)
+
+    @property
+    def undetermined_text(self) -> str:
+        """Why the server answered "undetermined" (input unlike the training data, no tumour in the box, MC-dropout
+        uncertainty), shortened for one line; older servers give no reasons."""
+        if not self.undetermined_reasons:
+            return "low confidence"
+        shown = [r if len(r) <= MAX_REASON_CHARS else r[: MAX_REASON_CHARS - 3] + "..." for r in self.undetermined_reasons[:3]]
+        more = len(self.undetermined_reasons) - len(shown)
+        return "; ".join(shown) + (f" (+{more} more)" if more > 0 else "")
+
