@@ -12,6 +12,7 @@ import json
 
 import numpy as np
 import pytest
+import requests
 
 from conftest import infer, private_server
 from parotid import input_check
@@ -80,6 +81,7 @@ def test_commissioning_gates_and_opens_the_input_check_for_the_site(srv, site_co
     before = _intensity(srv, data, roi)
     assert not before["input_check"]["components"]["intensity"]["passed"], before["input_check"]
     assert before["undetermined"] and any("intensity statistics" in r for r in before["undetermined_reasons"])
+    assert requests.get(f"{srv.url}/info/", timeout=30).json()["commissioned_sites"] == {}
 
     # a bar no model meets: refused, named, nothing written, the study stays flagged
     original = open(ref_path, "rb").read()
@@ -98,6 +100,9 @@ def test_commissioning_gates_and_opens_the_input_check_for_the_site(srv, site_co
     assert ev["tasks"][TASK]["sha256"] == input_check.sha256_of(f"{models}/{TASK}.pt")
     assert ref["intensity"] and ref["anatomy"]  # the training cohort's reference is kept as it was
 
+    listed = requests.get(f"{srv.url}/info/", timeout=30).json()["commissioned_sites"]
+    assert listed[SITE]["n_studies"] == ev["n_studies"] and TASK in listed[SITE]["accepted_on"], listed
+
     after = _intensity(srv, data, roi)["input_check"]["components"]["intensity"]
     assert after["passed"] and after["reference"] == f"site:{SITE}", after
     # the site does not vouch for a duplicated series: CE-T1 = T2 fails the site's pair statistics too
@@ -113,6 +118,7 @@ def test_commissioning_gates_and_opens_the_input_check_for_the_site(srv, site_co
     # withdrawn: flagged again
     assert input_check.main(["remove-site", "--models", models, "--site", SITE]) == 0
     assert not _intensity(srv, data, roi)["input_check"]["components"]["intensity"]["passed"]
+    assert requests.get(f"{srv.url}/info/", timeout=30).json()["commissioned_sites"] == {}
 
 
 def test_gate_names_every_missed_bar():

@@ -27,6 +27,7 @@ from monailabel.utils.others.class_utils import get_class_names
 
 import lib.configs
 import parotid
+from parotid import input_check
 from lib import http_api
 from lib.cors import restrict_cors
 from lib.datastore import StudyDatastore
@@ -174,9 +175,12 @@ class ParotidApp(MONAILabelApp):
 
     def info(self):
         """MONAI Label's /info plus ``label_sets``: every classification label set whose classes the datastore
-        accepts as ``tumor_class`` (parotid.label_validation), so clients offer exactly those."""
+        accepts as ``tumor_class`` (parotid.label_validation), so clients offer exactly those; and
+        ``commissioned_sites``: the sites the input check accepts besides the training cohort."""
         meta = super().info()
         meta["label_sets"] = {n: s.to_dict() for n, s in sorted(classification_label_sets().items())}
+        # sites whose scanner/protocol an admin commissioned (parotid-eval commission, docs/input-check.md)
+        meta["commissioned_sites"] = input_check.commissioned_sites(self.model_dir)
         return meta
 
     def infer_wsi(self, request: Dict[str, Any], datastore=None):

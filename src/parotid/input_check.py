@@ -582,6 +582,21 @@ def fit_site_intensity(rows: list[dict[str, list[float]]], min_rows: int = 10) -
     return out
 
 
+def commissioned_sites(models: str) -> dict:
+    """For ``/info``: each commissioned site's date, cohort size, protocol geometry and the metrics it was
+    accepted on (point values; the full evidence is in input_check.json)."""
+    out = {}
+    for name, site in ((load_reference(models) or {}).get("sites") or {}).items():
+        ev = site.get("evidence") or {}
+        metrics = {}
+        for task, v in (ev.get("tasks") or {}).items():
+            m = v.get("metrics") or {}
+            metrics[task] = {k: round(float(m[k][0]), 3) for k in ("roc_auc", "macro_auc") if m.get(k)}
+        out[name] = {"date": ev.get("date"), "n_studies": ev.get("n_studies"), "geometry": site.get("geometry"),
+                     "accepted_on": metrics}
+    return out
+
+
 def write_reference(models: str, ref: dict) -> str:
     """Replace ``<models>/input_check.json`` atomically (the server rereads it by modification time)."""
     path = os.path.join(models, REFERENCE_FILE)
