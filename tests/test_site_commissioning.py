@@ -3,16 +3,19 @@
 cohort's; a commissioning that misses a bar writes nothing (the study stays flagged); one that meets the bars
 adds the site's reference, and the running server then passes the study's intensity component (it rereads
 input_check.json by modification time); a duplicated series from that site is still flagged; withdrawing the
-site flags the study again; a study of another protocol (thicker slices) is not matched by the site. The bars are set by the test (16 studies cannot show AUC 0.90 reliably): the gate
+site flags the study again; a study of another protocol (thicker slices) is not matched by the site; a classifier
+replaced after commissioning loses the site's acceptance (its evidence named the old checkpoint). The bars are set by the test (16 studies cannot show AUC 0.90 reliably): the gate
 itself is what is tested, with a bar no model can meet next to one every model meets."""
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
 import pytest
 import requests
+import torch
 
 from conftest import infer, private_server
 from parotid import input_check
@@ -60,8 +63,8 @@ def _new_study(site_cohort, tmp, duplicate=False, folder="new"):
     return out.read_bytes(), [int(v) for v in r.roi]
 
 
-def _intensity(srv, data, roi) -> dict:
-    r = infer(srv, TASK, params={"roi": roi}, files={"file": ("site_study.nii.gz", data)})
+def _intensity(srv, data, roi, task=TASK) -> dict:
+    r = infer(srv, task, params={"roi": roi}, files={"file": ("site_study.nii.gz", data)})
     assert r.status_code == 200, r.text[:400]
     return r.json()
 
@@ -115,9 +118,21 @@ def test_commissioning_gates_and_opens_the_input_check_for_the_site(srv, site_co
     assert not o["passed"] and o["reference_scores"][f"site:{SITE}"] >= input_check.MAX_SCORE, o
     assert any("outside its protocol" in r for r in o["reasons"]), o["reasons"]
 
+    # a classifier replaced after commissioning is not vouched for by the site's evidence; the other one still is
+    ck = torch.load(f"{models}/{TASK}.pt", map_location="cpu", weights_only=True)
+    buf = io.BytesIO()
+    torch.save({**ck, "note": "re-saved: another checkpoint file"}, buf)
+    put = requests.put(f"{srv.url}/model/{TASK}", files={"file": ("m.pt", buf.getvalue())}, timeout=60)
+    assert put.status_code == 200, put.text[:300]
+    stale = _intensity(srv, data, roi)
+    assert not stale["input_check"]["components"]["intensity"]["passed"] and stale["undetermined"]
+    assert any("commission the site again" in r for r in stale["undetermined_reasons"]), stale["undetermined_reasons"]
+    other_task = _intensity(srv, data, roi, "classify_subtype")["input_check"]["components"]["intensity"]
+    assert other_task["passed"] and other_task["reference"] == f"site:{SITE}", other_task
+
     # withdrawn: flagged again
     assert input_check.main(["remove-site", "--models", models, "--site", SITE]) == 0
-    assert not _intensity(srv, data, roi)["input_check"]["components"]["intensity"]["passed"]
+    assert not _intensity(srv, data, roi, "classify_subtype")["input_check"]["components"]["intensity"]["passed"]
     assert requests.get(f"{srv.url}/info/", timeout=30).json()["commissioned_sites"] == {}
 
 

@@ -597,6 +597,31 @@ def commissioned_sites(models: str) -> dict:
     return out
 
 
+def require_site_evidence(comps: dict, task: str, checkpoint: str, models: str) -> dict:
+    """A study whose intensity matched a commissioned site (not the training cohort) is accepted for `task` only
+    with the checkpoint the site was commissioned with: the site's evidence is about those weights. After a
+    retrained classifier is promoted (or another classifier added) the component fails until the site is
+    commissioned again. In place; returns `comps`."""
+    from parotid.checksums import cached_sha256
+
+    ic = comps.get("intensity")
+    ref = str((ic or {}).get("reference", ""))
+    if not ic or not ic.get("passed") or not ref.startswith("site:"):
+        return comps
+    site = ref[5:]
+    ev = ((((load_reference(models) or {}).get("sites") or {}).get(site) or {}).get("evidence") or {})
+    want = ((ev.get("tasks") or {}).get(task) or {}).get("sha256")
+    if want and checkpoint and os.path.exists(checkpoint) and want == cached_sha256(checkpoint):
+        return comps
+    what = "another version of" if want else "other models than"
+    reason = (f"the images match commissioned site {site}, but the site was commissioned ({ev.get('date', '?')}) for "
+              f"{what} {task}: its results there are not validated; an admin must commission the site again")
+    training = float((ic.get("reference_scores") or {}).get("training", MAX_SCORE))
+    comps["intensity"] = {**ic, "passed": False, "score": round(max(training, 1.0 + 1e-4), 4), "reference": "training",
+                          "reasons": [reason], "site_evidence": {"site": site, "task": task, "commissioned_sha256": want}}
+    return comps
+
+
 def write_reference(models: str, ref: dict) -> str:
     """Replace ``<models>/input_check.json`` atomically (the server rereads it by modification time)."""
     path = os.path.join(models, REFERENCE_FILE)

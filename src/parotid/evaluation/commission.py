@@ -21,7 +21,8 @@ test a site runs once with a labelled cohort of its own studies (``parotid-impor
    series still fails the site's own sequence-pair statistics.
 
 A site that misses a bar is refused (exit code 2, the failing metric named) and nothing is written. The
-evidence is for the checkpoints it names: after promoting a retrained classifier, commission again.
+evidence is for the checkpoints it names: a classifier whose checkpoint changed since does not get the site's
+acceptance (``input_check.require_site_evidence``) until the site is commissioned again.
 Segmentation quality at the site is not part of the gate (measure it with
 ``python -m parotid.segmentation.subset_eval`` on the same cohort).
 """

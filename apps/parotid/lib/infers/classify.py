@@ -179,6 +179,7 @@ class ClassifyStudy(UsesSegmentation, StudyInferTask):
                 raise StudyError(f"roi must be a list of 6 voxel indices, got {roi!r}") from None
         comps = input_check.box_components(study, roi, self.model_dir,  # 422: bad or tiny box
                                            self.segmentation.segmenter)
+        input_check.require_site_evidence(comps, self.name, self.get_path(), self.model_dir)
         result, heat = classify(model, cfg, study, roi, heatmap=not data.get("no_heatmap", False),
                                 heatmap_mode=str(data.get("heatmap", "gradcam_x_readout")), input_components=comps,
                                 batched=True)
