@@ -37,6 +37,13 @@ seg --cohort "$DATA/s41" "$DATA/s31" "$DATA/s32" --model segmentation --iteratio
 # incomplete-study weights: every sample lacks sequences, validated on incomplete studies only (same validation
 # studies: seed 4). Measured (2 threads, load 11-17): stopped early at 750 iterations in 2788 s, best at 250.
 seg --cohort "$DATA/s41" "$DATA/s31" "$DATA/s32" --model segmentation --iterations 1000 --lr 3e-4 --seed 4 --val-interval 250 --patience 2 --dropout-prob 1.0 --init-from "$W/d/segmentation.pt" --out "$W/f"
+# Tried 2026-12-02, NOT shipped (issue 12 item 7; docs/model-card-segmentation.md "Retraining the full-sequence
+# weights"): round g fine-tuned round c's complete-study weights on today's cohorts 31/32/41 plus new cohorts
+# 33/34/42 (n 80 each), complete studies only; validation (40 studies) tied round c, so the file keeps round c:
+#   for s in 33 34 42; do .venv/bin/parotid-synth --out "$DATA/s$s" --n 80 --seed $s --no-raw --quiet; done
+#   seg --cohort "$DATA/s41" "$DATA/s31" "$DATA/s32" "$DATA/s33" "$DATA/s34" "$DATA/s42" --model segmentation --iterations 2000 \
+#     --lr 3e-4 --seed 5 --val-interval 250 --patience 3 --dropout-prob 0 --max-val-studies 40 --init-from "$W/c/segmentation.pt" --out "$W/g"
+#   (measured from the shipped file, apps/parotid/model/segmentation.pt, whose "model" part is round c; 761 s, load 1-5)
 # one file: round c serves complete studies, round f studies lacking any optional sequence
 $PY -m parotid.segmentation.subset_models combine --complete "$W/c/segmentation.pt" --incomplete "$W/f/segmentation.pt" --out "$OUT/segmentation.pt"
 # box-prompted contouring: from scratch, then one fine-tuning round

@@ -410,6 +410,9 @@ def main(argv=None) -> int:
     p.add_argument("--val-interval", type=int, help="iterations between validations (default min(250, iterations/4))")
     p.add_argument("--patience", type=int, default=4, help="validations without improvement before stopping")
     p.add_argument("--stop-after", type=int, help="stop after this many iterations (schedule still for --iterations)")
+    p.add_argument("--max-val-studies", type=int, default=16,
+                   help="at most this many validation studies (--val-fraction of the studies, capped)")
+    p.add_argument("--val-fraction", type=float, default=0.15, help="share of the studies held out for validation")
     p.add_argument("--init-from", help="checkpoint to fine-tune from")
     p.add_argument("--init-part", choices=[COMPLETE, INCOMPLETE], default=COMPLETE,
                    help="which weights of an --init-from file with subset models to start from")
@@ -428,7 +431,8 @@ def main(argv=None) -> int:
 
     stats = train(spec, items, os.path.join(a.out, f"{spec.name}.pt"), a.iterations, a.batch_size, lr=a.lr,
                   seed=a.seed, init_from=a.init_from, val_interval=a.val_interval, patience=a.patience, progress=progress,
-                  stop_after=a.stop_after, dropout_prob=a.dropout_prob, init_part=a.init_part)
+                  stop_after=a.stop_after, dropout_prob=a.dropout_prob, init_part=a.init_part,
+                  val_fraction=a.val_fraction, max_val_studies=a.max_val_studies)
     print(json.dumps(stats, indent=2))
     return 0
 
