@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +25,7 @@ from parotid.evaluation import cli
 from parotid.evaluation.commission import gate
 from parotid.study import read_study, study_from_array, write_study
 
+ROOT = Path(__file__).resolve().parents[1]
 SITE = "siteB_1.5T"
 OTHER_PROTOCOL = "siteD_1.5T_thick"  # 7 mm slices: not the commissioned protocol
 TASK = "classify_malignancy"
@@ -158,3 +161,22 @@ def test_site_reference_thresholds_are_leave_one_out():
     assert set(ref) == {"T2", "ADC"} and ref["ADC"]["n_train"] == 19
     own = [input_check._intensity_verdict(r, ref)["worst"] for r in rows]
     assert max(own) <= 1.0
+
+
+def test_commissioning_reports_a_broken_file_and_refuses_a_missing_folder(site_cohort, tmp_path):
+    """A cohort with one truncated study file: the run completes, the file is named in the evidence and left
+    out (good twin: the other studies are evaluated); a folder that does not exist: a clear message."""
+    from parotid.evaluation.commission import BARS, commission
+
+    folder = tmp_path / "cohort"
+    shutil.copytree(site_cohort / "cohort", folder)
+    victim = sorted(folder.glob("*.nii.gz"))[0]
+    victim.write_bytes(victim.read_bytes()[:2000])
+    models = tmp_path / "models"
+    shutil.copytree(ROOT / "apps" / "parotid" / "model", models)
+    res = commission(str(folder), SITE, str(models), {**BARS, "min_studies": 10, "min_malignant": 1}, [TASK],
+                     dry_run=True, n_boot=20, progress=lambda *_: None)
+    assert list(res["evidence"]["unreadable"]) == [victim.name.split(".")[0]], res["evidence"]["unreadable"]
+    assert res["evidence"]["tasks"][TASK]["metrics"]["n"] >= 12 and res["written"] is False
+    with pytest.raises(SystemExit, match="cohort folder not found"):
+        commission(str(tmp_path / "nowhere"), SITE, str(models), BARS)

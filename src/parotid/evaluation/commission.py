@@ -52,11 +52,14 @@ def site_features(folder: str) -> tuple[list[dict], list[list[float]]]:
     served minimum (T2)."""
     from parotid import subsets
     from parotid.cohort import load_classification_cohort
-    from parotid.study import read_study
+    from parotid.study import StudyError, read_study
 
     rows, spacings = [], []
     for r in load_classification_cohort(folder):
-        study = read_study(r.image, r.study_id)
+        try:
+            study = read_study(r.image, r.study_id)
+        except (StudyError, OSError, RuntimeError):  # counted by site_rows (evidence "unreadable")
+            continue
         if all(q in study.sequences for q in subsets.MINIMUM_SEQUENCES):
             rows.append(input_check.intensity_features(study))
             spacings.append(input_check.sorted_spacing(study))
@@ -87,6 +90,8 @@ def commission(folder: str, site: str, models: str, bars: dict, tasks=None, dry_
     `bars`, add `site`'s intensity reference to ``<models>/input_check.json`` (unless `dry_run`)."""
     import glob
 
+    if not os.path.isdir(folder):
+        raise SystemExit(f"cohort folder not found: {folder} (a labelled cohort: parotid-import or parotid-synth output)")
     if not os.path.exists(os.path.join(models, input_check.REFERENCE_FILE)):
         raise SystemExit(f"no {input_check.REFERENCE_FILE} in {models}: nothing to commission a site for")
     tasks = tasks or sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(models, "classify_*.pt")))
@@ -107,6 +112,7 @@ def commission(folder: str, site: str, models: str, bars: dict, tasks=None, dry_
     geometry = input_check.site_geometry(spacings) if spacings else None
     accepted = not any(misses.values())
     evidence = {"site": site, "cohort": os.path.abspath(folder), "n_studies": len(feats),
+                "unreadable": rows["_unreadable"],
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "command": " ".join(["parotid-eval"] + sys.argv[1:]), "bars": bars, "tasks": per_task,
                 "segmentation_sha256": sha256_of(os.path.join(models, "segmentation.pt"))
@@ -121,9 +127,12 @@ def commission(folder: str, site: str, models: str, bars: dict, tasks=None, dry_
 
 
 def markdown(res: dict) -> str:
+    bad = res["evidence"].get("unreadable") or {}
     lines = [f"Site `{res['site']}`: **{'accepted' if res['accepted'] else 'refused'}**"
              + ("" if res["written"] else " (nothing written)") + f"; cohort `{res['evidence']['cohort']}`, "
-             f"{res['evidence']['n_studies']} studies with the served minimum.", "",
+             f"{res['evidence']['n_studies']} studies with the served minimum"
+             + (f"; {len(bad)} unreadable, left out: " + "; ".join(f"{k}: {v}" for k, v in list(bad.items())[:5])
+                if bad else "") + ".", "",
              "| Task | n (malignant) | ROC-AUC (b/m) | Macro-AUC | flagged by the input check before | missed bars |",
              "|---|---|---|---|---|---|"]
     for t, v in res["evidence"]["tasks"].items():

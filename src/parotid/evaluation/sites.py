@@ -91,9 +91,14 @@ def site_rows(folder: str, model_dirs: list[str], tasks: list[str], comps_cache:
     out: dict = {k: [] for k in models}
     out["_refused"] = {k: 0 for k in models}
     out["_label_sets"] = {k: v[2] for k, v in models.items()}
+    out["_unreadable"] = {}
     recs = load_classification_cohort(folder)
     for n, r in enumerate(recs):
-        study = read_study(r.image, r.study_id)
+        try:
+            study = read_study(r.image, r.study_id)
+        except (StudyError, OSError, RuntimeError) as e:  # one broken file is reported, not fatal to the run
+            out["_unreadable"][r.study_id] = str(e)[:300]
+            continue
         for (d, t), (model, cfg, ls) in models.items():
             if not ls.accepts(r.tumor_class):
                 continue
@@ -157,7 +162,7 @@ def cmd_sites(a) -> dict:
         names = set(study_sites(folder).values()) or {os.path.basename(folder.rstrip("/"))}
         site = "+".join(sorted(names))
         rows = site_rows(folder, list(a.models), list(a.tasks), comps_cache)
-        for (d, t), rs in ((k, v) for k, v in rows.items() if not isinstance(k, str)):
+        for (d, t), rs in ((k, v) for k, v in rows.items() if not isinstance(k, str)):  # "_..." keys: bookkeeping
             ls = rows["_label_sets"][(d, t)]
             rs = [r for r in rs if r["prob"] is not None]
             results[d].setdefault(t, {})[site] = {**evaluate_site(rs, ls, a.n_boot, a.seed),
