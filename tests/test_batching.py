@@ -94,7 +94,9 @@ def test_network_batch_equals_one_by_one(cases):
     for b, a in zip(batch, alone):
         np.testing.assert_allclose(b.prob, a.prob, rtol=1e-5, atol=1e-7)
         np.testing.assert_allclose(b.mc, a.mc, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(b.maps, a.maps, rtol=1e-4, atol=1e-6 * float(np.abs(a.maps).max()))
+        # float32 Grad-CAM through the whole network: batch-size dependent CPU kernels differ by ~2e-5 of the map's
+        # range (measured 1.8e-5 on a 0.54 peak); another study's map would differ by O(range)
+        np.testing.assert_allclose(b.maps, a.maps, rtol=1e-4, atol=1e-4 * float(np.abs(a.maps).max()))
         np.testing.assert_allclose(b.weights, a.weights, rtol=1e-4, atol=1e-6)
         assert (b.density is None) == (a.density is None)
         if a.density:
