@@ -59,7 +59,8 @@ def result(roi, **kw) -> dict:
            "roi": roi, "model": "classify_subtype", "version": "0.1.0", "trained_at": "2026-11-20",
            "checkpoint": {"checksum": CHECKSUM, "modified_time": 1764000000},
            "input_check": {"in_distribution": False, "score": 3.2, "threshold": 2.5,
-                           "reasons": ["voxel spacing 0.2 mm outside the training range"]}}
+                           "reasons": ["voxel spacing 0.2 mm outside the training range"],
+                           "components": {"intensity": {"passed": True, "reference": "site:siteB_1.5T"}}}}
     out.update(kw)
     return out
 
@@ -178,7 +179,8 @@ def test_sr_is_conformant_coded_and_identifies_the_checkpoint(synth, tmp_path):
                                                        malignant=0.15))
     assert back["input_check"] == {"in_distribution": False, "score": pytest.approx(3.2),
                                    "threshold": pytest.approx(2.5),
-                                   "reasons": ["voxel spacing 0.2 mm outside the training range"]}
+                                   "reasons": ["voxel spacing 0.2 mm outside the training range"],
+                                   "reference": "site:siteB_1.5T"}  # audit: accepted through a commissioned site
     print("dciodvfy warnings on the SR:", sorted(set(warnings)))
 
 

@@ -87,6 +87,8 @@ C_INDIST = CodedConcept("INDIST", SCHEME, "Input within the model's training dis
 C_ICSCORE = CodedConcept("ICSCORE", SCHEME, "Input check score")
 C_ICTHRESH = CodedConcept("ICTHRESH", SCHEME, "Input check threshold")
 C_ICREASON = CodedConcept("ICREASON", SCHEME, "Input check finding")
+# which reference the images matched: "training" or "site:<name>" (a site an admin commissioned, docs/input-check.md)
+C_ICREF = CodedConcept("ICREF", SCHEME, "Input check reference")
 
 # tumour classes of the shipped label sets: SNOMED CT (pydicom's codedict) where it has the type
 SCT_CLASSES = {
@@ -247,8 +249,11 @@ def _input_check(result: Mapping[str, Any]) -> dict | None:
         return None
     num = (lambda v: None if v is None else float(v))
     ind = ic.get("in_distribution")
+    intensity = (ic.get("components") or {}).get("intensity") if isinstance(ic.get("components"), Mapping) else None
+    ref = ic.get("reference") or (intensity.get("reference") if isinstance(intensity, Mapping) else None)
     return {"in_distribution": None if ind is None else bool(ind), "score": num(ic.get("score")),
-            "threshold": num(ic.get("threshold")), "reasons": [str(x) for x in (ic.get("reasons") or [])]}
+            "threshold": num(ic.get("threshold")), "reasons": [str(x) for x in (ic.get("reasons") or [])],
+            "reference": None if ref is None else str(ref)}
 
 
 def normalise_result(result: Mapping[str, Any]) -> dict:
@@ -410,6 +415,9 @@ def write_classification_sr(
     for reason in (ic or {}).get("reasons", []):
         group[0].ContentSequence.append(TextContentItem(name=C_ICREASON, value=reason[:1024],
                                                         relationship_type=RelationshipTypeValues.CONTAINS))
+    if (ic or {}).get("reference"):
+        group[0].ContentSequence.append(TextContentItem(name=C_ICREF, value=ic["reference"][:1024],
+                                                        relationship_type=RelationshipTypeValues.CONTAINS))
     device_key = r["checkpoint_checksum"] or r["model_version"]
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
@@ -462,7 +470,8 @@ def read_classification_sr(sr: Dataset, reference_grid: sitk.Image | None = None
 
     def check() -> dict:
         if out["input_check"] is None:
-            out["input_check"] = {"in_distribution": None, "score": None, "threshold": None, "reasons": []}
+            out["input_check"] = {"in_distribution": None, "score": None, "threshold": None, "reasons": [],
+                                  "reference": None}
         return out["input_check"]
 
     for it in walk(sr.ContentSequence):
@@ -489,6 +498,8 @@ def read_classification_sr(sr: Dataset, reference_grid: sitk.Image | None = None
             check()["in_distribution"] = _code(it, "ConceptCodeSequence")[0] == YES.value
         elif vt == "TEXT" and code == (C_ICREASON.value, SCHEME):
             check()["reasons"].append(str(it.TextValue))
+        elif vt == "TEXT" and code == (C_ICREF.value, SCHEME):
+            check()["reference"] = str(it.TextValue)
         elif vt == "TEXT" and code[0] == "111001":  # Algorithm Name
             out["model_name"] = str(it.TextValue)
         elif vt == "TEXT" and code[0] == "111003":  # Algorithm Version
