@@ -180,3 +180,26 @@ def test_commissioning_reports_a_broken_file_and_refuses_a_missing_folder(site_c
     assert res["evidence"]["tasks"][TASK]["metrics"]["n"] >= 12 and res["written"] is False
     with pytest.raises(SystemExit, match="cohort folder not found"):
         commission(str(tmp_path / "nowhere"), SITE, str(models), BARS)
+
+
+def test_concurrent_site_changes_are_all_kept(tmp_path):
+    """Eight sites written from eight threads at once into one input_check.json: every one is there (the read-change-
+    replace is serialised by a file lock; without it, writers overwrite each other's sites)."""
+    import threading
+
+    shutil.copy(ROOT / "apps" / "parotid" / "model" / input_check.REFERENCE_FILE, tmp_path / input_check.REFERENCE_FILE)
+    ref = {"T2": {"mean": [0.0], "precision": [[1.0]], "threshold": 1.0}}
+    barrier = threading.Barrier(8)
+
+    def add(i):
+        barrier.wait()
+        input_check.set_site(str(tmp_path), f"site{i}", ref, {"n_studies": i})
+
+    threads = [threading.Thread(target=add, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    sites = json.load(open(tmp_path / input_check.REFERENCE_FILE))["sites"]
+    assert sorted(sites) == [f"site{i}" for i in range(8)]
+    assert json.load(open(ROOT / "apps" / "parotid" / "model" / input_check.REFERENCE_FILE)).get("sites") is None

@@ -634,20 +634,26 @@ def write_reference(models: str, ref: dict) -> str:
 
 def set_site(models: str, site: str, intensity: dict | None, evidence: dict | None = None,
              geometry: dict | None = None) -> str:
-    """Add (or, with `intensity` None, remove) a commissioned site in ``<models>/input_check.json``."""
+    """Add (or, with `intensity` None, remove) a commissioned site in ``<models>/input_check.json``. Read, change
+    and replace under an exclusive lock on ``<models>/.input_check.lock``: two admins commissioning at once
+    (or a commissioning and a withdrawal) each keep their change."""
+    import fcntl
+
     path = os.path.join(models, REFERENCE_FILE)
     if not os.path.exists(path):
         raise SystemExit(f"no {REFERENCE_FILE} in {models}: fit the input check first (python -m parotid.input_check fit)")
-    with open(path) as fh:
-        ref = json.load(fh)
-    sites = ref.setdefault("sites", {})
-    if intensity is None:
-        if site not in sites:
-            raise SystemExit(f"site '{site}' is not commissioned in {path} (commissioned: {', '.join(sites) or 'none'})")
-        del sites[site]
-    else:
-        sites[site] = {"intensity": intensity, "geometry": geometry, "evidence": evidence or {}}
-    return write_reference(models, ref)
+    with open(os.path.join(models, ".input_check.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with open(path) as fh:
+            ref = json.load(fh)
+        sites = ref.setdefault("sites", {})
+        if intensity is None:
+            if site not in sites:
+                raise SystemExit(f"site '{site}' is not commissioned in {path} (commissioned: {', '.join(sites) or 'none'})")
+            del sites[site]
+        else:
+            sites[site] = {"intensity": intensity, "geometry": geometry, "evidence": evidence or {}}
+        return write_reference(models, ref)
 
 
 def recalibrate_command(models: str, cal_folder: str) -> dict:
