@@ -179,3 +179,20 @@ def sr_series(pacs, uid: str) -> dict[str, int]:
         d = pydicom.Dataset.from_json(s)
         out[str(d.SeriesInstanceUID)] = int(d.get("NumberOfSeriesRelatedInstances", 0) or 0)
     return out
+
+
+@pytest.fixture(scope="module")
+def brain_study(tmp_path_factory) -> tuple[bytes, list[int]]:
+    """nibabel's anatomical.nii (a real brain T1, a file no one here wrote) imported as T2, CE-T1, DWI b1000 and
+    ADC (issue 9's report), as parotid-import builds it; and a central box of the image."""
+    import nibabel as nib
+
+    from parotid.study import assemble_study, read_volume, write_study
+
+    path = os.path.join(os.path.dirname(nib.__file__), "tests", "data", "anatomical.nii")
+    vol = read_volume(path, "T2")
+    study = assemble_study({k: vol for k in ("T2", "CET1", "DWI_B1000", "ADC")})
+    out = tmp_path_factory.mktemp("real") / "anatomical_study.nii.gz"
+    write_study(study, str(out))
+    roi = [v for n in study.shape for v in (n // 3, n // 3 + max(4, n // 3))]
+    return out.read_bytes(), roi

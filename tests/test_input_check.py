@@ -5,10 +5,8 @@ without a tumour get "no tumour found in the box"; a too small box is refused.""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 import requests
@@ -16,7 +14,7 @@ import SimpleITK as sitk
 
 from conftest import infer
 from parotid import input_check
-from parotid.study import assemble_study, read_study, read_volume, write_study
+from parotid.study import read_study
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "apps" / "parotid" / "model"
@@ -28,19 +26,6 @@ README_BOX = [40, 60, 30, 52, 6, 14]  # README's contour_box example: no gland, 
 def _ok(r) -> dict:
     assert r.status_code == 200, (r.status_code, r.text[:400])
     return r.json()
-
-
-@pytest.fixture(scope="module")
-def brain_study(tmp_path_factory) -> tuple[bytes, list[int]]:
-    """nibabel's anatomical.nii (a real brain T1) imported as T2, CE-T1, DWI b1000 and ADC (issue 9's
-    report), as parotid-import builds it; and a central box of the image."""
-    path = os.path.join(os.path.dirname(nib.__file__), "tests", "data", "anatomical.nii")
-    vol = read_volume(path, "T2")
-    study = assemble_study({k: vol for k in ("T2", "CET1", "DWI_B1000", "ADC")})
-    out = tmp_path_factory.mktemp("real") / "anatomical_study.nii.gz"
-    write_study(study, str(out))
-    roi = [v for n in study.shape for v in (n // 3, n // 3 + max(4, n // 3))]
-    return out.read_bytes(), roi
 
 
 def test_real_brain_scan_is_flagged_by_every_task(server, brain_study):

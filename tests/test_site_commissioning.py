@@ -77,7 +77,7 @@ def _commission(site_cohort, models, *extra):
                      "--min-studies", "10", "--min-malignant", "1", "--n-boot", "50", *extra])
 
 
-def test_commissioning_gates_and_opens_the_input_check_for_the_site(srv, site_cohort, tmp_path):
+def test_commissioning_gates_and_opens_the_input_check_for_the_site(srv, site_cohort, brain_study, tmp_path):
     models = srv.app.rstrip("/") + "/model"
     ref_path = f"{models}/{input_check.REFERENCE_FILE}"
     data, roi = _new_study(site_cohort, tmp_path)
@@ -115,6 +115,12 @@ def test_commissioning_gates_and_opens_the_input_check_for_the_site(srv, site_co
     d = _intensity(srv, dup, roi)
     assert not d["input_check"]["components"]["intensity"]["passed"], d["input_check"]["components"]["intensity"]
     assert any("correlate" in r for r in d["undetermined_reasons"]), d["undetermined_reasons"]
+
+    # a real scan that is not a parotid study (nibabel's brain T1) gains nothing from the commissioned site
+    brain, brain_roi = brain_study
+    b = _intensity(srv, brain, brain_roi)
+    assert b["undetermined"] and not b["input_check"]["in_distribution"], b["input_check"]
+    assert b["input_check"]["components"]["intensity"]["reference"] == "training"
 
     # another protocol (thicker slices) is not vouched for by the site, whatever its intensity statistics
     o = _intensity(srv, other, other_roi)["input_check"]["components"]["intensity"]

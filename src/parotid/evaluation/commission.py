@@ -47,23 +47,20 @@ from .sites import evaluate_site, site_rows
 BARS = {"min_roc_auc": 0.90, "min_macro_auc": 0.85, "min_studies": 30, "min_malignant": 5}
 
 
-def site_features(folder: str) -> tuple[list[dict], list[list[float]]]:
-    """``intensity_features`` and sorted voxel spacing of every labelled study of the cohort that has the
-    served minimum (T2)."""
-    from parotid import subsets
-    from parotid.cohort import load_classification_cohort
-    from parotid.study import StudyError, read_study
+class SiteFeatures:
+    """``intensity_features`` and sorted voxel spacing of every study with the served minimum (T2), collected
+    while ``site_rows`` reads the cohort (each study is read once)."""
 
-    rows, spacings = [], []
-    for r in load_classification_cohort(folder):
-        try:
-            study = read_study(r.image, r.study_id)
-        except (StudyError, OSError, RuntimeError):  # counted by site_rows (evidence "unreadable")
-            continue
+    def __init__(self):
+        self.rows: list[dict] = []
+        self.spacings: list[list[float]] = []
+
+    def __call__(self, study) -> None:
+        from parotid import subsets
+
         if all(q in study.sequences for q in subsets.MINIMUM_SEQUENCES):
-            rows.append(input_check.intensity_features(study))
-            spacings.append(input_check.sorted_spacing(study))
-    return rows, spacings
+            self.rows.append(input_check.intensity_features(study))
+            self.spacings.append(input_check.sorted_spacing(study))
 
 
 def gate(metrics: dict, bars: dict) -> list[str]:
@@ -98,7 +95,8 @@ def commission(folder: str, site: str, models: str, bars: dict, tasks=None, dry_
     if not tasks:
         raise SystemExit(f"no classify_*.pt in {models}")
     t0 = time.time()
-    rows = site_rows(folder, [models], tasks, {}, progress=progress)
+    feats = SiteFeatures()
+    rows = site_rows(folder, [models], tasks, {}, progress=progress, on_study=feats)
     per_task, misses = {}, {}
     for t in tasks:
         rs = [r for r in rows.get((models, t), []) if r["prob"] is not None]
@@ -107,11 +105,10 @@ def commission(folder: str, site: str, models: str, bars: dict, tasks=None, dry_
                        "refused_missing_minimum": rows["_refused"].get((models, t), 0),
                        "flagged_before": ev.get("input_check", {}).get("n_flagged")}
         misses[t] = gate(ev["all"], bars)
-    feats, spacings = site_features(folder)
-    intensity = input_check.fit_site_intensity(feats)
-    geometry = input_check.site_geometry(spacings) if spacings else None
+    intensity = input_check.fit_site_intensity(feats.rows)
+    geometry = input_check.site_geometry(feats.spacings) if feats.spacings else None
     accepted = not any(misses.values())
-    evidence = {"site": site, "cohort": os.path.abspath(folder), "n_studies": len(feats),
+    evidence = {"site": site, "cohort": os.path.abspath(folder), "n_studies": len(feats.rows),
                 "unreadable": rows["_unreadable"],
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "command": " ".join(["parotid-eval"] + sys.argv[1:]), "bars": bars, "tasks": per_task,

@@ -74,8 +74,10 @@ def evaluate_site(rows, ls, n_boot: int, seed: int) -> dict:
             "misclassified_class": int(wrong_cls.sum()), "misclassified_class_flagged": int((wrong_cls & flagged).sum())}
 
 
-def site_rows(folder: str, model_dirs: list[str], tasks: list[str], comps_cache: dict, progress=print) -> dict:
-    """{(model_dir, task): [row per study]} for the labelled studies of `folder` (served inference path)."""
+def site_rows(folder: str, model_dirs: list[str], tasks: list[str], comps_cache: dict, progress=print,
+              on_study=None) -> dict:
+    """{(model_dir, task): [row per study]} for the labelled studies of `folder` (served inference path).
+    `on_study(study)`: called with every study read (commissioning takes its intensity statistics there)."""
     from parotid.cohort import load_classification_cohort
     from parotid.classification.predict import classify
     from parotid.classification.checkpoint import load_checkpoint
@@ -99,6 +101,8 @@ def site_rows(folder: str, model_dirs: list[str], tasks: list[str], comps_cache:
         except (StudyError, OSError, RuntimeError) as e:  # one broken file is reported, not fatal to the run
             out["_unreadable"][r.study_id] = str(e)[:300]
             continue
+        if on_study is not None:
+            on_study(study)
         for (d, t), (model, cfg, ls) in models.items():
             if not ls.accepts(r.tumor_class):
                 continue
