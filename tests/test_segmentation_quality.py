@@ -13,12 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from parotid.cohort import load_cohort
 from parotid.labels import GLAND, TUMOR
 from parotid.segmentation.inference import box_region, contour_in_box, dice, segment, study_input
-from parotid.segmentation.networks import CONTOUR_BOX, SEGMENTATION, build_network
+from parotid.segmentation.checkpoint import load_segmentation
+from parotid.segmentation.networks import CONTOUR_BOX, SEGMENTATION
 from parotid.study import read_label_map, read_study
 
 MODEL_DIR = Path(__file__).resolve().parents[1] / "apps" / "parotid" / "model"
@@ -37,9 +37,8 @@ def held_out(tmp_path_factory):
 
 
 def _load(spec):
-    net = build_network(spec)
-    net.load_state_dict(torch.load(MODEL_DIR / f"{spec.name}.pt", map_location="cpu")["model"])
-    return net.eval()
+    """The complete-study weights (these studies have every sequence), built as the file records."""
+    return load_segmentation(str(MODEL_DIR / f"{spec.name}.pt"), spec).net
 
 
 def test_whole_study_segmentation_dice(held_out, record_property):

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from parotid.cohort import load_cohort
-from parotid.segmentation.networks import SEGMENTATION, build_network
+from parotid.segmentation.networks import FULL_RES, HALF_RES, NETWORK_KEY, SEGMENTATION, network_shape
 from parotid.segmentation.sequence_dropout import SUBSETS, missing_in
 from parotid.segmentation.checkpoint import load_segmentation
-from parotid.segmentation.subset_models import (COMPLETE, INCOMPLETE, SUBSET_MODELS, check_parts, combine, part_for,
-                                                state_dict_of)
+from parotid.segmentation.subset_models import (COMPLETE, INCOMPLETE, SUBSET_MODELS, check_parts, combine, part_entries,
+                                                part_for, state_dict_of)
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "sample-data" / "studies"
@@ -25,8 +25,9 @@ def _plain(tmp_path: Path, name: str, part: str = COMPLETE, shift: float = 0.0, 
     """A one-part checkpoint from a part of the shipped file (weights shifted by `shift`)."""
     ck = torch.load(MODEL, map_location="cpu", weights_only=True)
     state = {k: v + shift if v.is_floating_point() else v for k, v in state_dict_of(ck, part).items()}
-    out = {k: v for k, v in ck.items() if k != SUBSET_MODELS}
-    out.update(model=state, stats={"part": name}, **extra)
+    out = {k: v for k, v in ck.items() if k not in (SUBSET_MODELS, NETWORK_KEY)}
+    out.update(model=state, stats={"part": name}, **{NETWORK_KEY: network_shape(part_entries(ck, part)).as_dict()})
+    out.update(extra)
     path = tmp_path / name / "segmentation.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(out, path)
@@ -71,7 +72,35 @@ def test_combine_keeps_each_part_and_refuses_parts_that_do_not_fit(tmp_path):
     # an uploaded file whose incomplete part does not load into the network is refused (PUT /model check)
     ck[SUBSET_MODELS][INCOMPLETE]["model"] = {k: v for k, v in list(ck["model"].items())[:-1]}
     with pytest.raises(RuntimeError, match="Missing key"):
-        check_parts(ck, build_network(SEGMENTATION))
+        check_parts(ck, SEGMENTATION)
+
+
+def _strides(net: torch.nn.Module) -> list:
+    return [m.stride for m in net.modules() if isinstance(m, torch.nn.Conv3d)]
+
+
+def test_each_part_is_rebuilt_with_the_architecture_it_records(tmp_path):
+    """A full-resolution complete part beside a half-resolution incomplete part (the weights have the same
+    shapes, so only the record tells them apart): each part is loaded as trained; a file recording nothing is
+    the half-resolution network of every checkpoint before the record."""
+    full = _plain(tmp_path, "full", **{NETWORK_KEY: FULL_RES.as_dict()})
+    half = _plain(tmp_path, "half", part=INCOMPLETE, **{NETWORK_KEY: HALF_RES.as_dict()})
+    out = tmp_path / "out" / "segmentation.pt"
+    combine(full, half, str(out))
+    ck = torch.load(out, map_location="cpu", weights_only=True)
+    assert network_shape(ck) == FULL_RES and network_shape(ck[SUBSET_MODELS][INCOMPLETE]) == HALF_RES
+    seg = load_segmentation(str(out))
+    assert _strides(seg.net)[0] == (1, 1, 1) and _strides(seg.subset_nets[INCOMPLETE])[0] == (2, 2, 2)
+    # the record matters: the same weights under the other architecture answer differently
+    x = torch.randn(1, SEGMENTATION.in_channels, 32, 32, 8)
+    with torch.no_grad():
+        y_full = seg.net(x)
+        assert torch.equal(load_segmentation(full).net(x), y_full)  # deterministic: the comparison below means something
+        ck_half = dict(torch.load(full, weights_only=True))
+        ck_half.pop(NETWORK_KEY)
+        torch.save(ck_half, tmp_path / "unrecorded.pt")
+        unrecorded = load_segmentation(str(tmp_path / "unrecorded.pt")).net  # no record: half resolution
+        assert _strides(unrecorded)[0] == (2, 2, 2) and not torch.allclose(unrecorded(x), y_full)
 
 
 def test_retraining_a_two_part_file_retrains_both_parts(tmp_path):
@@ -79,7 +108,9 @@ def test_retraining_a_two_part_file_retrains_both_parts(tmp_path):
 
     torch.set_num_threads(1)
     init = tmp_path / "init" / "segmentation.pt"
-    combine(_plain(tmp_path, "a"), _plain(tmp_path, "b", part=INCOMPLETE), str(init))
+    # the complete part full resolution, the incomplete one half: each part keeps its architecture
+    combine(_plain(tmp_path, "a", **{NETWORK_KEY: FULL_RES.as_dict()}),
+            _plain(tmp_path, "b", part=INCOMPLETE, **{NETWORK_KEY: HALF_RES.as_dict()}), str(init))
     out = tmp_path / "out" / "segmentation.pt"
     stats = train_subset_models(SEGMENTATION, load_cohort(str(SAMPLE)), str(out), init_from=str(init),
                                 iterations=2, batch_size=1, lr=1e-3, seed=0, val_interval=2, max_val_studies=1)
@@ -91,3 +122,4 @@ def test_retraining_a_two_part_file_retrains_both_parts(tmp_path):
         key = next(k for k in new if new[k].is_floating_point() and new[k].numel() > 100)
         assert (new[key] - old[key]).abs().max() < (new[key] - other[key]).abs().max(), part
     assert sorted(p.name for p in out.parent.iterdir()) == ["segmentation.json", "segmentation.pt"]
+    assert network_shape(ck) == FULL_RES and network_shape(ck[SUBSET_MODELS][INCOMPLETE]) == HALF_RES

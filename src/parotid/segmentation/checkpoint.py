@@ -3,10 +3,11 @@ check (through the served segmentation task), the active-learning scorer, the pr
 evaluations all load them with :func:`load_segmentation`.
 
 A checkpoint (``segmentation/train.py`` writes it) is plain data: ``model`` (the UNet's state dict),
-``spec``, ``sequences``, ``required``, ``optional``, ``stats`` and the training ``spacing``, and optionally
+``spec``, ``network`` (the UNet's architecture, parotid.segmentation.networks.UNetShape), ``sequences``,
+``required``, ``optional``, ``stats`` and the training ``spacing``, and optionally
 weights for incomplete studies (``subset_models``, parotid.segmentation.subset_models: the study's sequences
 choose the weights, :meth:`SegCheckpoint.network_for`). Older checkpoints are a bare state dict or lack
-``spec`` / ``required`` / ``spacing``.
+``spec`` / ``network`` / ``required`` / ``spacing`` (no ``network``: the HALF_RES architecture).
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ import numpy as np
 import torch
 
 from parotid.model_space import checkpoint_spacing
-from parotid.segmentation.networks import SEGMENTATION, SPECS, SegModelSpec, build_network
-from parotid.segmentation.subset_models import COMPLETE, part_for, part_state, parts
+from parotid.segmentation.networks import SEGMENTATION, SPECS, SegModelSpec, build_network, network_shape
+from parotid.segmentation.subset_models import COMPLETE, part_entries, part_for, part_state, parts
 from parotid.study import Study, StudyError
 from parotid.study_cache import study_key
 
@@ -59,12 +60,12 @@ def load_segmentation(path: str, spec: SegModelSpec | None = None) -> SegCheckpo
     if not isinstance(state, dict):
         raise ValueError("no state dict in the file")
     spec = spec or SPECS[str(entries.get("spec", SEGMENTATION.name))]
-    net = build_network(spec)
+    net = build_network(spec, network_shape(entries))
     net.load_state_dict(state, strict=True)
     net.eval()
     subset_nets = {}
     for part in parts(entries)[1:]:  # incomplete-study weights: each loads strictly, at the file's spacing
-        subset_nets[part] = build_network(spec)
+        subset_nets[part] = build_network(spec, network_shape(part_entries(entries, part)))
         subset_nets[part].load_state_dict(part_state(entries, part), strict=True)
         subset_nets[part].eval()
     return SegCheckpoint(net, spec, checkpoint_spacing(entries or None),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Mapping
 
 import torch
 from monai.networks.nets import UNet
@@ -13,6 +14,48 @@ from parotid.subsets import MINIMUM_SEQUENCES
 
 
 @dataclass(frozen=True)
+class UNetShape:
+    """The architecture of a MONAI UNet beyond its in/out channels: recorded in every checkpoint written
+    since 2026-12-03 (key ``network``), so a file rebuilds the network it was trained with; a file without
+    the key is HALF_RES, the only architecture before."""
+
+    channels: tuple[int, ...]
+    strides: tuple
+    res_units: int = 0
+
+    def as_dict(self) -> dict:
+        return {"channels": list(self.channels), "res_units": self.res_units,
+                "strides": [list(s) if isinstance(s, (tuple, list)) else int(s) for s in self.strides]}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "UNetShape":
+        strides = tuple(tuple(int(v) for v in s) if isinstance(s, (tuple, list)) else int(s) for s in d["strides"])
+        return cls(tuple(int(c) for c in d["channels"]), strides, int(d.get("res_units", 0)))
+
+
+# small on purpose: trained and run on a 2-core CPU (see docs/model-card-segmentation.md).
+# HALF_RES: the first layer halves every axis (slices 3 mm -> 6 mm) and the output is upsampled from there.
+HALF_RES = UNetShape((8, 16, 32, 64), (2, 2, (2, 2, 1)))
+# FULL_RES: same weights' shapes (a HALF_RES checkpoint initialises it), but the first stage keeps the full
+# grid and the second halves in-plane only (voxels ~1 x 1 x 3 mm): full-resolution features reach the
+# output layer (80 % of the tumour errors of HALF_RES lie within 1.5 voxels in-plane of the true boundary,
+# docs/model-card-segmentation.md); ~4x the compute per patch.
+FULL_RES = UNetShape((8, 16, 32, 64), (1, (2, 2, 1), 2))
+SHAPES = {"half-res": HALF_RES, "full-res": FULL_RES}
+NETWORK_KEY = "network"
+
+
+def network_shape(entries: Mapping[str, Any] | None) -> UNetShape:
+    """The architecture a checkpoint (or one part of it) records; HALF_RES when it records none."""
+    d = (entries or {}).get(NETWORK_KEY)
+    return UNetShape.from_dict(d) if isinstance(d, Mapping) else HALF_RES
+
+
+def shape_name(shape: UNetShape) -> str:
+    return next((n for n, s in SHAPES.items() if s == shape), "custom")
+
+
+@dataclass(frozen=True)
 class SegModelSpec:
     name: str
     sequences: tuple[str, ...]  # input channels, in this order
@@ -20,10 +63,8 @@ class SegModelSpec:
     box_prompted: bool
     # whole-study model: sliding-window patch; box model: fixed crop size the box region is resized to
     patch: tuple[int, int, int]
-    # small on purpose: trained and run on a 2-core CPU (see docs/model-card-segmentation.md)
-    channels: tuple[int, ...] = (8, 16, 32, 64)
-    strides: tuple = (2, 2, (2, 2, 1))
-    res_units: int = 0
+    # the architecture of a network trained from scratch (a checkpoint records its own: network_shape)
+    shape: UNetShape = HALF_RES
     labels: dict = field(default_factory=lambda: dict(SEGMENTATION_LABELS))
 
     @property
@@ -45,13 +86,14 @@ CONTOUR_BOX = SegModelSpec(
 SPECS = {s.name: s for s in (SEGMENTATION, CONTOUR_BOX)}
 
 
-def build_network(spec: SegModelSpec) -> torch.nn.Module:
+def build_network(spec: SegModelSpec, shape: UNetShape | None = None) -> torch.nn.Module:
+    shape = shape or spec.shape
     return UNet(
         spatial_dims=3,
         in_channels=spec.in_channels,
         out_channels=spec.out_channels,
-        channels=spec.channels,
-        strides=spec.strides,
-        num_res_units=spec.res_units,
+        channels=shape.channels,
+        strides=shape.strides,
+        num_res_units=shape.res_units,
         norm="instance",
     )

@@ -6,7 +6,9 @@ present) under ``model``, as every checkpoint always has, and may hold a second 
 that serve a study lacking any optional sequence (no CE-T1, no DWI/ADC, T2 only, ...). The study's
 sequences choose the weights at request time (``parotid.segmentation.checkpoint.load_segmentation`` loads
 every part, ``SegCheckpoint.network_for`` picks one); a file without ``subset_models`` serves ``model`` to
-every study, as before. Both parts share the spec, the input sequences and the training spacing, so the
+every study, as before. Each part records its own architecture (``network``, parotid.segmentation.networks:
+the complete part may be FULL_RES while the incomplete one is HALF_RES). Both parts share the spec, the input
+sequences and the training spacing, so the
 registry, hot reload, PUT /model and the SHA-256-stamped subsets table keep treating the file as one
 model.
 
@@ -27,7 +29,7 @@ from typing import Sequence
 import torch
 
 from parotid.model_space import SPACING_KEY, checkpoint_spacing
-from parotid.segmentation.networks import SPECS, SegModelSpec, build_network
+from parotid.segmentation.networks import NETWORK_KEY, SPECS, SegModelSpec, build_network, network_shape
 
 COMPLETE, INCOMPLETE = "complete", "incomplete"
 SUBSET_MODELS = "subset_models"
@@ -60,12 +62,17 @@ def part_state(ck: dict, part: str) -> dict:
     return entry["model"]
 
 
-def check_parts(ck: dict, network: torch.nn.Module) -> None:
-    """Every part of `ck` loads strictly into a copy of `network` and they share one spacing (raises)."""
-    import copy
+def part_entries(ck: dict, part: str) -> dict:
+    """The entries describing `part` (its ``network`` above all): the file's own for COMPLETE."""
+    return ck if part == COMPLETE else ck[SUBSET_MODELS][part]
 
-    for part in parts(ck)[1:]:
-        copy.deepcopy(network).load_state_dict(part_state(ck, part), strict=True)
+
+def check_parts(ck: dict, spec: SegModelSpec) -> None:
+    """Every part of `ck` loads strictly into a network of its recorded architecture and they share one
+    spacing (raises)."""
+    for part in parts(ck):
+        state = ck["model"] if part == COMPLETE else part_state(ck, part)
+        build_network(spec, network_shape(part_entries(ck, part))).load_state_dict(state, strict=True)
 
 
 def combine(complete_path: str, incomplete_path: str, out_path: str) -> dict:
@@ -86,8 +93,10 @@ def combine(complete_path: str, incomplete_path: str, out_path: str) -> dict:
              "optional": list(inc.get("optional", [])),
              SUBSET_MODELS: {INCOMPLETE: {"serves": "studies lacking any of " + ", ".join(spec.sequences), **inc_stats}}}
     out = {**ck, "stats": stats, "required": stats["required"], "optional": stats["optional"],
-           SUBSET_MODELS: {INCOMPLETE: {"model": inc["model"], "stats": inc_stats, SPACING_KEY: inc.get(SPACING_KEY)}}}
-    check_parts(out, build_network(spec))
+           SUBSET_MODELS: {INCOMPLETE: {"model": inc["model"], "stats": inc_stats, SPACING_KEY: inc.get(SPACING_KEY),
+                                        NETWORK_KEY: network_shape(inc).as_dict()}}}
+    out[NETWORK_KEY] = network_shape(ck).as_dict()
+    check_parts(out, spec)
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     tmp = out_path + ".tmp"
     torch.save(out, tmp)

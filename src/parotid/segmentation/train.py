@@ -42,9 +42,9 @@ from parotid.cohort import CohortItem, is_holdout, load_cohort
 from parotid.labels import GLAND, TUMOR
 from parotid.model_space import SPACING_KEY, checkpoint_spacing, file_spacing, label_to_model, to_model_space, training_spacing
 from parotid.segmentation.inference import box_input, box_region, contour_in_box, dice, segment, study_input
-from parotid.segmentation.networks import SPECS, SegModelSpec, build_network
+from parotid.segmentation.networks import NETWORK_KEY, SHAPES, SPECS, SegModelSpec, UNetShape, build_network, network_shape, shape_name
 from parotid.segmentation.sequence_dropout import MINIMUM, SUBSETS, RandSequenceDropoutd, missing_in, optional_sequences
-from parotid.segmentation.subset_models import COMPLETE, INCOMPLETE, SUBSET_MODELS, combine, state_dict_of
+from parotid.segmentation.subset_models import COMPLETE, INCOMPLETE, SUBSET_MODELS, combine, part_entries, state_dict_of
 from parotid.study import read_label_map, read_study, roi_from_mask
 
 KEY_METRIC = "val_mean_dice"
@@ -312,10 +312,12 @@ def train(
     stop_after: int | None = None,
     dropout_prob: float = 0.5,
     init_part: str = COMPLETE,
+    shape: UNetShape | None = None,
 ) -> dict:
     """Train `spec` on `items` (held-out studies excluded); write the best checkpoint atomically to
     `out_path` (+ stats json next to it); return the stats. `init_part`: which weights of `init_from`
-    to start from (parotid.segmentation.subset_models)."""
+    to start from (parotid.segmentation.subset_models). `shape`: the architecture (default: that of the
+    weights fine-tuned from, else ``spec.shape``; weights of the same shapes initialise another one)."""
     set_determinism(seed)
     rng = np.random.default_rng(seed)
     n_items = len(items)
@@ -330,9 +332,11 @@ def train(
     val = [data[i] for i in order[:n_val]]
     trn = [data[i] for i in order[n_val:]]
 
-    net = build_network(spec)
-    if init_from and os.path.exists(init_from):
-        net.load_state_dict(state_dict_of(torch.load(init_from, map_location="cpu", weights_only=True), init_part))
+    init = torch.load(init_from, map_location="cpu", weights_only=True) if init_from and os.path.exists(init_from) else None
+    shape = shape or (network_shape(part_entries(init, init_part)) if init is not None else spec.shape)
+    net = build_network(spec, shape)
+    if init is not None:
+        net.load_state_dict(state_dict_of(init, init_part))
     val_interval = val_interval or default_val_interval(iterations)
     trainer, evaluator = build_engines(net, spec, trn, val, iterations, batch_size, lr, seed, val_interval, patience, progress,
                                        stop_after, dropout_prob)
@@ -340,7 +344,7 @@ def train(
 
     def publish():
         interim = json.loads(json.dumps(prepare_stats(start, trainer, evaluator)))
-        save_checkpoint(net, spec, {**interim, "interim": True, "model": spec.name, "spacing": spacing}, out_path, spacing)
+        save_checkpoint(net, spec, {**interim, "interim": True, "model": spec.name, "spacing": spacing}, out_path, spacing, shape)
 
     best = _keep_best(evaluator, net, publish)
     trainer.run()
@@ -355,8 +359,9 @@ def train(
         stopped_early=trainer.state.iteration < trainer.state.max_epochs * val_interval, subset_dice=subsets,
         train_seconds=round(time.time() - start, 1), version=time.strftime("%Y%m%d-%H%M%S"), spacing=spacing,
         required=list(MINIMUM), optional=optional_sequences(spec.sequences), dropout_prob=dropout_prob,
+        network=shape_name(shape),
     )
-    save_checkpoint(net, spec, stats, out_path, spacing)
+    save_checkpoint(net, spec, stats, out_path, spacing, shape)
     return stats
 
 
@@ -382,13 +387,15 @@ def train_subset_models(spec: SegModelSpec, items: Sequence[CohortItem], out_pat
         return combine(paths[COMPLETE], paths[INCOMPLETE], out_path)
 
 
-def save_checkpoint(net, spec: SegModelSpec, stats: dict, out_path: str, spacing=None) -> None:
+def save_checkpoint(net, spec: SegModelSpec, stats: dict, out_path: str, spacing=None, shape: UNetShape | None = None) -> None:
     """`spacing`: the training spacing [sx, sy, sz] mm (I, J, K), what inference resamples studies to.
-    `required` / `optional`: the input sequences a study must have / may lack (zero channel)."""
+    `required` / `optional`: the input sequences a study must have / may lack (zero channel).
+    `shape`: the network's architecture (default ``spec.shape``), recorded so loading rebuilds it."""
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     tmp = out_path + ".tmp"
     ck = {"model": net.state_dict(), "spec": spec.name, "sequences": list(spec.sequences), "stats": stats,
-          "required": list(MINIMUM), "optional": optional_sequences(spec.sequences)}
+          "required": list(MINIMUM), "optional": optional_sequences(spec.sequences),
+          NETWORK_KEY: (shape or spec.shape).as_dict()}
     if spacing is not None:
         ck[SPACING_KEY] = [float(v) for v in spacing]
     torch.save(ck, tmp)
@@ -416,6 +423,8 @@ def main(argv=None) -> int:
     p.add_argument("--init-from", help="checkpoint to fine-tune from")
     p.add_argument("--init-part", choices=[COMPLETE, INCOMPLETE], default=COMPLETE,
                    help="which weights of an --init-from file with subset models to start from")
+    p.add_argument("--network", choices=sorted(SHAPES),
+                   help="UNet architecture (parotid.segmentation.networks; default: --init-from's, else half-res)")
     p.add_argument("--dropout-prob", type=float, default=0.5,
                    help="share of training samples lacking sequences (1.0: a model for incomplete studies only)")
     a = p.parse_args(argv)
@@ -432,7 +441,8 @@ def main(argv=None) -> int:
     stats = train(spec, items, os.path.join(a.out, f"{spec.name}.pt"), a.iterations, a.batch_size, lr=a.lr,
                   seed=a.seed, init_from=a.init_from, val_interval=a.val_interval, patience=a.patience, progress=progress,
                   stop_after=a.stop_after, dropout_prob=a.dropout_prob, init_part=a.init_part,
-                  val_fraction=a.val_fraction, max_val_studies=a.max_val_studies)
+                  val_fraction=a.val_fraction, max_val_studies=a.max_val_studies,
+                  shape=SHAPES[a.network] if a.network else None)
     print(json.dumps(stats, indent=2))
     return 0
 
