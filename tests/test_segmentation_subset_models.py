@@ -123,3 +123,23 @@ def test_retraining_a_two_part_file_retrains_both_parts(tmp_path):
         assert (new[key] - old[key]).abs().max() < (new[key] - other[key]).abs().max(), part
     assert sorted(p.name for p in out.parent.iterdir()) == ["segmentation.json", "segmentation.pt"]
     assert network_shape(ck) == FULL_RES and network_shape(ck[SUBSET_MODELS][INCOMPLETE]) == HALF_RES
+
+
+def test_extract_then_combine_gives_back_the_same_parts(tmp_path):
+    """Swapping one part keeps the other bit for bit: both parts of the shipped file, extracted as plain
+    checkpoints and combined again, are the same weights, architectures and needs; a missing part is named."""
+    from parotid.segmentation.subset_models import extract
+
+    paths = {p: str(tmp_path / p / "segmentation.pt") for p in (COMPLETE, INCOMPLETE)}
+    for part, path in paths.items():
+        extract(str(MODEL), part, path)
+        assert SUBSET_MODELS not in torch.load(path, weights_only=True)
+    out = tmp_path / "again" / "segmentation.pt"
+    combine(paths[COMPLETE], paths[INCOMPLETE], str(out))
+    new, old = (torch.load(p, map_location="cpu", weights_only=True) for p in (out, MODEL))
+    for part in (COMPLETE, INCOMPLETE):
+        assert _equal(state_dict_of(new, part), state_dict_of(old, part)), part
+        assert network_shape(part_entries(new, part)) == network_shape(part_entries(old, part)), part
+    assert (new["required"], new["optional"], new["spacing"]) == (old["required"], old["optional"], old["spacing"])
+    with pytest.raises(ValueError, match="no part 'incomplete'"):
+        extract(paths[COMPLETE], INCOMPLETE, str(tmp_path / "x.pt"))

@@ -17,6 +17,7 @@ dropout gains on incomplete studies (T2 only: gland Dice 0.00 -> 0.75) but lost 
 complete ones, below the full-sequence quality bar; two sets keep the full-sequence weights unchanged.
 
     python -m parotid.segmentation.subset_models combine --complete c.pt --incomplete f.pt --out apps/parotid/model/segmentation.pt
+    python -m parotid.segmentation.subset_models extract --part incomplete --file apps/parotid/model/segmentation.pt --out f.pt
 """
 
 from __future__ import annotations
@@ -106,6 +107,29 @@ def combine(complete_path: str, incomplete_path: str, out_path: str) -> dict:
     return stats
 
 
+def extract(path: str, part: str, out_path: str) -> dict:
+    """Write one part of a two-part file as a plain checkpoint (to retrain or recombine one part while
+    keeping the other bit for bit). Returns the part's stats."""
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    if part not in parts(ck):
+        raise ValueError(f"{path} has no part {part!r} (parts: {', '.join(parts(ck))})")
+    entries = part_entries(ck, part)
+    stats = dict(ck.get("stats") or {}) if part == COMPLETE else dict(entries.get("stats") or {})
+    stats.pop(SUBSET_MODELS, None)
+    out = {k: v for k, v in ck.items() if k not in (SUBSET_MODELS, "model", "stats")}
+    out.update(model=state_dict_of(ck, part) if part == COMPLETE else part_state(ck, part), stats=stats,
+               **{NETWORK_KEY: network_shape(entries).as_dict()})
+    if part == INCOMPLETE:  # what the incomplete part was trained to need (the file's own entries)
+        out.update(required=list(stats.get("required", ck.get("required", ["T2"]))),
+                   optional=list(stats.get("optional", ck.get("optional", []))))
+    spec = SPECS[ck.get("spec", "segmentation")]
+    build_network(spec, network_shape(out)).load_state_dict(out["model"], strict=True)
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    torch.save(out, out_path + ".tmp")
+    os.replace(out_path + ".tmp", out_path)
+    return stats
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m parotid.segmentation.subset_models",
                                  description="One segmentation checkpoint with weights for complete and incomplete studies.")
@@ -114,7 +138,15 @@ def main(argv=None) -> int:
     c.add_argument("--complete", required=True, help="checkpoint serving studies with every input sequence")
     c.add_argument("--incomplete", required=True, help="checkpoint (sequence dropout) serving studies lacking any")
     c.add_argument("--out", required=True, help="e.g. apps/parotid/model/segmentation.pt")
+    e = sub.add_parser("extract", help="one part of a two-part file -> a plain checkpoint")
+    e.add_argument("--file", required=True, help="a two-part segmentation checkpoint")
+    e.add_argument("--part", choices=[COMPLETE, INCOMPLETE], required=True)
+    e.add_argument("--out", required=True)
     a = ap.parse_args(argv)
+    if a.cmd == "extract":
+        stats = extract(a.file, a.part, a.out)
+        print(json.dumps({k: stats[k] for k in ("dice_gland", "dice_tumor", "network") if k in stats}, indent=1))
+        return 0
     stats = combine(a.complete, a.incomplete, a.out)
     print(json.dumps({k: stats[k] for k in ("dice_gland", "dice_tumor", "required") if k in stats}, indent=1))
     return 0
