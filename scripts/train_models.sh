@@ -21,13 +21,13 @@ DATA=${DATA:-/tmp/parotid-train}
 OUT=${OUT:-apps/parotid/model}
 W=$DATA/work
 mkdir -p "$DATA" "$W"
-for s in 31 32 41; do
-  [ -f "$DATA/s$s/datastore_v2.json" ] || .venv/bin/parotid-synth --out "$DATA/s$s" --n $([ $s = 41 ] && echo 80 || echo 70) --seed $s --no-raw --quiet
+for s in 31 32 41 33 34 42; do
+  [ -f "$DATA/s$s/datastore_v2.json" ] || .venv/bin/parotid-synth --out "$DATA/s$s" --n $(case $s in 31|32) echo 70;; *) echo 80;; esac) --seed $s --no-raw --quiet
 done
 [ -f "$DATA/c101/datastore_v2.json" ] || .venv/bin/parotid-synth --out "$DATA/c101" --n 240 --seed 101 --no-raw --quiet
 seg() { $PY -m parotid.segmentation.train --threads 2 "$@"; }
 # whole-study segmentation: from scratch, then two fine-tuning rounds on more data
-seg --cohort "$DATA/s31" "$DATA/s32" --model segmentation --out "$W/a" --iterations 1600 --seed 0
+seg --cohort "$DATA/s31" "$DATA/s32" --model segmentation --network half-res --out "$W/a" --iterations 1600 --seed 0
 seg --cohort "$DATA/s41" "$DATA/s31" --model segmentation --out "$W/b" --iterations 1200 --lr 1e-3 --seed 1 --init-from "$W/a/segmentation.pt"
 seg --cohort "$DATA/s41" "$DATA/s31" "$DATA/s32" --model segmentation --out "$W/c" --iterations 5000 --lr 1e-3 --seed 2 --init-from "$W/b/segmentation.pt"
 # sequence dropout (CE-T1, DWI/ADC, T1 zeroed at random in half the samples; T2 required): validation every
@@ -44,6 +44,14 @@ seg --cohort "$DATA/s41" "$DATA/s31" "$DATA/s32" --model segmentation --iteratio
 #   seg --cohort "$DATA/s41" "$DATA/s31" "$DATA/s32" "$DATA/s33" "$DATA/s34" "$DATA/s42" --model segmentation --iterations 2000 \
 #     --lr 3e-4 --seed 5 --val-interval 250 --patience 3 --dropout-prob 0 --max-val-studies 40 --init-from "$W/c/segmentation.pt" --out "$W/g"
 #   (measured from the shipped file, apps/parotid/model/segmentation.pt, whose "model" part is round c; 761 s, load 1-5)
+# Trained 2026-12-03, NOT served yet (issue 12 item 7; docs/model-card-segmentation.md "Full-resolution UNet"):
+# rounds h and i, the FULL_RES UNet for complete studies, initialised from round c's weights (same shapes);
+# the candidate file (round i + round f) is apps/parotid/candidates/segmentation.pt:
+#   seg --cohort "$DATA/s41" "$DATA/s31" "$DATA/s32" "$DATA/s33" "$DATA/s34" "$DATA/s42" --model segmentation --network full-res \
+#     --iterations 3000 --lr 1e-3 --seed 5 --val-interval 500 --patience 3 --dropout-prob 0 --max-val-studies 40 --init-from "$W/c/segmentation.pt" --out "$W/h"
+#   seg (same cohorts and flags) --lr 5e-4 --init-from "$W/h/segmentation.pt" --out "$W/i"
+#   $PY -m parotid.segmentation.subset_models combine --complete "$W/i/segmentation.pt" --incomplete "$W/f/segmentation.pt" --out apps/parotid/candidates/segmentation.pt
+#   (measured: 1866 s and 1998 s on 2 cores, partly shared; val mean Dice 0.8763 and 0.8879, round c ~0.85)
 # one file: round c serves complete studies, round f studies lacking any optional sequence
 $PY -m parotid.segmentation.subset_models combine --complete "$W/c/segmentation.pt" --incomplete "$W/f/segmentation.pt" --out "$OUT/segmentation.pt"
 # box-prompted contouring: from scratch, then one fine-tuning round

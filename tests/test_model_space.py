@@ -33,7 +33,7 @@ from parotid.model_space import (SPACING_RTOL, checkpoint_spacing, map_roi, mode
                                  stamp_spacing)
 from parotid.segmentation.inference import (contour_in_box, contour_study, dice, segment, segment_study,
                                             study_input)
-from parotid.segmentation.networks import CONTOUR_BOX, SEGMENTATION, build_network
+from parotid.segmentation.networks import CONTOUR_BOX, SEGMENTATION, build_network, network_shape
 from parotid.study import Study, StudyError, read_study, write_study
 
 SID = "syn7_0000"
@@ -68,7 +68,7 @@ def roi():
 
 def _net(spec, name):
     ck = torch.load(APP / "model" / f"{name}.pt", map_location="cpu", weights_only=True)
-    net = build_network(spec)
+    net = build_network(spec, network_shape(ck))  # the architecture the file records
     net.load_state_dict(ck["model"])
     return net.eval(), checkpoint_spacing(ck)
 

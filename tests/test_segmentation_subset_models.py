@@ -143,3 +143,14 @@ def test_extract_then_combine_gives_back_the_same_parts(tmp_path):
     assert (new["required"], new["optional"], new["spacing"]) == (old["required"], old["optional"], old["spacing"])
     with pytest.raises(ValueError, match="no part 'incomplete'"):
         extract(paths[COMPLETE], INCOMPLETE, str(tmp_path / "x.pt"))
+
+
+def test_the_full_resolution_candidate_loads_and_keeps_the_shipped_incomplete_part():
+    """apps/parotid/candidates/segmentation.pt (not served; docs/model-card-segmentation.md): a full-resolution
+    complete part beside the shipped half-resolution incomplete part, bit for bit, same spacing and needs."""
+    cand_path = ROOT / "apps" / "parotid" / "candidates" / "segmentation.pt"
+    cand, shipped = (torch.load(p, map_location="cpu", weights_only=True) for p in (cand_path, MODEL))
+    seg = load_segmentation(str(cand_path))
+    assert _strides(seg.net)[0] == (1, 1, 1) and _strides(seg.subset_nets[INCOMPLETE])[0] == (2, 2, 2)
+    assert _equal(state_dict_of(cand, INCOMPLETE), state_dict_of(shipped, INCOMPLETE))
+    assert (cand["spacing"], cand["required"], cand["optional"]) == (shipped["spacing"], shipped["required"], shipped["optional"])

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from parotid.cohort import is_holdout, load_cohort
-from parotid.segmentation.networks import CONTOUR_BOX, SEGMENTATION, build_network
+from parotid.segmentation.networks import CONTOUR_BOX, SEGMENTATION, build_network, network_shape
 from parotid.segmentation.sequence_dropout import SUBSETS, RandSequenceDropout, missing_in
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,7 +73,7 @@ def test_training_keeps_the_best_validated_weights(trained):
     assert stats["best_metric"] == stats["eval"]["best_metric"] and stats["eval"]["best_metric_epoch"] >= 1
     assert {"total_epochs", "total_iterations", "epoch", "start_ts"} <= set(stats)  # MONAI Label's format
     # the saved weights score the best metric on the validation samples, not the last one
-    net = build_network(SEGMENTATION)
+    net = build_network(SEGMENTATION, network_shape(ck))
     net.load_state_dict(ck["model"])
     net.eval()
     metric = DiceMetric(include_background=False)
