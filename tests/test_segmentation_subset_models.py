@@ -154,3 +154,16 @@ def test_the_full_resolution_candidate_loads_and_keeps_the_shipped_incomplete_pa
     assert _strides(seg.net)[0] == (1, 1, 1) and _strides(seg.subset_nets[INCOMPLETE])[0] == (2, 2, 2)
     assert _equal(state_dict_of(cand, INCOMPLETE), state_dict_of(shipped, INCOMPLETE))
     assert (cand["spacing"], cand["required"], cand["optional"]) == (shipped["spacing"], shipped["required"], shipped["optional"])
+
+
+@pytest.mark.parametrize("record", [{"channels": [8, 16], "strides": "x"}, {"strides": [2]},
+                                    {"channels": [4096, 4096, 4096, 4096], "strides": [2, 2, 2]},
+                                    {"channels": [8, 16, 32, 64], "strides": [2, 2]}])
+def test_a_bad_architecture_record_is_refused_before_building(tmp_path, record):
+    """An uploaded file whose `network` record is malformed or asks for a huge network gets a clear error
+    (PUT /model maps it to 4xx) instead of allocating it; its good twin (the recorded FULL_RES) loads."""
+    good = _plain(tmp_path, "good", **{NETWORK_KEY: FULL_RES.as_dict()})
+    assert _strides(load_segmentation(good).net)[0] == (1, 1, 1)
+    bad = _plain(tmp_path, "bad", **{NETWORK_KEY: record})
+    with pytest.raises(ValueError, match="'network'"):
+        load_segmentation(bad)
