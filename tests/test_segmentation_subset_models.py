@@ -96,9 +96,9 @@ def test_each_part_is_rebuilt_with_the_architecture_it_records(tmp_path):
     with torch.no_grad():
         y_full = seg.net(x)
         assert torch.equal(load_segmentation(full).net(x), y_full)  # deterministic: the comparison below means something
-        ck_half = dict(torch.load(full, weights_only=True))
-        ck_half.pop(NETWORK_KEY)
-        torch.save(ck_half, tmp_path / "unrecorded.pt")
+        unrecorded_ck = dict(torch.load(full, weights_only=True))
+        unrecorded_ck.pop(NETWORK_KEY)
+        torch.save(unrecorded_ck, tmp_path / "unrecorded.pt")
         unrecorded = load_segmentation(str(tmp_path / "unrecorded.pt")).net  # no record: half resolution
         assert _strides(unrecorded)[0] == (2, 2, 2) and not torch.allclose(unrecorded(x), y_full)
 
