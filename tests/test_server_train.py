@@ -7,6 +7,8 @@ import time
 
 import requests
 
+from parotid.segmentation.train import recorded_shapes
+
 
 def wait_for_training(server, timeout=600) -> dict:
     deadline = time.time() + timeout
@@ -21,6 +23,7 @@ def wait_for_training(server, timeout=600) -> dict:
 def test_train_segmentation_updates_stats_and_hot_reloads(server, app_copy, sample_ids):
     ckpt = app_copy / "model" / "segmentation.pt"
     before_mtime = ckpt.stat().st_mtime
+    shapes_before = recorded_shapes(str(ckpt))  # shipped: full-resolution complete part, half-resolution incomplete
     before = requests.get(server.url + "/info/", timeout=30).json()["train_stats"]["segmentation"]
     loaded = f"loaded segmentation checkpoint {ckpt} "  # parotid.segmentation.checkpoint.HotCheckpoint
     assert requests.post(f"{server.url}/infer/segmentation", params={"image": sample_ids[0], "output": "json"},

@@ -89,8 +89,8 @@ class SegModelSpec:
 
 ALL = DEFAULT_KEYS  # every sequence, in the sequence table's order (the input channels' order)
 # required: the clinical minimum (parotid.subsets.MINIMUM_SEQUENCES); every other input may be missing
-# whole-study model: "from_scratch" trains HALF_RES, the served file's architecture; the FULL_RES candidate
-# (docs/model-card-segmentation.md) is not served yet
+# whole-study model: `shape` HALF_RES is what a file without a `network` record is (every file before issue 12
+# item 7); the served file records FULL_RES for complete studies, and retraining keeps each part's record
 SEGMENTATION = SegModelSpec("segmentation", ALL, MINIMUM_SEQUENCES, box_prompted=False, patch=(64, 64, 16))
 CONTOUR_BOX = SegModelSpec(
     "contour_box", ALL, MINIMUM_SEQUENCES, box_prompted=True, patch=(48, 48, 16),

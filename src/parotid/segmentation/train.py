@@ -44,7 +44,7 @@ from parotid.model_space import SPACING_KEY, checkpoint_spacing, file_spacing, l
 from parotid.segmentation.inference import box_input, box_region, contour_in_box, dice, segment, study_input
 from parotid.segmentation.networks import NETWORK_KEY, SHAPES, SPECS, SegModelSpec, UNetShape, build_network, network_shape, shape_name
 from parotid.segmentation.sequence_dropout import MINIMUM, SUBSETS, RandSequenceDropoutd, missing_in, optional_sequences
-from parotid.segmentation.subset_models import COMPLETE, INCOMPLETE, SUBSET_MODELS, combine, part_entries, state_dict_of
+from parotid.segmentation.subset_models import COMPLETE, INCOMPLETE, SUBSET_MODELS, combine, part_entries, parts, state_dict_of
 from parotid.study import read_label_map, read_study, roi_from_mask
 
 KEY_METRIC = "val_mean_dice"
@@ -370,11 +370,22 @@ def has_subset_models(path: str | None) -> bool:
                 and torch.load(path, map_location="cpu", weights_only=True).get(SUBSET_MODELS))
 
 
+def recorded_shapes(path: str | None) -> dict[str, UNetShape]:
+    """The architecture of each part of the checkpoint at `path` ({} when there is no file)."""
+    if not path or not os.path.exists(path):
+        return {}
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    return {part: network_shape(part_entries(ck, part)) for part in parts(ck)}
+
+
 def train_subset_models(spec: SegModelSpec, items: Sequence[CohortItem], out_path: str, init_from: str | None = None,
-                        **kwargs) -> dict:
+                        shapes: dict[str, UNetShape] | None = None, **kwargs) -> dict:
     """Retrain a file with complete- and incomplete-study weights (parotid.segmentation.subset_models):
     the complete part without sequence dropout, the incomplete part with every sample lacking sequences,
-    each from its own weights of `init_from` (None: from scratch); then one file. `kwargs`: `train`'s."""
+    each from its own weights of `init_from` (None: from scratch); then one file. `shapes`: each part's
+    architecture (default: that of its initial weights, else ``spec.shape``) — from scratch, the server passes
+    the served file's, so "from scratch" re-initialises the weights without changing the architecture.
+    `kwargs`: `train`'s."""
     import tempfile
 
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
@@ -383,7 +394,7 @@ def train_subset_models(spec: SegModelSpec, items: Sequence[CohortItem], out_pat
         for part, prob in ((COMPLETE, 0.0), (INCOMPLETE, 1.0)):
             start = init_from if init_from and (part == COMPLETE or has_subset_models(init_from)) else None
             train(spec, items, paths[part], init_from=start, init_part=part if start else COMPLETE,
-                  dropout_prob=prob, **kwargs)
+                  dropout_prob=prob, shape=(shapes or {}).get(part), **kwargs)
         return combine(paths[COMPLETE], paths[INCOMPLETE], out_path)
 
 
