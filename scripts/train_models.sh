@@ -9,11 +9,12 @@
 # with the trainer of commit 2ba7931 (src/parotid/segmentation/train.py). Rerun from scratch, every round uses today's
 # generator and trainer (with sequence dropout and early stopping): close, not bit-identical, models.
 # apps/parotid/model/segmentation.pt holds TWO sets of weights (parotid.segmentation.subset_models, issue 15):
-# round c for complete studies (key "model") and round f for studies lacking any optional sequence
-# (key "subset_models.incomplete"); the last segmentation line combines them. Rounds d and f (sequence
-# dropout) fine-tune round c's weights on cohorts 31/32/41 made by today's generator; round d alone (one
-# network for every study) lost a little full-sequence tumour Dice (docs/model-card-segmentation.md), so
-# complete studies keep round c's weights.
+# round j for complete studies (key "model": the full-resolution UNet, parotid.segmentation.networks.FULL_RES,
+# issue 12 item 7) and round f for studies lacking any optional sequence (key "subset_models.incomplete",
+# the half-resolution UNet); the last segmentation line combines them. Rounds d and f (sequence dropout)
+# fine-tune round c's weights on cohorts 31/32/41 made by today's generator; round d alone (one network for
+# every study) lost a little full-sequence tumour Dice (docs/model-card-segmentation.md). Rounds h, i, j
+# fine-tune round c's weights in the full-resolution network on complete studies only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
@@ -40,20 +41,21 @@ seg --cohort "$DATA/s41" "$DATA/s31" "$DATA/s32" --model segmentation --iteratio
 # Tried 2026-12-02, NOT shipped (issue 12 item 7; docs/model-card-segmentation.md "Retraining the full-sequence
 # weights"): round g fine-tuned round c's complete-study weights on today's cohorts 31/32/41 plus new cohorts
 # 33/34/42 (n 80 each), complete studies only; validation (40 studies) tied round c, so the file keeps round c:
-#   for s in 33 34 42; do .venv/bin/parotid-synth --out "$DATA/s$s" --n 80 --seed $s --no-raw --quiet; done
 #   seg --cohort "$DATA/s41" "$DATA/s31" "$DATA/s32" "$DATA/s33" "$DATA/s34" "$DATA/s42" --model segmentation --iterations 2000 \
 #     --lr 3e-4 --seed 5 --val-interval 250 --patience 3 --dropout-prob 0 --max-val-studies 40 --init-from "$W/c/segmentation.pt" --out "$W/g"
 #   (measured from the shipped file, apps/parotid/model/segmentation.pt, whose "model" part is round c; 761 s, load 1-5)
-# Trained 2026-12-03, NOT served yet (issue 12 item 7; docs/model-card-segmentation.md "Full-resolution UNet"):
-# rounds h and i, the FULL_RES UNet for complete studies, initialised from round c's weights (same shapes);
-# the candidate file (round i + round f) is apps/parotid/candidates/segmentation.pt:
-#   seg --cohort "$DATA/s41" "$DATA/s31" "$DATA/s32" "$DATA/s33" "$DATA/s34" "$DATA/s42" --model segmentation --network full-res \
-#     --iterations 3000 --lr 1e-3 --seed 5 --val-interval 500 --patience 3 --dropout-prob 0 --max-val-studies 40 --init-from "$W/c/segmentation.pt" --out "$W/h"
-#   seg (same cohorts and flags) --lr 5e-4 --init-from "$W/h/segmentation.pt" --out "$W/i"
-#   $PY -m parotid.segmentation.subset_models combine --complete "$W/i/segmentation.pt" --incomplete "$W/f/segmentation.pt" --out apps/parotid/candidates/segmentation.pt
-#   (measured: 1866 s and 1998 s on 2 cores, partly shared; val mean Dice 0.8763 and 0.8879, round c ~0.85)
-# one file: round c serves complete studies, round f studies lacking any optional sequence
-$PY -m parotid.segmentation.subset_models combine --complete "$W/c/segmentation.pt" --incomplete "$W/f/segmentation.pt" --out "$OUT/segmentation.pt"
+# full-resolution UNet for complete studies (issue 12 item 7; docs/model-card-segmentation.md "Full-resolution
+# UNet"), initialised from round c's weights (same shapes), same 460 studies and 40 validation studies (seed 5)
+# as round g; measured on 2 cores: 1866 s, 1998 s (partly shared), 1650 s (idle); best val mean Dice 0.8763,
+# 0.8879, 0.8910 (round c ~0.85), each at its last validation.
+seg --cohort "$DATA/s41" "$DATA/s31" "$DATA/s32" "$DATA/s33" "$DATA/s34" "$DATA/s42" --model segmentation --network full-res \
+  --iterations 3000 --lr 1e-3 --seed 5 --val-interval 500 --patience 3 --dropout-prob 0 --max-val-studies 40 --init-from "$W/c/segmentation.pt" --out "$W/h"
+seg --cohort "$DATA/s41" "$DATA/s31" "$DATA/s32" "$DATA/s33" "$DATA/s34" "$DATA/s42" --model segmentation \
+  --iterations 3000 --lr 5e-4 --seed 5 --val-interval 500 --patience 3 --dropout-prob 0 --max-val-studies 40 --init-from "$W/h/segmentation.pt" --out "$W/i"
+seg --cohort "$DATA/s41" "$DATA/s31" "$DATA/s32" "$DATA/s33" "$DATA/s34" "$DATA/s42" --model segmentation \
+  --iterations 3000 --lr 3e-4 --seed 5 --val-interval 500 --patience 3 --dropout-prob 0 --max-val-studies 40 --init-from "$W/i/segmentation.pt" --out "$W/j"
+# one file: round j serves complete studies, round f studies lacking any optional sequence
+$PY -m parotid.segmentation.subset_models combine --complete "$W/j/segmentation.pt" --incomplete "$W/f/segmentation.pt" --out "$OUT/segmentation.pt"
 # box-prompted contouring: from scratch, then one fine-tuning round
 seg --cohort "$DATA/s41" "$DATA/s32" --model contour_box --out "$W/e" --iterations 2500 --seed 0
 seg --cohort "$DATA/s41" "$DATA/s31" "$DATA/s32" --model contour_box --out "$OUT" --iterations 4000 --lr 1e-3 --seed 3 --init-from "$W/e/contour_box.pt"

@@ -125,6 +125,23 @@ def test_retraining_a_two_part_file_retrains_both_parts(tmp_path):
     assert network_shape(ck) == FULL_RES and network_shape(ck[SUBSET_MODELS][INCOMPLETE]) == HALF_RES
 
 
+def test_retraining_from_scratch_keeps_the_served_architecture_of_each_part(tmp_path):
+    """The server's `"from_scratch": true` (lib/trainers/segmentation.py) re-initialises the weights but keeps
+    the served file's architecture per part: the full-resolution complete part is not silently swapped for
+    the half-resolution default of the spec."""
+    from parotid.segmentation.train import recorded_shapes, train_subset_models
+
+    torch.set_num_threads(1)
+    shapes = recorded_shapes(str(MODEL))
+    assert shapes == {COMPLETE: FULL_RES, INCOMPLETE: HALF_RES} and recorded_shapes(str(tmp_path / "none.pt")) == {}
+    out = tmp_path / "out" / "segmentation.pt"
+    train_subset_models(SEGMENTATION, load_cohort(str(SAMPLE)), str(out), init_from=None, shapes=shapes,
+                        iterations=1, batch_size=1, lr=1e-3, seed=0, val_interval=1, max_val_studies=1)
+    ck = torch.load(out, map_location="cpu", weights_only=True)
+    assert network_shape(ck) == FULL_RES and network_shape(ck[SUBSET_MODELS][INCOMPLETE]) == HALF_RES
+    assert _strides(load_segmentation(str(out)).net)[0] == (1, 1, 1)
+
+
 def test_extract_then_combine_gives_back_the_same_parts(tmp_path):
     """Swapping one part keeps the other bit for bit: both parts of the shipped file, extracted as plain
     checkpoints and combined again, are the same weights, architectures and needs; a missing part is named."""
@@ -145,15 +162,16 @@ def test_extract_then_combine_gives_back_the_same_parts(tmp_path):
         extract(paths[COMPLETE], INCOMPLETE, str(tmp_path / "x.pt"))
 
 
-def test_the_full_resolution_candidate_loads_and_keeps_the_shipped_incomplete_part():
-    """apps/parotid/candidates/segmentation.pt (not served; docs/model-card-segmentation.md): a full-resolution
-    complete part beside the shipped half-resolution incomplete part, bit for bit, same spacing and needs."""
-    cand_path = ROOT / "apps" / "parotid" / "candidates" / "segmentation.pt"
-    cand, shipped = (torch.load(p, map_location="cpu", weights_only=True) for p in (cand_path, MODEL))
-    seg = load_segmentation(str(cand_path))
+def test_the_served_file_runs_complete_studies_at_full_resolution_and_incomplete_ones_at_half():
+    """apps/parotid/model/segmentation.pt (docs/model-card-segmentation.md, issue 12 item 7): the complete part is
+    the full-resolution UNet (round j), the incomplete part the half-resolution sequence-dropout weights (round f);
+    each is rebuilt from its own record, with the training spacing and the sequence needs of the file."""
+    ck = torch.load(MODEL, map_location="cpu", weights_only=True)
+    assert network_shape(part_entries(ck, COMPLETE)) == FULL_RES
+    assert network_shape(part_entries(ck, INCOMPLETE)) == HALF_RES
+    seg = load_segmentation(str(MODEL))
     assert _strides(seg.net)[0] == (1, 1, 1) and _strides(seg.subset_nets[INCOMPLETE])[0] == (2, 2, 2)
-    assert _equal(state_dict_of(cand, INCOMPLETE), state_dict_of(shipped, INCOMPLETE))
-    assert (cand["spacing"], cand["required"], cand["optional"]) == (shipped["spacing"], shipped["required"], shipped["optional"])
+    assert (ck["spacing"], ck["required"]) == ([1.5, 1.5, 3.0], ["T2"])
 
 
 @pytest.mark.parametrize("record", [{"channels": [8, 16], "strides": "x"}, {"strides": [2]},
