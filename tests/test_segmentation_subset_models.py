@@ -125,21 +125,35 @@ def test_retraining_a_two_part_file_retrains_both_parts(tmp_path):
     assert network_shape(ck) == FULL_RES and network_shape(ck[SUBSET_MODELS][INCOMPLETE]) == HALF_RES
 
 
-def test_retraining_from_scratch_keeps_the_served_architecture_of_each_part(tmp_path):
-    """The server's `"from_scratch": true` (lib/trainers/segmentation.py) re-initialises the weights but keeps
-    the served file's architecture per part: the full-resolution complete part is not silently swapped for
-    the half-resolution default of the spec."""
-    from parotid.segmentation.train import recorded_shapes, train_subset_models
+def test_the_server_trainer_from_scratch_keeps_the_served_architecture_of_each_part(tmp_path):
+    """`POST /train/segmentation {"from_scratch": true}` runs lib/trainers/segmentation.py: new weights, but in
+    the served file's architecture part by part — the full-resolution complete part is not silently swapped
+    for the spec's half-resolution default (forced past the gate so the candidate is served and read back)."""
+    import shutil
+    import sys
 
+    from parotid.cohort import open_datastore
+    from parotid.segmentation.train import recorded_shapes
+
+    app = str(ROOT / "apps" / "parotid")
+    sys.path.insert(0, app)
+    try:
+        from lib.trainers.segmentation import TrainSegmentation
+    finally:
+        sys.path.remove(app)
     torch.set_num_threads(1)
-    shapes = recorded_shapes(str(MODEL))
-    assert shapes == {COMPLETE: FULL_RES, INCOMPLETE: HALF_RES} and recorded_shapes(str(tmp_path / "none.pt")) == {}
-    out = tmp_path / "out" / "segmentation.pt"
-    train_subset_models(SEGMENTATION, load_cohort(str(SAMPLE)), str(out), init_from=None, shapes=shapes,
-                        iterations=1, batch_size=1, lr=1e-3, seed=0, val_interval=1, max_val_studies=1)
-    ck = torch.load(out, map_location="cpu", weights_only=True)
-    assert network_shape(ck) == FULL_RES and network_shape(ck[SUBSET_MODELS][INCOMPLETE]) == HALF_RES
-    assert _strides(load_segmentation(str(out)).net)[0] == (1, 1, 1)
+    served = tmp_path / "model" / "segmentation.pt"
+    served.parent.mkdir()
+    shutil.copy(MODEL, served)
+    assert recorded_shapes(str(served)) == {COMPLETE: FULL_RES, INCOMPLETE: HALF_RES}
+    assert recorded_shapes(str(tmp_path / "none.pt")) == {}
+    result = TrainSegmentation(SEGMENTATION, str(served))(
+        {"from_scratch": True, "iterations": 2, "batch_size": 1, "force": True}, open_datastore(str(SAMPLE)))
+    assert result["promoted"], result
+    ck, shipped = (torch.load(p, map_location="cpu", weights_only=True) for p in (served, MODEL))
+    assert recorded_shapes(str(served)) == {COMPLETE: FULL_RES, INCOMPLETE: HALF_RES}
+    assert not _equal(state_dict_of(ck, COMPLETE), state_dict_of(shipped, COMPLETE))  # trained anew
+    assert _strides(load_segmentation(str(served)).net)[0] == (1, 1, 1)
 
 
 def test_extract_then_combine_gives_back_the_same_parts(tmp_path):
