@@ -19,8 +19,8 @@ from lib.trainers.gated import GatedTrainTask
 from parotid.cohort import cohort_items, split_holdout
 from parotid.holdout_scores import segmentation_scores
 from parotid.segmentation.networks import SegModelSpec
-from parotid.segmentation.subset_models import COMPLETE
-from parotid.segmentation.train import has_subset_models, recorded_shapes, train, train_subset_models
+from parotid.segmentation.subset_models import COMPLETE, INCOMPLETE
+from parotid.segmentation.train import recorded_shapes, train, train_subset_models
 
 logger = logging.getLogger(__name__)
 
@@ -57,10 +57,10 @@ class TrainSegmentation(GatedTrainTask):
 
         args = dict(iterations=int(conf["iterations"]), batch_size=int(conf["batch_size"]), seed=int(conf["seed"]))
 
-        shapes = recorded_shapes(self.path)  # from scratch too: the served architecture, per part
+        shapes = recorded_shapes(self.path)  # each served part's architecture, kept from scratch too
 
         def train_candidate(path: str) -> dict:
-            if has_subset_models(self.path):  # complete- and incomplete-study weights: both retrained
+            if INCOMPLETE in shapes:  # complete- and incomplete-study weights: both retrained
                 return train_subset_models(self.spec, train_items, path, init_from=init_from, shapes=shapes, **args)
             return train(self.spec, train_items, path, init_from=init_from, shape=shapes.get(COMPLETE), **args)
 
