@@ -85,6 +85,34 @@ def test_labels_saved_through_either_replica_are_seen_by_both(deployment, tmp_pa
             time.sleep(0.5)
 
 
+def test_a_replica_keeps_an_idle_connection_open_longer_than_nginx(deployment):
+    """nginx reuses idle connections to a replica for `keepalive_timeout` (the upstream block). If the
+    replica closed them sooner (uvicorn's default is 5 s), a request nginx sends on one as it closes fails
+    on a healthy replica, which max_fails then takes out of service: with the other replica down, every
+    client got 502 for fail_timeout (seen in CI: 1571 failed requests in test_load_through_nginx...)."""
+    import http.client
+    import re
+
+    conf = (deployment.run / "nginx.conf").read_text()
+    upstream = conf[conf.index("upstream parotid"):]
+    upstream = upstream[:upstream.index("}")]
+    nginx_idle_s = int(re.search(r"keepalive_timeout\s+(\d+)s;", upstream).group(1))
+    port = int(deployment.replicas[1].rsplit(":", 1)[1])
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        for attempt in range(2):
+            conn.request("GET", "/datastore/?output=stats")
+            r = conn.getresponse()
+            r.read()
+            assert r.status == 200 and not r.will_close
+            if attempt == 0:
+                time.sleep(nginx_idle_s + 1)  # longer than nginx keeps the connection idle: still open
+    except (http.client.RemoteDisconnected, ConnectionError) as e:
+        pytest.fail(f"the replica closed an idle connection within {nginx_idle_s + 1} s, before nginx would: {e!r}")
+    finally:
+        conn.close()
+
+
 def load_with_a_replica_killed(deployment, requests_by_kind: dict, min_requests: int = 20,
                                min_after: int = 5) -> list[tuple[float, str, int, str]]:
     """4 clients cycle through `requests_by_kind` (name -> callable returning a Response) for 20 s;

@@ -31,7 +31,7 @@ for k in $(seq 1 "$REPLICAS"); do
     --workers "$WORKERS" >"$run/replica-$k.log" 2>&1 < /dev/null &
   echo $! >"$run/replica-$k.pid"
   echo "$port" >"$run/replica-$k.port"
-  servers="${servers}server 127.0.0.1:$port max_fails=1 fail_timeout=10s; "
+  servers="${servers}server 127.0.0.1:$port max_fails=3 fail_timeout=10s; "
 done
 
 mkdir -p "$run/tmp"

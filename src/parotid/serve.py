@@ -10,6 +10,10 @@ imports torch and MONAI before the worker can answer: on this project's 2-core m
 its module imports nothing heavy at the top (a worker answers pings at once), and the health-check
 timeout is ``PAROTID_WORKER_HEALTHCHECK_S`` (default 60 s; a worker busy in a long GIL-holding step is
 not killed either). Arguments are exactly ``monailabel``'s.
+
+A third change: uvicorn keeps an idle HTTP connection open ``PAROTID_KEEPALIVE_S`` (default 75 s) instead
+of 5 s, longer than a proxy in front keeps it (deploy/nginx: 15 s), so the proxy, not the server, closes
+idle connections and never sends a request on one the server is closing.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import os
 
 HEALTHCHECK_S = int(os.environ.get("PAROTID_WORKER_HEALTHCHECK_S", "60"))
+KEEPALIVE_S = int(os.environ.get("PAROTID_KEEPALIVE_S", "75"))
 
 
 def _main_class():
@@ -26,7 +31,8 @@ def _main_class():
 
     class ServeMain(Main):
         def action_start_server(self, args):
-            """MONAI Label 0.8.5's action_start_server with uvicorn's worker health-check timeout set."""
+            """MONAI Label 0.8.5's action_start_server with uvicorn's worker health-check and keep-alive
+            timeouts set."""
             self.start_server_validate_args(args)
             self.start_server_init_settings(args)
             log_config = init_log_config(args.log_config, args.app, "app.log", args.verbose)
@@ -38,7 +44,7 @@ def _main_class():
                 ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
                 ssl_keyfile_password=args.ssl_keyfile_password, ssl_ca_certs=args.ssl_ca_certs,
                 workers=args.workers, limit_concurrency=args.limit_concurrency,
-                timeout_worker_healthcheck=HEALTHCHECK_S,
+                timeout_worker_healthcheck=HEALTHCHECK_S, timeout_keep_alive=KEEPALIVE_S,
             )
 
     return ServeMain
