@@ -68,6 +68,8 @@ seg --cohort "$DATA/s41" "$DATA/s31" "$DATA/s32" --model contour_box --out "$OUT
 # input check (held-out calibration cohort seed 202, n 60; stamps the .pt files) and the per-subset tables on
 # held-out cohort 500 (stamped with the checkpoints' SHA-256, so they come last).
 $PY -m parotid.classification.train --cohort "$DATA/c101" --out "$OUT" --tasks classify_malignancy --threads 2
+# (classify_subtype: the recipe's CV favours late fusion Add (docs/results.md 2b); its candidate,
+#  `... --tasks classify_subtype --fusion add`, failed the held-out shipping rule and was not shipped.)
 $PY -m parotid.input_check fit --models "$OUT" --work "$DATA" --classifiers-only
 [ -f "$DATA/c500/datastore_v2.json" ] || .venv/bin/parotid-synth --out "$DATA/c500" --n 80 --seed 500 --no-raw --quiet
 .venv/bin/parotid-eval subsets --cohort "$DATA/c500" --models "$OUT" --tasks classify_subtype classify_malignancy \
