@@ -113,6 +113,27 @@ def test_a_replica_keeps_an_idle_connection_open_longer_than_nginx(deployment):
         conn.close()
 
 
+def _diagnosis(deployment, results, failed, killed_at: float) -> str:
+    """What a failed load test needs to be understood afterwards (CI keeps only the assertion message):
+    the failures around the kill, which replica answered before it, whether replica 2 still runs, and
+    nginx's own account of its upstreams (error.log)."""
+    before = [r[3] for r in results if r[0] < killed_at and r[2] == 200]
+    alive = {}
+    for k in (1, 2):
+        try:
+            os.kill(int((deployment.run / f"replica-{k}.pid").read_text()), 0)
+            alive[k] = True
+        except OSError:
+            alive[k] = False
+    log = (deployment.run / "error.log").read_text().splitlines() if (deployment.run / "error.log").exists() else []
+    why = [line for line in log if "no live upstreams" not in line]  # the errors that took replicas out
+    return (f"{len(failed)} of {len(results)} requests failed; first failures (time - kill, kind, status, served by): "
+            f"{[(round(r[0] - killed_at, 2), *r[1:]) for r in failed[:5]]}; answered before the kill by "
+            f"{sorted(set(before))} ({len(before)}); replica processes alive: {alive}; nginx error.log: "
+            f"{len(log) - len(why)} 'no live upstreams', the other {len(why)} lines (last 20):\n"
+            + "\n".join(line[:300] for line in why[-20:]))
+
+
 def load_with_a_replica_killed(deployment, requests_by_kind: dict, min_requests: int = 20,
                                min_after: int = 5) -> list[tuple[float, str, int, str]]:
     """4 clients cycle through `requests_by_kind` (name -> callable returning a Response) for 20 s;
@@ -144,7 +165,7 @@ def load_with_a_replica_killed(deployment, requests_by_kind: dict, min_requests:
     failed = [r for r in results if r[2] != 200]
     after = [r for r in results if r[0] > killed_at[0] + 1]
     assert len(results) >= min_requests and len(after) >= min_after, results
-    assert failed == [], failed[:5]
+    assert failed == [], _diagnosis(deployment, results, failed, killed_at[0])
     assert len({r[3] for r in after}) == 1  # only the surviving replica answers
     upstreams = [line.split("upstream=")[1].split(" ")[0]
                  for line in (deployment.run / "access.log").read_text().splitlines()]
