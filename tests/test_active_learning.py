@@ -13,7 +13,8 @@ import requests
 from parotid.cohort import load_cohort
 
 BIN = Path(sys.executable).parent
-KEYS = {"seg_uncertainty": "seg_tta_variance", "cls_entropy": "cls_entropy", "cls_margin": "cls_margin",
+KEYS = {"seg_uncertainty": "seg_tta_variance", "seg_tumour_uncertainty": "seg_tumour_tta_variance",
+        "cls_entropy": "cls_entropy", "cls_margin": "cls_margin",
         "cls_mc_dropout": "cls_mc_std"}
 
 
@@ -47,13 +48,14 @@ def test_uncertainty_scores_drive_next_sample(server, tmp_path):
     deadline = time.time() + 60
     while time.time() < deadline:  # the server's datastore reloads the index written by the scorer
         objects = requests.get(server.url + "/datastore/?output=all", timeout=30).json()["objects"]
-        if all("seg_tta_variance" in objects[i]["image"]["info"] for i in ids):
+        if all("seg_tumour_tta_variance" in objects[i]["image"]["info"] for i in ids):
             break
         time.sleep(1)
     unlabeled = {k: v["image"]["info"] for k, v in objects.items() if "final" not in v.get("labels", {})}
     for i in ids:
         info = unlabeled[i]
         assert info["seg_tta_variance"] >= 0
+        assert 0 <= info["seg_tumour_tta_variance"] <= 1  # 1: no tumour predicted
         assert 0 <= info["cls_entropy"] <= 1.39 + 1e-6  # <= ln(4)
         assert 0 <= info["cls_margin"] <= 1
     for strategy, key in KEYS.items():

@@ -226,7 +226,7 @@ def test_same_anatomy_at_two_voxel_sizes_same_class(study, fine, roi, tmp_path):
         sys.path.remove(str(APP))
     net, sp = _net(SEGMENTATION, "segmentation")
     scores = score_study(fine, net, model, cfg, sp)
-    assert {"seg_tta_variance", "cls_entropy", "cls_margin", "cls_mc_std"} <= set(scores)
+    assert {"seg_tta_variance", "seg_tumour_tta_variance", "cls_entropy", "cls_margin", "cls_mc_std"} <= set(scores)
 
 
 def test_trainers_record_the_training_spacing_and_resample_other_grids(fine, tmp_path):

@@ -7,6 +7,9 @@ label and stores the scores in the study's image info:
 - ``seg_tta_variance``  segmentation uncertainty: variance of the class probabilities over
   test-time flips, inside the predicted gland/tumour (the UNet has no dropout layers, so flips
   stand in for MC dropout);
+- ``seg_tumour_tta_variance``  the same inside the predicted tumour only (1.0, above any variance,
+  when no tumour is predicted). It ranks poor tumour contours far better than the gland-dominated
+  score above (docs/annotator.md, "Which study next");
 - ``cls_entropy``       entropy of the calibrated class probabilities (subtype model);
 - ``cls_margin``        1 - (p_top1 - p_top2): high when the two best classes are close;
 - ``cls_mc_std``        std of the malignancy probability over MC-dropout passes.
@@ -36,7 +39,7 @@ from parotid.segmentation.networks import SEGMENTATION
 from parotid.study import StudyError, read_study
 
 logger = logging.getLogger(__name__)
-SCORE_KEYS = ("seg_tta_variance", "cls_entropy", "cls_margin", "cls_mc_std")
+SCORE_KEYS = ("seg_tta_variance", "seg_tumour_tta_variance", "cls_entropy", "cls_margin", "cls_mc_std")
 
 
 def score_study(study, seg_net, cls_model=None, cls_cfg=None, seg_spacing=None) -> Dict[str, float]:
@@ -44,8 +47,8 @@ def score_study(study, seg_net, cls_model=None, cls_cfg=None, seg_spacing=None) 
     segmentation model runs at its training spacing (parotid.model_space); the box goes back to the
     study grid for the classifier, which resamples on its own."""
     space = to_model_space(study, seg_spacing)
-    label, seg_var = segment_with_uncertainty(seg_net, SEGMENTATION, study_input(space.model_study, SEGMENTATION))
-    scores: Dict[str, float] = {"seg_tta_variance": seg_var}
+    label, flips = segment_with_uncertainty(seg_net, SEGMENTATION, study_input(space.model_study, SEGMENTATION))
+    scores: Dict[str, float] = {"seg_tta_variance": flips.foreground, "seg_tumour_tta_variance": flips.tumour}
     roi = space.roi_to_study(tumour_roi(label))
     if cls_model is None or roi is None:
         return scores
@@ -89,7 +92,7 @@ class StudyUncertaintyScoring(ScoringMethod):
         torch.set_num_threads(1)  # leave a core to the inference server
         for image_id in images:
             info = datastore.get_image_info(image_id) or {}
-            if info.get("scored_with") == versions and all(k in info for k in SCORE_KEYS[:1]):
+            if info.get("scored_with") == versions and all(k in info for k in SCORE_KEYS[:2]):
                 continue  # already scored with these checkpoints
             try:
                 study = read_study(datastore.get_image_uri(image_id), image_id)
@@ -106,6 +109,8 @@ class StudyUncertaintyScoring(ScoringMethod):
 def uncertainty_strategies() -> Dict[str, Strategy]:
     return {
         "seg_uncertainty": ScoreRanked("seg_tta_variance", "Study whose segmentation is least stable under flips"),
+        "seg_tumour_uncertainty": ScoreRanked("seg_tumour_tta_variance",
+                                              "Study whose tumour contour is least stable under flips"),
         "cls_entropy": ScoreRanked("cls_entropy", "Study with the highest classification entropy"),
         "cls_margin": ScoreRanked("cls_margin", "Study whose two most likely classes are closest"),
         "cls_mc_dropout": ScoreRanked("cls_mc_std", "Study with the most unstable malignancy probability (MC dropout)"),
