@@ -54,3 +54,22 @@ def test_no_predicted_tumour_ranks_first(served):
     label, flips = segment_with_uncertainty(blind, ck.spec, image)
     assert not np.any(label == TUMOR)
     assert flips.tumour == NO_TUMOUR_SCORE > MAX_FLIP_VARIANCE and flips.foreground == 0.0
+
+
+def test_the_ranking_measure_runs_on_a_cohort(tmp_path):
+    """`python -m parotid.segmentation.uncertainty_eval` (the measure quoted in docs/annotator.md) on 3 sample
+    studies: one row per study and checkpoint, both scores summarised."""
+    import json
+
+    from parotid.segmentation.uncertainty_eval import main
+
+    out = tmp_path / "ranking.json"
+    assert main(["--cohort", str(SAMPLE), "--checkpoints", str(APP / "model" / "segmentation.pt"), "--limit", "3",
+                 "--top", "2", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    rows = res["per_study"][str(APP / "model" / "segmentation.pt")]
+    assert len(rows) == 3 and len({r["study"] for r in rows}) == 3
+    assert all(0 <= r["dice_tumor"] <= 1 and 0 <= r["seg_tumour_tta_variance"] <= NO_TUMOUR_SCORE for r in rows)
+    summary = res["summary"][str(APP / "model" / "segmentation.pt")]
+    assert set(summary) == {"seg_tta_variance", "seg_tumour_tta_variance"}
+    assert all(s["n"] == 3 and -1 <= s["spearman_tumour_error"] <= 1 for s in summary.values())

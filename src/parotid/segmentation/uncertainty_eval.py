@@ -41,13 +41,13 @@ def score_cohorts(cohorts: list[str], checkpoints: list[str], limit: int | None 
     models = {p: load_checkpoint(p) for p in checkpoints}
     rows: dict[str, list[dict]] = {p: [] for p in checkpoints}
     items = [it for cohort in cohorts for it in load_cohort(cohort)]
+    spec0 = next(iter(models.values()))[1]
     for it in items:
-        study = read_study(it.image, it.study_id)
-        spec0 = next(iter(models.values()))[1]
-        if not all(s in study.sequences for s in spec0.sequences):
-            continue
         if limit is not None and len(rows[checkpoints[0]]) >= limit:
             break
+        study = read_study(it.image, it.study_id)
+        if not all(s in study.sequences for s in spec0.sequences):
+            continue
         reference = read_label_map(it.label)
         for path, (ck, spec) in models.items():
             space = to_model_space(study, ck.spacing)
