@@ -89,7 +89,7 @@ def test_a_replica_keeps_an_idle_connection_open_longer_than_nginx(deployment):
     """nginx reuses idle connections to a replica for `keepalive_timeout` (the upstream block). If the
     replica closed them sooner (uvicorn's default is 5 s), a request nginx sends on one as it closes fails
     on a healthy replica, which max_fails then takes out of service: with the other replica down, every
-    client got 502 for fail_timeout (seen in CI: 1571 failed requests in test_load_through_nginx...)."""
+    client got 502 for fail_timeout (seen in CI: 1576 failed requests in test_load_through_nginx...)."""
     import http.client
     import re
 
