@@ -177,6 +177,12 @@ def test_load_through_nginx_survives_a_replica_killed(deployment):
     objects = requests.get(f"{deployment.url}/datastore/", params={"output": "all"}, timeout=60).json()["objects"]
     sid, roi = next((k, v["labels"]["final"]["info"]["roi"]) for k, v in sorted(objects.items())
                     if "roi" in v["labels"].get("final", {}).get("info", {}))
+    # each replica has the models loaded and this study's input check cached: the test is about failover,
+    # not a cold start (4 concurrent first classifications on a cold replica took 22 s on 2 cores, and the
+    # 20 s load window then held too few requests)
+    for replica in deployment.replicas:
+        assert requests.post(f"{replica}/infer/classify_subtype", params={"image": sid, "output": "json"},
+                             data={"params": json.dumps({"roi": roi})}, timeout=600).status_code == 200
     load_with_a_replica_killed(deployment, {
         "infer": lambda: infer(deployment, "classify_subtype", sid, {"roi": roi}),
         "info": lambda: requests.get(f"{deployment.url}/info/", timeout=120),
