@@ -112,3 +112,36 @@ def test_a_dropped_sequence_in_training_is_what_inference_gives_a_study_lacking_
         lacking = without(study, missing_in(subset, spec.sequences))
         assert set(lacking.sequences) == set(spec.sequences) - set(missing_in(subset, spec.sequences))
         np.testing.assert_array_equal(study_input(lacking, spec), drop_sequences(full, spec, subset))
+
+
+def _centre_labels(tumour_share: float, n: int = 600) -> list[int]:
+    """The label at the centre of `n` training patches of a study with gland and a small tumour."""
+    from parotid.labels import GLAND, TUMOR
+    from parotid.segmentation.train import _random_patch
+
+    lab = np.zeros((40, 40, 10), np.uint8)
+    lab[5:35, 5:35, 2:8] = GLAND
+    lab[28:32, 28:32, 4:6] = TUMOR  # 32 tumour voxels among 5 400 gland voxels
+    img = np.arange(lab.size, dtype=np.float32).reshape((1,) + lab.shape)  # each voxel's flat index
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(n):
+        x, _y = _random_patch(img, lab, (16, 16, 4), rng, tumour_share=tumour_share)
+        # centre voxel of a patch that was not clipped at the border: patch start + half its size
+        centre = np.unravel_index(int(x[0, 0, 0, 0]), lab.shape)
+        out.append(int(lab[tuple(c + p // 2 for c, p in zip(centre, (16, 16, 4)))]))
+    return out
+
+
+def test_tumour_share_sets_how_many_training_patches_centre_on_tumour():
+    """`--tumour-share`: of the label-centred patches (2/3 of all), that share is centred on a tumour voxel, the
+    rest on gland. The default 1.0 is the sampling of every shipped round: 2/3 of the patches of a study with a
+    tumour are centred on it (none specifically on gland)."""
+    from parotid.labels import GLAND, TUMOR
+
+    for share, tumour_lo, tumour_hi in ((1.0, 0.60, 0.73), (0.5, 0.28, 0.39), (0.0, -0.01, 0.02)):
+        centres = _centre_labels(share)
+        on_tumour = np.mean([v == TUMOR for v in centres])
+        on_gland = np.mean([v == GLAND for v in centres])
+        assert tumour_lo < on_tumour < tumour_hi, (share, on_tumour)
+        assert on_gland > 0.67 * (1 - share) * 0.9, (share, on_gland)  # the rest of the label-centred ones

@@ -89,13 +89,18 @@ def _spacing_for(items: Sequence[CohortItem], init_from: str | None) -> list[flo
     return training_spacing(file_spacing(it.image) for it in items)
 
 
-def _random_patch(img: np.ndarray, lab: np.ndarray, patch, rng: np.random.Generator, p_fg: float = 0.67):
-    """Random patch, centred on a foreground voxel with probability p_fg (pads small images)."""
+def _random_patch(img: np.ndarray, lab: np.ndarray, patch, rng: np.random.Generator, p_fg: float = 0.67,
+                  tumour_share: float = 1.0):
+    """Random patch, centred on a labelled voxel with probability p_fg (pads small images): of those, a
+    `tumour_share` on a tumour voxel (when the study has one), the others on a gland voxel. The default 1.0
+    is the sampling every shipped round was trained with (the draw is made either way, so the random
+    sequence is that of those rounds)."""
     pads = [(0, 0)] + [(0, max(0, p - s)) for p, s in zip(patch, lab.shape)]
     img = np.pad(img, pads)
     lab = np.pad(lab, pads[1:])
     if rng.random() < p_fg and lab.any():
-        fg = np.argwhere(lab == (TUMOR if rng.random() < 0.5 and (lab == TUMOR).any() else lab.max()))
+        on_tumour = rng.random() < tumour_share and (lab == TUMOR).any()
+        fg = np.argwhere(lab == (TUMOR if on_tumour or not (lab == GLAND).any() else GLAND))
         centre = fg[rng.integers(len(fg))]
         start = [int(np.clip(c - p // 2, 0, s - p)) for c, p, s in zip(centre, patch, lab.shape)]
     else:
@@ -147,8 +152,9 @@ class RandomSamples(torch.utils.data.Dataset):
     """`length` training samples drawn in order from one generator: a random patch of a random study
     (whole-study model) or a random tumour of a random study under a jittered box (box model)."""
 
-    def __init__(self, data, spec: SegModelSpec, length: int, seed: int, dropout_prob: float = 0.5):
-        self.data, self.spec, self.length = data, spec, length
+    def __init__(self, data, spec: SegModelSpec, length: int, seed: int, dropout_prob: float = 0.5,
+                 tumour_share: float = 1.0):
+        self.data, self.spec, self.length, self.tumour_share = data, spec, length, tumour_share
         if spec.box_prompted:
             self.data = [(img, lab) for img, lab in data if (lab == TUMOR).any()]
         self.rng = np.random.default_rng(seed)
@@ -165,7 +171,7 @@ class RandomSamples(torch.utils.data.Dataset):
             roi = _jitter_box(roi_from_mask(comps[self.rng.integers(len(comps))]), lab.shape, self.rng)
             sample = _box_sample(img, lab, roi, self.spec)
         else:
-            xi, yi = _random_patch(img, lab, self.spec.patch, self.rng)
+            xi, yi = _random_patch(img, lab, self.spec.patch, self.rng, tumour_share=self.tumour_share)
             sample = {"image": torch.from_numpy(np.ascontiguousarray(xi)), "label": torch.from_numpy(yi[None].astype(np.float32))}
         out = self.transform(sample)
         return {"image": torch.as_tensor(out["image"]).float(), "label": torch.as_tensor(out["label"]).round().long()}
@@ -235,11 +241,12 @@ def _loader(samples, batch_size: int) -> torch.utils.data.DataLoader:
 
 def build_engines(net, spec: SegModelSpec, trn, val, iterations: int, batch_size: int, lr: float, seed: int,
                   val_interval: int, patience: int, progress: Callable[[int, float], None] | None = None,
-                  stop_after: int | None = None, dropout_prob: float = 0.5):
+                  stop_after: int | None = None, dropout_prob: float = 0.5, tumour_share: float = 1.0):
     """(trainer, evaluator): one trainer 'epoch' is `val_interval` iterations, then a validation.
     `stop_after`: stop after that many iterations (rounded up to a validation), the learning-rate
     schedule still planned for `iterations`. `dropout_prob`: share of training samples lacking sequences
-    (0: complete studies only, 1: incomplete ones only; validated likewise)."""
+    (0: complete studies only, 1: incomplete ones only; validated likewise). `tumour_share`: share of the
+    label-centred patches (2/3 of all) centred on tumour rather than gland (`_random_patch`)."""
     device = torch.device("cpu")
     n_classes = spec.out_channels
     post = Compose([AsDiscreted("pred", argmax=True, to_onehot=n_classes), AsDiscreted("label", to_onehot=n_classes)])
@@ -255,7 +262,7 @@ def build_engines(net, spec: SegModelSpec, trn, val, iterations: int, batch_size
     trainer = SupervisedTrainer(
         device=device, max_epochs=min(epochs, -(-stop_after // val_interval)) if stop_after else epochs,
         epoch_length=val_interval,
-        train_data_loader=_loader(RandomSamples(trn, spec, epochs * val_interval * batch_size, seed, dropout_prob), batch_size),
+        train_data_loader=_loader(RandomSamples(trn, spec, epochs * val_interval * batch_size, seed, dropout_prob, tumour_share), batch_size),
         network=net, optimizer=opt, loss_function=DiceCELoss(to_onehot_y=True, softmax=True),
         train_handlers=[LrScheduleHandler(sched, print_lr=False, epoch_level=False),
                         ValidationHandler(validator=evaluator, interval=1, epoch_level=True)],
@@ -313,6 +320,7 @@ def train(
     dropout_prob: float = 0.5,
     init_part: str = COMPLETE,
     shape: UNetShape | None = None,
+    tumour_share: float = 1.0,
 ) -> dict:
     """Train `spec` on `items` (held-out studies excluded); write the best checkpoint atomically to
     `out_path` (+ stats json next to it); return the stats. `init_part`: which weights of `init_from`
@@ -339,7 +347,7 @@ def train(
         net.load_state_dict(state_dict_of(init, init_part))
     val_interval = val_interval or default_val_interval(iterations)
     trainer, evaluator = build_engines(net, spec, trn, val, iterations, batch_size, lr, seed, val_interval, patience, progress,
-                                       stop_after, dropout_prob)
+                                       stop_after, dropout_prob, tumour_share)
     start = time.time()
 
     def publish():
@@ -359,7 +367,7 @@ def train(
         stopped_early=trainer.state.iteration < trainer.state.max_epochs * val_interval, subset_dice=subsets,
         train_seconds=round(time.time() - start, 1), version=time.strftime("%Y%m%d-%H%M%S"), spacing=spacing,
         required=list(MINIMUM), optional=optional_sequences(spec.sequences), dropout_prob=dropout_prob,
-        network=shape_name(shape),
+        network=shape_name(shape), tumour_share=tumour_share,
     )
     save_checkpoint(net, spec, stats, out_path, spacing, shape)
     return stats
@@ -438,6 +446,9 @@ def main(argv=None) -> int:
                    help="UNet architecture (parotid.segmentation.networks; default: --init-from's, else half-res)")
     p.add_argument("--dropout-prob", type=float, default=0.5,
                    help="share of training samples lacking sequences (1.0: a model for incomplete studies only)")
+    p.add_argument("--tumour-share", type=float, default=1.0,
+                   help="share of the label-centred training patches (2/3 of all) centred on tumour, the rest on "
+                        "gland (default 1.0: every shipped round's sampling)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     spec = SPECS[a.model]
@@ -453,7 +464,7 @@ def main(argv=None) -> int:
                   seed=a.seed, init_from=a.init_from, val_interval=a.val_interval, patience=a.patience, progress=progress,
                   stop_after=a.stop_after, dropout_prob=a.dropout_prob, init_part=a.init_part,
                   val_fraction=a.val_fraction, max_val_studies=a.max_val_studies,
-                  shape=SHAPES[a.network] if a.network else None)
+                  shape=SHAPES[a.network] if a.network else None, tumour_share=a.tumour_share)
     print(json.dumps(stats, indent=2))
     return 0
 
