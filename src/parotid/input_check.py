@@ -423,9 +423,7 @@ def study_components(study: Study, model_dir: str, label: np.ndarray | None = No
     from parotid.study_cache import study_key
 
     key = (study_key(study), ref, _mtime(ref), segmenter.identity())
-    hit = _components_cache().get(key)
-    if hit is None:
-        hit = _components_cache().put(key, _study_components(study, model_dir, None, segmenter))
+    hit = _components_cache().get_or_compute(key, lambda: _study_components(study, model_dir, None, segmenter))
     return copy.deepcopy(hit[0]), hit[1]
 
 

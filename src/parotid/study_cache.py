@@ -9,7 +9,10 @@ segments, then classifies, then re-classifies with another box the SAME study, s
 * ``read_study_cached(path)``: parsed studies keyed by (real path, modification time in ns, size): a
   replaced or rewritten file is a different key;
 * ``ByteLRU``: a thread-safe LRU bounded by bytes (``PAROTID_STUDY_CACHE_MB``, default 512, for studies;
-  parotid.input_check keeps its study-level components in another one).
+  parotid.input_check keeps its study-level components in another one);
+* ``SingleFlight``: concurrent requests missing the same key compute it once (the others wait for that
+  result). Without it, 4 concurrent first classifications of one study on a cold replica each read the study,
+  ran the whole-study segmentation and the input check: 22 s on 2 cores (tests/test_replicas.py, 2026-12-03).
 
 Cached objects are shared between concurrent requests and must not be modified (nothing does).
 """
@@ -29,6 +32,49 @@ def budget_mib(env: str, default: int) -> int:
     return env_number(env, default, int, 0, "a whole number of MiB")
 
 
+class SingleFlight:
+    """``run(key, compute)``: while a call for `key` is computing, concurrent calls for the same key wait
+    for it and return its result instead of computing it again; if it raised, each waiter computes on its
+    own (and reports its own error). Results are shared and must not be modified (as cached objects).
+    Hand-written: the standard library has no per-key call coalescing (functools.cache does not
+    coalesce concurrent misses and is unbounded)."""
+
+    class _Call:
+        def __init__(self) -> None:
+            self.done = threading.Event()
+            self.value: Any = None
+            self.failed = False
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._calls: dict[Hashable, SingleFlight._Call] = {}
+        self.shared = 0  # calls answered by another call's result (for tests and benchmarks)
+
+    def run(self, key: Hashable, compute: Callable[[], Any]) -> Any:
+        with self._lock:
+            call = self._calls.get(key)
+            leader = call is None
+            if leader:
+                call = self._calls[key] = SingleFlight._Call()
+        if not leader:
+            call.done.wait()
+            if call.failed:
+                return compute()
+            with self._lock:
+                self.shared += 1
+            return call.value
+        try:
+            call.value = compute()
+            return call.value
+        except BaseException:
+            call.failed = True
+            raise
+        finally:
+            with self._lock:
+                del self._calls[key]
+            call.done.set()
+
+
 class ByteLRU:
     """Least-recently-used cache holding at most `max_bytes` (as measured by `size_of` at insertion)."""
 
@@ -37,6 +83,7 @@ class ByteLRU:
         self._items: "OrderedDict[Hashable, tuple[Any, int]]" = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
+        self._flights = SingleFlight()
         self.hits = self.misses = 0
 
     def get(self, key: Hashable) -> Any:
@@ -69,6 +116,20 @@ class ByteLRU:
             self._items.clear()
             self._bytes = 0
 
+    def get_or_compute(self, key: Hashable, compute: Callable[[], Any]) -> Any:
+        """The cached value of `key`, else `compute()` put in the cache; concurrent misses of one key
+        compute it once (``SingleFlight``)."""
+        hit = self.get(key)
+        if hit is not None:
+            return hit
+
+        def once() -> Any:
+            with self._lock:  # a call that finished between our miss and now left its value here
+                done = self._items.get(key)
+            return done[0] if done is not None else self.put(key, compute())
+
+        return self._flights.run(key, once)
+
 
 def study_nbytes(study: Study) -> int:
     img = study.image
@@ -83,10 +144,7 @@ def read_study_cached(path: str, name: str = "study") -> Study:
     """``parotid.study.read_study(path, name)``, reused while the file keeps its path, time and size."""
     st = os.stat(path)
     key = (os.path.realpath(path), st.st_mtime_ns, st.st_size, name)
-    study = _STUDIES.get(key)
-    if study is None:
-        study = _STUDIES.put(key, read_study(path, name=name))
-    return study
+    return _STUDIES.get_or_compute(key, lambda: read_study(path, name=name))
 
 
 def study_key(study: Study) -> str:

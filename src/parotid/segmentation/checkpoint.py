@@ -26,7 +26,7 @@ from parotid.model_space import checkpoint_spacing
 from parotid.segmentation.networks import SEGMENTATION, SPECS, SegModelSpec, build_network, network_shape
 from parotid.segmentation.subset_models import COMPLETE, part_entries, part_for, part_state, parts
 from parotid.study import Study, StudyError
-from parotid.study_cache import study_key
+from parotid.study_cache import SingleFlight, study_key
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +105,7 @@ class StudySegmenter:
         self.checkpoint = HotCheckpoint(path, spec)
         self._labels: "OrderedDict[tuple, np.ndarray]" = OrderedDict()
         self._lock = threading.Lock()
+        self._flights = SingleFlight()  # concurrent first requests for one study segment it once
 
     def identity(self) -> Hashable | None:
         """The checkpoint version served now (None: no checkpoint)."""
@@ -136,6 +137,13 @@ class StudySegmenter:
             if key in self._labels:
                 self._labels.move_to_end(key)
                 return self._labels[key]
-        label, _ = segment_study(ck.network_for(study.sequences)[1], ck.spec, study, ck.spacing)
-        self.remember(ck, study, label)
-        return label
+
+        def run() -> np.ndarray:
+            with self._lock:  # a call that finished between our miss and now left its label here
+                if key in self._labels:
+                    return self._labels[key]
+            label, _ = segment_study(ck.network_for(study.sequences)[1], ck.spec, study, ck.spacing)
+            self.remember(ck, study, label)
+            return label
+
+        return self._flights.run(key, run)
