@@ -178,7 +178,7 @@ def test_extract_then_combine_gives_back_the_same_parts(tmp_path):
 
 def test_the_served_file_runs_complete_studies_at_full_resolution_and_incomplete_ones_at_half():
     """apps/parotid/model/segmentation.pt (docs/model-card-segmentation.md, issue 12 item 7): the complete part is
-    the full-resolution UNet (round j), the incomplete part the half-resolution sequence-dropout weights (round f);
+    the full-resolution UNet (round k), the incomplete part the half-resolution sequence-dropout weights (round f);
     each is rebuilt from its own record, with the training spacing and the sequence needs of the file."""
     ck = torch.load(MODEL, map_location="cpu", weights_only=True)
     assert network_shape(part_entries(ck, COMPLETE)) == FULL_RES
