@@ -2,8 +2,9 @@
 
     python benchmarks/bench_cold_start.py --concurrent 4 --studies 4 --json docs/results/bench_cold_start.json
 
-Starts a real server over a temporary copy of the sample studies (SYNTHETIC). One classification of one
-study loads the checkpoints (not timed as a study). Then, for each of `--studies` other studies, never
+Starts a real server over a temporary copy of the sample studies (SYNTHETIC). First `--concurrent`
+identical classifications of one study on the cold server (a replica that just started, as after a
+failover: the checkpoints are loaded then), timed until the last answer. Then, for each of `--studies` other studies, never
 requested before: `--concurrent` identical classifications sent at once (as a double click, a retry, or
 two radiologists opening the same case), timed until the last answer; and, for as many more studies,
 one classification alone. Each study's first classification reads the study, runs the whole-study
@@ -70,10 +71,9 @@ def main(argv=None) -> int:
         boxes = load_boxes(srv.url)
         if len(boxes) < 1 + 2 * a.studies:
             raise SystemExit(f"need {1 + 2 * a.studies} labelled studies, the sample has {len(boxes)}")
-        t0 = time.perf_counter()
-        assert classify(srv.url, a.model, *boxes[0]) == 200
-        out["first_request_s"] = round(time.perf_counter() - t0, 2)
-        bursts, singles, errors = [], [], []
+        s, codes = burst(srv.url, a.model, *boxes[0], a.concurrent)
+        out["cold_server_burst_s"] = round(s, 2)
+        bursts, singles, errors = [], [], [c for c in codes if c != 200]
         for sid, roi in boxes[1:1 + a.studies]:
             s, codes = burst(srv.url, a.model, sid, roi, a.concurrent)
             bursts.append(s)

@@ -137,3 +137,31 @@ def test_four_concurrent_first_requests_segment_a_study_once(monkeypatch):
     assert len(runs) == 1, f"{len(runs)} segmentations of one study for {THREADS} concurrent requests"
     assert all(x is labels[0] for x in labels) and isinstance(labels[0], np.ndarray)
     assert labels[0].any()
+
+
+def test_four_concurrent_first_classifications_load_the_checkpoint_once(monkeypatch):
+    """The classify infer task (apps/parotid/lib/infers/classify.py) on a cold server: concurrent first
+    requests load the checkpoint once and share the network (before: one load per request)."""
+    import sys
+
+    from conftest import APP
+
+    sys.path.insert(0, str(APP))
+    try:
+        import lib.infers.classify as classify
+    finally:
+        sys.path.remove(str(APP))
+    path = APP / "model" / "classify_malignancy.pt"
+    real, loads = classify.load_checkpoint, []
+
+    def counted(*args, **kwargs):
+        loads.append(threading.get_ident())
+        time.sleep(0.3)  # the others arrive while it loads
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(classify, "load_checkpoint", counted)  # a spy around the real loader
+    task = classify.ClassifyStudy("classify_malignancy", str(path), "benign_malignant")
+    nets = _concurrently(lambda i: task._get_network("cpu", {}))
+    assert not any(isinstance(x, Exception) for x in nets), nets
+    assert len(loads) == 1, f"{len(loads)} loads of one checkpoint for {THREADS} concurrent requests"
+    assert all(x is nets[0] for x in nets)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import threading
 from typing import Any, Dict
 
 from fastapi import HTTPException
@@ -83,6 +84,7 @@ class ClassifyStudy(UsesSegmentation, StudyInferTask):
                            "plain Grad-CAM on request)",
             DEFAULT_SEQS, config={INFO_ROI: [], "label_set": ls.name},  # inputs before a checkpoint exists
         )
+        self._load_lock = threading.Lock()  # concurrent first requests load the checkpoint once
 
     _peek_cache: Dict[str, Any] = {}
 
@@ -147,14 +149,15 @@ class ClassifyStudy(UsesSegmentation, StudyInferTask):
         if not path or not os.path.exists(path):
             raise HTTPException(409, f"model {self.name} is not trained yet (no checkpoint); run /train/{self.name}")
         mtime = os.stat(path).st_mtime
-        cached = self._networks.get(device)
-        if cached and cached[1] == mtime:
-            return cached[0]
-        if cached:
-            logger.info(f"{self.name}: checkpoint changed, reloading")
-        net = load_checkpoint(path)
-        self._networks[device] = (net, mtime)
-        return net
+        with self._load_lock:
+            cached = self._networks.get(device)
+            if cached and cached[1] == mtime:
+                return cached[0]
+            if cached:
+                logger.info(f"{self.name}: checkpoint changed, reloading")
+            net = load_checkpoint(path)
+            self._networks[device] = (net, mtime)
+            return net
 
     def predict(self, network, study: Study, data: Dict[str, Any]):
         model, cfg = network
