@@ -145,3 +145,37 @@ def test_tumour_share_sets_how_many_training_patches_centre_on_tumour():
         on_gland = np.mean([v == GLAND for v in centres])
         assert tumour_lo < on_tumour < tumour_hi, (share, on_tumour)
         assert on_gland > 0.67 * (1 - share) * 0.9, (share, on_gland)  # the rest of the label-centred ones
+
+
+def _drawn_studies(weights, n: int = 400) -> np.ndarray:
+    """Which of 4 toy studies each of `n` training samples came from (the study's index is written in its T2)."""
+    from parotid.labels import GLAND
+    from parotid.segmentation.train import RandomSamples
+
+    t2 = SEGMENTATION.sequences.index("T2")
+    data = []
+    for i in range(4):
+        img = np.zeros((len(SEGMENTATION.sequences), 64, 64, 16), np.float32)
+        img[t2] = 100.0 * (i + 1)
+        lab = np.zeros((64, 64, 16), np.uint8)
+        lab[20:40, 20:40, 4:12] = GLAND
+        data.append((img, lab))
+    samples = RandomSamples(data, SEGMENTATION, n, seed=0, dropout_prob=0.0, study_weights=weights)
+    return np.array([int(round(float(samples[k]["image"][t2].mean()) / 100.0)) - 1 for k in range(n)])
+
+
+def test_class_weights_draw_a_class_more_often():
+    """`--class-weight malignant=2`: a study of that class is drawn twice as often; without weights every study
+    is equally likely (the draw of every shipped round)."""
+    uniform = np.bincount(_drawn_studies(None), minlength=4) / 400
+    weighted = np.bincount(_drawn_studies([1, 1, 1, 3]), minlength=4) / 400
+    assert all(0.18 < f < 0.32 for f in uniform), uniform
+    assert 0.42 < weighted[3] < 0.58 and all(0.10 < f < 0.24 for f in weighted[:3]), weighted
+
+
+def test_an_unknown_class_weight_is_refused(tmp_path):
+    from parotid.segmentation.train import train
+
+    with pytest.raises(ValueError, match="malignent.*no training study has that tumour class"):
+        train(SEGMENTATION, load_cohort(str(SAMPLE)), str(tmp_path / "s.pt"), iterations=1, batch_size=1,
+              class_weights={"malignent": 2.0})

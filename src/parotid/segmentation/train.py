@@ -153,10 +153,15 @@ class RandomSamples(torch.utils.data.Dataset):
     (whole-study model) or a random tumour of a random study under a jittered box (box model)."""
 
     def __init__(self, data, spec: SegModelSpec, length: int, seed: int, dropout_prob: float = 0.5,
-                 tumour_share: float = 1.0):
+                 tumour_share: float = 1.0, study_weights: Sequence[float] | None = None):
         self.data, self.spec, self.length, self.tumour_share = data, spec, length, tumour_share
+        weights = list(study_weights) if study_weights is not None else None
         if spec.box_prompted:
-            self.data = [(img, lab) for img, lab in data if (lab == TUMOR).any()]
+            keep = [i for i, (_img, lab) in enumerate(data) if (lab == TUMOR).any()]
+            self.data = [data[i] for i in keep]
+            weights = [weights[i] for i in keep] if weights is not None else None
+        # None: every study equally likely (the draw of every shipped round); else proportional to its weight
+        self.p = np.asarray(weights, float) / float(np.sum(weights)) if weights is not None else None
         self.rng = np.random.default_rng(seed)
         self.transform = augmentation(spec, dropout_prob)
         self.transform.set_random_state(seed)
@@ -165,7 +170,8 @@ class RandomSamples(torch.utils.data.Dataset):
         return self.length
 
     def __getitem__(self, i: int) -> dict:
-        img, lab = self.data[self.rng.integers(len(self.data))]
+        pick = self.rng.integers(len(self.data)) if self.p is None else self.rng.choice(len(self.data), p=self.p)
+        img, lab = self.data[pick]
         if self.spec.box_prompted:
             comps = _tumour_components(lab == TUMOR)
             roi = _jitter_box(roi_from_mask(comps[self.rng.integers(len(comps))]), lab.shape, self.rng)
@@ -241,12 +247,14 @@ def _loader(samples, batch_size: int) -> torch.utils.data.DataLoader:
 
 def build_engines(net, spec: SegModelSpec, trn, val, iterations: int, batch_size: int, lr: float, seed: int,
                   val_interval: int, patience: int, progress: Callable[[int, float], None] | None = None,
-                  stop_after: int | None = None, dropout_prob: float = 0.5, tumour_share: float = 1.0):
+                  stop_after: int | None = None, dropout_prob: float = 0.5, tumour_share: float = 1.0,
+                  study_weights: Sequence[float] | None = None):
     """(trainer, evaluator): one trainer 'epoch' is `val_interval` iterations, then a validation.
     `stop_after`: stop after that many iterations (rounded up to a validation), the learning-rate
     schedule still planned for `iterations`. `dropout_prob`: share of training samples lacking sequences
     (0: complete studies only, 1: incomplete ones only; validated likewise). `tumour_share`: share of the
-    label-centred patches (2/3 of all) centred on tumour rather than gland (`_random_patch`)."""
+    label-centred patches (2/3 of all) centred on tumour rather than gland (`_random_patch`). `study_weights`:
+    how often each training study is drawn, relative to the others (None: uniformly)."""
     device = torch.device("cpu")
     n_classes = spec.out_channels
     post = Compose([AsDiscreted("pred", argmax=True, to_onehot=n_classes), AsDiscreted("label", to_onehot=n_classes)])
@@ -262,7 +270,7 @@ def build_engines(net, spec: SegModelSpec, trn, val, iterations: int, batch_size
     trainer = SupervisedTrainer(
         device=device, max_epochs=min(epochs, -(-stop_after // val_interval)) if stop_after else epochs,
         epoch_length=val_interval,
-        train_data_loader=_loader(RandomSamples(trn, spec, epochs * val_interval * batch_size, seed, dropout_prob, tumour_share), batch_size),
+        train_data_loader=_loader(RandomSamples(trn, spec, epochs * val_interval * batch_size, seed, dropout_prob, tumour_share, study_weights), batch_size),
         network=net, optimizer=opt, loss_function=DiceCELoss(to_onehot_y=True, softmax=True),
         train_handlers=[LrScheduleHandler(sched, print_lr=False, epoch_level=False),
                         ValidationHandler(validator=evaluator, interval=1, epoch_level=True)],
@@ -321,11 +329,14 @@ def train(
     init_part: str = COMPLETE,
     shape: UNetShape | None = None,
     tumour_share: float = 1.0,
+    class_weights: dict[str, float] | None = None,
 ) -> dict:
     """Train `spec` on `items` (held-out studies excluded); write the best checkpoint atomically to
     `out_path` (+ stats json next to it); return the stats. `init_part`: which weights of `init_from`
     to start from (parotid.segmentation.subset_models). `shape`: the architecture (default: that of the
-    weights fine-tuned from, else ``spec.shape``; weights of the same shapes initialise another one)."""
+    weights fine-tuned from, else ``spec.shape``; weights of the same shapes initialise another one).
+    `class_weights`: tumour class -> how often its studies are drawn for training relative to the others
+    (absent classes: 1)."""
     set_determinism(seed)
     rng = np.random.default_rng(seed)
     n_items = len(items)
@@ -339,6 +350,14 @@ def train(
     order = rng.permutation(len(data))
     val = [data[i] for i in order[:n_val]]
     trn = [data[i] for i in order[n_val:]]
+    study_weights = None
+    if class_weights:
+        cls = {it.study_id: it.tumor_class for it in items}
+        unknown = sorted(set(class_weights) - set(cls.values()))
+        if unknown:
+            raise ValueError(f"class weights for {unknown}: no training study has that tumour class "
+                             f"(the cohorts have {sorted(set(cls.values()))})")
+        study_weights = [float(class_weights.get(cls.get(ids[i]), 1.0)) for i in order[n_val:]]
 
     init = torch.load(init_from, map_location="cpu", weights_only=True) if init_from and os.path.exists(init_from) else None
     shape = shape or (network_shape(part_entries(init, init_part)) if init is not None else spec.shape)
@@ -347,7 +366,7 @@ def train(
         net.load_state_dict(state_dict_of(init, init_part))
     val_interval = val_interval or default_val_interval(iterations)
     trainer, evaluator = build_engines(net, spec, trn, val, iterations, batch_size, lr, seed, val_interval, patience, progress,
-                                       stop_after, dropout_prob, tumour_share)
+                                       stop_after, dropout_prob, tumour_share, study_weights)
     start = time.time()
 
     def publish():
@@ -367,7 +386,7 @@ def train(
         stopped_early=trainer.state.iteration < trainer.state.max_epochs * val_interval, subset_dice=subsets,
         train_seconds=round(time.time() - start, 1), version=time.strftime("%Y%m%d-%H%M%S"), spacing=spacing,
         required=list(MINIMUM), optional=optional_sequences(spec.sequences), dropout_prob=dropout_prob,
-        network=shape_name(shape), tumour_share=tumour_share,
+        network=shape_name(shape), tumour_share=tumour_share, class_weights=dict(class_weights or {}),
     )
     save_checkpoint(net, spec, stats, out_path, spacing, shape)
     return stats
@@ -449,7 +468,18 @@ def main(argv=None) -> int:
     p.add_argument("--tumour-share", type=float, default=1.0,
                    help="share of the label-centred training patches (2/3 of all) centred on tumour, the rest on "
                         "gland (default 1.0: every shipped round's sampling)")
+    p.add_argument("--class-weight", action="append", default=[], metavar="CLASS=W",
+                   help="draw training studies of this tumour class W times as often (repeatable; e.g. malignant=2)")
     a = p.parse_args(argv)
+    class_weights = {}
+    for cw in a.class_weight:
+        name, _, w = cw.partition("=")
+        try:
+            class_weights[name] = float(w)
+        except ValueError:
+            p.error(f"--class-weight {cw!r}: expected CLASS=NUMBER, e.g. malignant=2")
+        if not class_weights[name] > 0:
+            p.error(f"--class-weight {cw!r}: the weight must be > 0")
     torch.set_num_threads(a.threads)
     spec = SPECS[a.model]
     items = [it for folder in a.cohort for it in load_cohort(folder)]
@@ -464,7 +494,8 @@ def main(argv=None) -> int:
                   seed=a.seed, init_from=a.init_from, val_interval=a.val_interval, patience=a.patience, progress=progress,
                   stop_after=a.stop_after, dropout_prob=a.dropout_prob, init_part=a.init_part,
                   val_fraction=a.val_fraction, max_val_studies=a.max_val_studies,
-                  shape=SHAPES[a.network] if a.network else None, tumour_share=a.tumour_share)
+                  shape=SHAPES[a.network] if a.network else None, tumour_share=a.tumour_share,
+                  class_weights=class_weights or None)
     print(json.dumps(stats, indent=2))
     return 0
 
