@@ -11,8 +11,9 @@ segments, then classifies, then re-classifies with another box the SAME study, s
 * ``ByteLRU``: a thread-safe LRU bounded by bytes (``PAROTID_STUDY_CACHE_MB``, default 512, for studies;
   parotid.input_check keeps its study-level components in another one);
 * ``SingleFlight``: concurrent requests missing the same key compute it once (the others wait for that
-  result). Without it, 4 concurrent first classifications of one study on a cold replica each read the study,
-  ran the whole-study segmentation and the input check: 22 s on 2 cores (tests/test_replicas.py, 2026-12-03).
+  result). Without it (and without the classify task's load lock), 4 concurrent first classifications of one
+  study each read the study, ran the whole-study segmentation and the input check, and on a cold server loaded
+  the classifier: 11.2 s on idle 2 cores, 5.7 s with it (benchmarks/bench_cold_start.py, docs/benchmarks.md).
 
 Cached objects are shared between concurrent requests and must not be modified (nothing does).
 """
