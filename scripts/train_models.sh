@@ -58,6 +58,8 @@ seg --cohort "$DATA/s41" "$DATA/s31" "$DATA/s32" "$DATA/s33" "$DATA/s34" "$DATA/
 # Dice 0.8937 at the last validation vs round j's 0.8910; chosen by the rule in docs/results/seg_round_k_rule.txt)
 seg --cohort "$DATA/s41" "$DATA/s31" "$DATA/s32" "$DATA/s33" "$DATA/s34" "$DATA/s42" --model segmentation \
   --iterations 3000 --lr 3e-4 --seed 5 --val-interval 500 --patience 3 --dropout-prob 0 --max-val-studies 40 --init-from "$W/j/segmentation.pt" --out "$W/k"
+# Tried 2026-12-03, NOT shipped: round m = the round k line with --class-weight malignant=2 (1794 s; best val 0.8949,
+# +0.0012 over round k, under the +0.002 rule of docs/results/seg_round_m_rule.txt; held-out malignant Dice 0.733 vs 0.731).
 # one file: round k serves complete studies, round f studies lacking any optional sequence; then the input check's
 # anatomy reference (from the segmentation's label maps, cohorts 101 and 202) is refitted (measured: 232 s)
 $PY -m parotid.segmentation.subset_models combine --complete "$W/k/segmentation.pt" --incomplete "$W/f/segmentation.pt" --out "$OUT/segmentation.pt"
