@@ -31,27 +31,61 @@ def study_input(study: Study, spec: SegModelSpec) -> np.ndarray:
     return out
 
 
+# Test-time mirroring of the whole-study segmentation: class probabilities averaged over the study and its
+# left-right mirror (`mirror_flips`), as nnU-Net's mirroring but only along the one axis whose mirror is still an
+# anatomy (paired parotids); the networks were trained without flips. Chosen on validation, amended after the
+# held-out cohorts showed the anterior-posterior flip losing a tumour, confirmed on fresh cohorts:
+# docs/results/seg_tta_rule.txt. Fixed flips, not monai.data.TestTimeAugmentation, which draws random
+# transforms (a served label must not change between runs). Training validation stays single-pass
+# (`SINGLE_PASS`), so rounds stay comparable with earlier ones.
+Flips = Sequence[tuple[int, ...]]  # torch dims of a (1, C, I, J, K) input to flip; () = as it is
+SINGLE_PASS: tuple[tuple[int, ...], ...] = ((),)
+# the active-learning score's flips: the study and its 3 in-plane flips (the score's validation used these)
+UNCERTAINTY_FLIPS: tuple[tuple[int, ...], ...] = ((), (2,), (3,), (2, 3))
+
+
+def left_right_axis(study: Study) -> int:
+    """The array axis (0 = I, 1 = J, 2 = K) closest to the patient's left-right direction (x of LPS)."""
+    direction = np.asarray(study.reference.GetDirection(), float).reshape(3, 3)  # column a = axis a
+    return int(np.argmax(np.abs(direction[0])))
+
+
+def mirror_flips(study: Study) -> tuple[tuple[int, ...], ...]:
+    """The served test-time flips of `study`: as it is, and mirrored left-right."""
+    return ((), (2 + left_right_axis(study),))
+
+
 @torch.no_grad()
-def _logits(net: torch.nn.Module, spec: SegModelSpec, image: np.ndarray) -> torch.Tensor:
+def flip_probabilities(net: torch.nn.Module, spec: SegModelSpec, image: np.ndarray, flips: Flips) -> torch.Tensor:
+    """Class probabilities (T, C, I, J, K) of the normalised (C, I, J, K) `image`, one per flip in `flips`,
+    each mapped back to the unflipped grid."""
     inferer = SlidingWindowInferer(roi_size=spec.patch, sw_batch_size=2, overlap=0.25, mode="gaussian")
-    return inferer(torch.from_numpy(image)[None], net)[0]
+    x = torch.from_numpy(image)[None]
+    probs = []
+    for dims in flips:
+        p = torch.softmax(inferer(torch.flip(x, dims) if dims else x, net), 1)
+        probs.append(torch.flip(p, dims) if dims else p)
+    return torch.cat(probs)
 
 
-def segment(net: torch.nn.Module, spec: SegModelSpec, image: np.ndarray) -> np.ndarray:
-    """Whole-study gland + tumour label map (I, J, K) uint8 from a normalised (C, I, J, K) array."""
-    label = _logits(net, spec, image).argmax(0).numpy().astype(np.uint8)
+def segment(net: torch.nn.Module, spec: SegModelSpec, image: np.ndarray, flips: Flips = SINGLE_PASS) -> np.ndarray:
+    """Gland + tumour label map (I, J, K) uint8 of a normalised (C, I, J, K) array, probabilities averaged
+    over `flips` (an array has no orientation: the served mirroring needs the study, `segment_study`)."""
+    label = flip_probabilities(net, spec, image, flips).mean(0).argmax(0).numpy().astype(np.uint8)
     return clean_label(label)
 
 
-def segment_study(net: torch.nn.Module, spec: SegModelSpec, study: Study,
-                  spacing: Sequence[float] | None) -> tuple[np.ndarray, ModelSpace]:
-    """Label map on the STUDY grid: the model runs at its training `spacing` (parotid.model_space);
-    class probabilities come back linearly and are argmax-ed on the study grid."""
+def segment_study(net: torch.nn.Module, spec: SegModelSpec, study: Study, spacing: Sequence[float] | None,
+                  flips: Flips | None = None) -> tuple[np.ndarray, ModelSpace]:
+    """Label map on the STUDY grid, as served: the model runs at its training `spacing` (parotid.model_space)
+    on the study and its left-right mirror (`flips=None`; `SINGLE_PASS` for one pass); class probabilities
+    come back linearly and are argmax-ed on the study grid."""
     space = to_model_space(study, spacing)
+    flips = mirror_flips(space.model_study) if flips is None else flips
     image = study_input(space.model_study, spec)
     if not space.resampled:
-        return segment(net, spec, image), space
-    probs = space.values_to_study(torch.softmax(_logits(net, spec, image), 0).numpy())
+        return segment(net, spec, image, flips), space
+    probs = space.values_to_study(flip_probabilities(net, spec, image, flips).mean(0).numpy())
     label = probs.argmax(0).astype(np.uint8)
     return clean_label(label, min_voxels=max(1, int(round(20 * space.voxel_ratio())))), space
 
@@ -103,9 +137,10 @@ class FlipUncertainty:
 
 
 @torch.no_grad()
-def segment_with_uncertainty(net: torch.nn.Module, spec: SegModelSpec,
-                             image: np.ndarray) -> tuple[np.ndarray, FlipUncertainty]:
-    """Label map plus test-time-augmentation uncertainties over 4 in-plane flips (`FlipUncertainty`).
+def segment_with_uncertainty(net: torch.nn.Module, spec: SegModelSpec, image: np.ndarray,
+                             served_flips: Flips = SINGLE_PASS) -> tuple[np.ndarray, FlipUncertainty]:
+    """Label map (averaged over `served_flips`: pass `mirror_flips(study)` for the served label) plus the
+    disagreement of the 4 `UNCERTAINTY_FLIPS` (`FlipUncertainty`).
 
     The tumour score exists because the foreground score is dominated by the gland, the larger
     structure: on 102 held-out SYNTHETIC studies (seeds 521-525, served checkpoint) Spearman's rho with
@@ -115,16 +150,12 @@ def segment_with_uncertainty(net: torch.nn.Module, spec: SegModelSpec,
     Not ``monai.data.TestTimeAugmentation``: it needs random transforms and draws `num_examples` of them,
     so the score (stored per study for active learning) would become random instead of these 4 fixed
     flips; MONAI Label's ``EpistemicScoring`` is a different measure (dropout samples of the network)."""
-    inferer = SlidingWindowInferer(roi_size=spec.patch, sw_batch_size=2, overlap=0.25, mode="gaussian")
-    x = torch.from_numpy(image)[None]
-    probs = []
-    for dims in ((), (2,), (3,), (2, 3)):
-        xi = torch.flip(x, dims) if dims else x
-        p = torch.softmax(inferer(xi, net), 1)
-        probs.append(torch.flip(p, dims) if dims else p)
-    stack = torch.stack(probs)[:, 0]  # (T, C, I, J, K)
-    mean = stack.mean(0)
-    label = clean_label(mean.argmax(0).numpy().astype(np.uint8))
+    stack = flip_probabilities(net, spec, image, UNCERTAINTY_FLIPS)  # (T, C, I, J, K)
+    extra = [f for f in served_flips if f not in UNCERTAINTY_FLIPS]  # e.g. a left-right axis K
+    served = [stack[UNCERTAINTY_FLIPS.index(f)] for f in served_flips if f in UNCERTAINTY_FLIPS]
+    if extra:
+        served += list(flip_probabilities(net, spec, image, extra))
+    label = clean_label(torch.stack(served).mean(0).argmax(0).numpy().astype(np.uint8))
     fg, tumour = label > 0, label == TUMOR
     var = stack.var(0).sum(0).numpy()
     return label, FlipUncertainty(foreground=float(var[fg].mean()) if fg.any() else 0.0,

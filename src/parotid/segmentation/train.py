@@ -41,7 +41,7 @@ from tqdm import tqdm
 from parotid.cohort import CohortItem, is_holdout, load_cohort
 from parotid.labels import GLAND, TUMOR
 from parotid.model_space import SPACING_KEY, checkpoint_spacing, file_spacing, label_to_model, to_model_space, training_spacing
-from parotid.segmentation.inference import box_input, box_region, contour_in_box, dice, segment, study_input
+from parotid.segmentation.inference import SINGLE_PASS, box_input, box_region, contour_in_box, dice, segment, study_input
 from parotid.segmentation.networks import NETWORK_KEY, SHAPES, SPECS, SegModelSpec, UNetShape, build_network, network_shape, shape_name
 from parotid.segmentation.sequence_dropout import MINIMUM, SUBSETS, RandSequenceDropoutd, missing_in, optional_sequences
 from parotid.segmentation.subset_models import COMPLETE, INCOMPLETE, SUBSET_MODELS, combine, part_entries, parts, state_dict_of
@@ -226,7 +226,7 @@ def evaluate(net, spec: SegModelSpec, data) -> dict:
             pred = contour_in_box(net, spec, img, roi)
             tumour.append(dice(pred == TUMOR, truth))
         else:
-            pred = segment(net, spec, img)
+            pred = segment(net, spec, img, SINGLE_PASS)  # checkpoint selection: single pass (served: + left-right mirror)
             gland.append(dice(pred == GLAND, lab == GLAND))
             tumour.append(dice(pred == TUMOR, lab == TUMOR))
     out = {"dice_tumor": float(np.mean(tumour)) if tumour else None, "n": len(tumour)}

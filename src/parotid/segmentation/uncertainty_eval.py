@@ -31,7 +31,7 @@ from sklearn.metrics import roc_auc_score
 from parotid.cohort import load_cohort
 from parotid.labels import GLAND, TUMOR
 from parotid.model_space import label_to_model, to_model_space
-from parotid.segmentation.inference import dice, segment_with_uncertainty, study_input
+from parotid.segmentation.inference import dice, mirror_flips, segment_with_uncertainty, study_input
 from parotid.segmentation.subset_eval import load_checkpoint
 from parotid.study import read_label_map, read_study
 
@@ -53,7 +53,7 @@ def score_cohorts(cohorts: list[str], checkpoints: list[str], limit: int | None 
             space = to_model_space(study, ck.spacing)
             truth = label_to_model(reference, space)
             label, flips = segment_with_uncertainty(ck.network_for(study.sequences)[1], spec,
-                                                    study_input(space.model_study, spec))
+                                                    study_input(space.model_study, spec), mirror_flips(space.model_study))
             rows[path].append({"study": it.study_id, "seg_tta_variance": flips.foreground,
                                "seg_tumour_tta_variance": flips.tumour,
                                "dice_tumor": dice(label == TUMOR, truth == TUMOR),

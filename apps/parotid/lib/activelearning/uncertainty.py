@@ -34,7 +34,7 @@ from monailabel.interfaces.tasks.strategy import Strategy
 from lib.activelearning.strategies import ScoreRanked
 from parotid.model_space import to_model_space
 from parotid.segmentation.checkpoint import load_segmentation
-from parotid.segmentation.inference import segment_with_uncertainty, study_input, tumour_roi
+from parotid.segmentation.inference import mirror_flips, segment_with_uncertainty, study_input, tumour_roi
 from parotid.segmentation.networks import SEGMENTATION
 from parotid.study import StudyError, read_study
 
@@ -47,7 +47,8 @@ def score_study(study, seg_net, cls_model=None, cls_cfg=None, seg_spacing=None) 
     segmentation model runs at its training spacing (parotid.model_space); the box goes back to the
     study grid for the classifier, which resamples on its own."""
     space = to_model_space(study, seg_spacing)
-    label, flips = segment_with_uncertainty(seg_net, SEGMENTATION, study_input(space.model_study, SEGMENTATION))
+    label, flips = segment_with_uncertainty(seg_net, SEGMENTATION, study_input(space.model_study, SEGMENTATION),
+                                            mirror_flips(space.model_study))  # the served label
     scores: Dict[str, float] = {"seg_tta_variance": flips.foreground, "seg_tumour_tta_variance": flips.tumour}
     roi = space.roi_to_study(tumour_roi(label))
     if cls_model is None or roi is None:
