@@ -31,8 +31,8 @@ from parotid.classification.predict import classify
 from parotid.classification.checkpoint import load_checkpoint
 from parotid.model_space import (SPACING_RTOL, checkpoint_spacing, map_roi, model_grid, needs_resampling,
                                  stamp_spacing)
-from parotid.segmentation.inference import (contour_in_box, contour_study, dice, segment, segment_study,
-                                            study_input)
+from parotid.segmentation.inference import (contour_in_box, contour_study, dice, mirror_flips, segment,
+                                            segment_study, study_input)
 from parotid.segmentation.networks import CONTOUR_BOX, SEGMENTATION, build_network, network_shape
 from parotid.study import Study, StudyError, read_study, write_study
 
@@ -119,7 +119,8 @@ def test_at_training_spacing_nothing_is_resampled_and_results_are_bit_identical(
     net, sp = _net(SEGMENTATION, "segmentation")
     label, space = segment_study(net, SEGMENTATION, study, sp)
     assert space.params == {"model_spacing": TRAINED_AT, "resampled": False} and space.model_study is study
-    assert np.array_equal(label, segment(net, SEGMENTATION, study_input(study, SEGMENTATION)))  # voxel-space path
+    # the voxel-space path, with the same served left-right mirroring
+    assert np.array_equal(label, segment(net, SEGMENTATION, study_input(study, SEGMENTATION), mirror_flips(study)))
     box, bsp = _net(CONTOUR_BOX, "contour_box")
     label, space = contour_study(box, CONTOUR_BOX, study, roi, bsp)
     assert not space.resampled
