@@ -69,3 +69,24 @@ def test_two_gloo_processes_match_one_process_on_the_global_batch(tmp_path):
         ranks = [torch.load(tmp_path / f"rank{r}_{one_step}.pt") for r in (0, 1)]
         _assert_matches(ranks, train_both_stages(cs, one_step=one_step), cs, rtol,
                         "one step" if one_step else "2 epochs")
+
+
+def test_more_training_processes_than_gpus_are_refused_before_anything_starts(monkeypatch):
+    """nccl needs a GPU per process (NCCL refused two ranks on one H200: docs/results/ddp_gpu_h200.json).
+    No GPU here: torch.cuda.is_available / device_count are replaced to describe a one-GPU machine (the only
+    stand-in); the CLI itself is real and must refuse before reading the cohort or spawning a process."""
+    from parotid.classification import train
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for env, argv in (({}, ["--nproc", "2"]), ({"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "LOCAL_RANK": "0"}, [])):
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        with pytest.raises(SystemExit) as e:
+            train.main(["--cohort", "/nonexistent/cohort", *argv])
+        assert "2 training processes need 2 GPUs" in str(e.value) and "this machine has 1" in str(e.value), e.value
+        for k in env:
+            monkeypatch.delenv(k)
+    train.check_processes_fit_gpus(1)  # good twins: one process per GPU, and gloo on the CPU with 2 processes
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    train.check_processes_fit_gpus(2)

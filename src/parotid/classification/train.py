@@ -32,6 +32,17 @@ def _backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+def check_processes_fit_gpus(nproc: int) -> None:
+    """Under nccl every process needs a GPU of its own: NCCL refuses two ranks on one device ("Duplicate GPU
+    detected", seen on a one-GPU H200 machine; docs/model-card-classification.md), and a rank beyond the
+    last GPU fails in torch.cuda.set_device. Say so before any process starts."""
+    gpus = torch.cuda.device_count()
+    if _backend() == "nccl" and nproc > gpus:
+        raise SystemExit(f"{nproc} training processes need {nproc} GPUs (nccl, one GPU per process), "
+                         f"but this machine has {gpus}: use --nproc {gpus} (torchrun: --nproc-per-node {gpus}), "
+                         f"or train on the CPU (gloo) with CUDA_VISIBLE_DEVICES=\"\".")
+
+
 def _train_tasks(a) -> None:
     """Train every task of the parsed CLI arguments `a`; under DDP only rank 0 writes."""
     rank, size = engine.world()
@@ -100,6 +111,7 @@ def main(argv=None):
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun: env:// rendezvous
         import torch.distributed as dist
 
+        check_processes_fit_gpus(int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])))
         if _backend() == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(_backend(), init_method="env://")
@@ -110,6 +122,7 @@ def main(argv=None):
     elif a.nproc > 1:
         import tempfile
 
+        check_processes_fit_gpus(a.nproc)
         import torch.multiprocessing as mp
 
         with tempfile.TemporaryDirectory() as d:  # file:// rendezvous, as MONAI Label's multi_gpu on Windows
