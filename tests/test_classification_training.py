@@ -148,3 +148,23 @@ def test_refit_calibration_on_unseen_cohort_keeps_weights(tmp_path_factory):
     assert load_checkpoint(out)[1]["temperature"] == c["temperature"]
     with pytest.raises(ValueError, match="were trained on"):
         refit_checkpoint(ck, train_dir, str(d / "bad.pt"))
+
+
+def test_stage2_learning_rate_reaches_the_optimizer_and_the_record(toy_cs, monkeypatch):
+    """`lr2` (train.py --lr2; Liu et al.'s stage 2 uses 1e-5, ours DEFAULT_STAGE2_LR) is the stage-2 head's
+    learning rate: the real AdamW is wrapped to record what it is given; stage 2 is the last optimizer built."""
+    from parotid.classification.defaults import DEFAULT_STAGE2_LR
+
+    seen = []
+    real = torch.optim.AdamW
+
+    def recording(params, lr, **kw):
+        seen.append(lr)
+        return real(params, lr=lr, **kw)
+
+    monkeypatch.setattr(torch.optim, "AdamW", recording)
+    for lr2 in (3e-4, DEFAULT_STAGE2_LR):
+        seen.clear()
+        _, cfg = _train(toy_cs, lr2=lr2)
+        assert seen[-1] == lr2 and cfg["trained"]["lr_stage2"] == lr2
+    assert DEFAULT_STAGE2_LR == 1e-3  # the shipped checkpoints' setting (their config predates the record)

@@ -12,6 +12,10 @@ DEFAULT_SEQS = CLASSIFIER_SEQUENCES
 DEFAULT_FUSION = "spl"
 DEFAULT_REQUIRED = MINIMUM_SEQUENCES  # the others may be missing: their branches drop out (late) / zero channels (early)
 DEFAULT_BRANCH_DROPOUT = 0.5  # stage 2 also sees the training studies with optional branches removed
+# Stage 2 (the sequence head over frozen slice features): AdamW at this learning rate, weight decay 1e-4.
+# Liu et al. use Adam at 1e-5 for stage 2 (and 1e-4 for stage 1; ours: AdamW one-cycle 1e-3); measured
+# against theirs in docs/results/stage2_lr.md.
+DEFAULT_STAGE2_LR = 1e-3
 TASK_LABEL_SETS = {"classify_subtype": "subtype4", "classify_malignancy": "benign_malignant"}
 # The training settings of the shipped checkpoints (``task_model.train_task_model``'s defaults, the recipe of
 # scripts/train_models.sh): what ``parotid-eval cv --server-settings`` cross-validates.

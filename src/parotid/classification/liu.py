@@ -9,6 +9,7 @@ import torch
 
 from . import engine
 from .data import CropSet
+from .defaults import DEFAULT_STAGE2_LR
 from .missing import cropset_presence, dropout_masks
 from .models import ImageNet, SequenceModel
 
@@ -74,7 +75,7 @@ def slice_outputs(net: ImageNet, cs: CropSet, idx, channels: list[int], flip: bo
 
 # --------------------------------------------------------------------------- stage 2 (sequence network)
 def train_sequence_head(model: SequenceModel, feats: torch.Tensor, y: np.ndarray, clinical: torch.Tensor | None = None,
-                        epochs: int = 60, lr: float = 1e-3, seed: int = 0, batch: int = 32,
+                        epochs: int = 60, lr: float = DEFAULT_STAGE2_LR, seed: int = 0, batch: int = 32,
                         val_feats: torch.Tensor | None = None, val_y: np.ndarray | None = None,
                         val_clinical: torch.Tensor | None = None, patience: int = 0,
                         stats: dict | None = None, optimizer_fn=None) -> SequenceModel:
@@ -135,7 +136,8 @@ def patient_split(idx, y: np.ndarray, frac: float, seed: int) -> tuple[np.ndarra
 def fit_sequence_model(cs: CropSet, train_idx, label_set, groups: list[list[str]], fusion: str = "spl",
                        epochs1: int = 12, epochs2: int = 60, seed: int = 0, clinical: bool = False,
                        l2_alpha: float | None = None, nets: dict | None = None, val_frac: float = 0.0, desc="",
-                       optional: tuple = (), branch_dropout: float = 0.0, patience1: int = 4, patience2: int = 15):
+                       optional: tuple = (), branch_dropout: float = 0.0, patience1: int = 4, patience2: int = 15,
+                       lr2: float = DEFAULT_STAGE2_LR):
     """Two-stage training. `nets` caches stage-1 image networks by group (for ablations: the late-fusion
     branches ARE the single-sequence image networks). Returns (model, info). With `val_frac` > 0 a
     stratified part of `train_idx` is the validation set of both stages (best-epoch weights, early
@@ -180,7 +182,7 @@ def fit_sequence_model(cs: CropSet, train_idx, label_set, groups: list[list[str]
     vf = (sequence_features(model, branch_nets, cs, val_idx, chans, present=cropset_presence(cs, groups, val_idx))
           if len(val_idx) else None)
     train_sequence_head(model, torch.cat(feats), np.concatenate([y_all[fit_idx]] * len(copies)),
-                        None if clin is None else torch.cat([clin] * len(copies)), epochs2, seed=seed,
+                        None if clin is None else torch.cat([clin] * len(copies)), epochs2, lr=lr2, seed=seed,
                         val_feats=vf, val_y=y_all[val_idx], patience=patience2, stats=stats["stage2"],
                         val_clinical=torch.from_numpy(cs.clinical[val_idx]) if clinical and len(val_idx) else None)
     stats["stage2"]["study_ids"] = {"train": [str(cs.study_ids[i]) for i in fit_idx],

@@ -14,7 +14,7 @@ from parotid.labels import get_label_set
 from parotid.model_space import SPACING_KEY, file_spacing, training_spacing
 
 from .data import CropSet
-from .defaults import DEFAULT_BRANCH_DROPOUT, DEFAULT_FUSION, DEFAULT_REQUIRED, DEFAULT_SEQS
+from .defaults import DEFAULT_BRANCH_DROPOUT, DEFAULT_FUSION, DEFAULT_REQUIRED, DEFAULT_SEQS, DEFAULT_STAGE2_LR
 from .liu import fit_sequence_model, patient_split
 from .missing import cropset_presence
 from .models import SequenceModel, branch_combiner
@@ -24,7 +24,8 @@ def train_task_model(cs: CropSet, label_set_name: str, seqs=DEFAULT_SEQS, fusion
                      epochs1: int = 12, epochs2: int = 60, seed: int = 0, val_frac: float = 0.2, desc="",
                      required=DEFAULT_REQUIRED, spacing=None, holdout: CropSet | None = None,
                      cal_frac: float = 0.2, patience1: int = 4, patience2: int = 15,
-                     branch_dropout: float = DEFAULT_BRANCH_DROPOUT) -> tuple[SequenceModel, dict]:
+                     branch_dropout: float = DEFAULT_BRANCH_DROPOUT,
+                     lr2: float = DEFAULT_STAGE2_LR) -> tuple[SequenceModel, dict]:
     """The server model: Liu's sequence model (late 'spl' fusion with one branch per sequence by default,
     'add', or 'early' fusion of `seqs` as channels) + temperature + MC-dropout settings. Studies need the
     `required` sequences; the others may be missing (missing.py). `spacing`: the training studies'
@@ -62,7 +63,8 @@ def train_task_model(cs: CropSet, label_set_name: str, seqs=DEFAULT_SEQS, fusion
     t0 = time.time()
     model, info = fit_sequence_model(cs, train_idx, ls, groups, branch_combiner(fusion), epochs1, epochs2,
                                      seed, val_frac=val_frac, desc=desc, patience1=patience1, patience2=patience2,
-                                     optional=tuple(q for q in seqs if q not in required), branch_dropout=branch_dropout)
+                                     optional=tuple(q for q in seqs if q not in required), branch_dropout=branch_dropout,
+                                     lr2=lr2)
     stats = info["stats"]
     split = {"stage1": sorted({i for st in stats["stage1"].values() for i in st.pop("study_ids")["train"]}),
              "stage2": stats["stage2"].pop("study_ids")["train"],
@@ -85,7 +87,8 @@ def train_task_model(cs: CropSet, label_set_name: str, seqs=DEFAULT_SEQS, fusion
            "temperature": cal["temperature"], "version": __version__, "branch_dropout": branch_dropout, "uncertainty": cal["uncertainty"],
            "calibration": cal["calibration"],
            "trained": {"n_train": len(info["fit_idx"]), "n_val": len(info["val_idx"]), "n_calibration": len(split["calibration"]),
-                       "class_counts": counts, "epochs_stage1": epochs1, "epochs_stage2": epochs2, "seed": seed,
+                       "class_counts": counts, "epochs_stage1": epochs1, "epochs_stage2": epochs2, "lr_stage2": lr2,
+                       "seed": seed,
                        "seconds": round(time.time() - t0, 1), "synthetic": True, "engine": "monai.engines.SupervisedTrainer",
                        "world_size": int(s2.get("world_size", 1)),
                        # MONAI Label's train stats (stage 2 = the served head), per stage below

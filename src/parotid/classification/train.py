@@ -24,7 +24,8 @@ from .checkpoint import save_checkpoint
 from parotid.cohort import load_classification_cohort
 
 from .data import build_cropset
-from .defaults import DEFAULT_BRANCH_DROPOUT, DEFAULT_FUSION, DEFAULT_REQUIRED, DEFAULT_SEQS, TASK_LABEL_SETS
+from .defaults import (DEFAULT_BRANCH_DROPOUT, DEFAULT_FUSION, DEFAULT_REQUIRED, DEFAULT_SEQS, DEFAULT_STAGE2_LR,
+                       TASK_LABEL_SETS)
 from .task_model import cohort_spacing, train_task_model
 
 
@@ -56,7 +57,7 @@ def _train_tasks(a) -> None:
         model, cfg = train_task_model(cs, ls, a.sequences, a.fusion, a.epochs1, a.epochs2, a.seed, a.val_frac, desc=task,
                                       required=a.required, spacing=spacing, holdout=holdout, cal_frac=a.cal_frac,
                                       patience1=a.patience1, patience2=a.patience2,
-                                      branch_dropout=a.branch_dropout)
+                                      branch_dropout=a.branch_dropout, lr2=a.lr2)
         if rank != 0:
             continue
         cfg["task"] = task
@@ -96,6 +97,8 @@ def main(argv=None):
                     help="late fusion: drop probability of each optional branch in the extra stage-2 copies (0: none)")
     ap.add_argument("--epochs1", type=int, default=12)
     ap.add_argument("--epochs2", type=int, default=60)
+    ap.add_argument("--lr2", type=float, default=DEFAULT_STAGE2_LR,
+                    help="stage-2 learning rate (AdamW; Liu et al. use 1e-5: docs/results/stage2_lr.md)")
     ap.add_argument("--patience1", type=int, default=4, help="stage-1 early stopping (epochs without improvement; 0: off)")
     ap.add_argument("--patience2", type=int, default=15, help="stage-2 early stopping (0: off)")
     ap.add_argument("--val-frac", type=float, default=0.2, help="validation part of the training patients (best epoch, early stopping)")
