@@ -83,6 +83,7 @@ def toy_crops(n: int = 16, size: int = 32, n_slices: int = 4, seed: int = 1):
     """A CropSet of n SYNTHETIC studies: per class a disc of its own contrast in T2 and CE-T1, plus noise."""
     import numpy as np
 
+    from ddp_case import class_labels
     from parotid.classification.data import CropSet
     from parotid.sequences import SEQUENCE_KEYS
 
@@ -91,8 +92,6 @@ def toy_crops(n: int = 16, size: int = 32, n_slices: int = 4, seed: int = 1):
     C = len(seqs)
     contrast = {0: (2.0, 1.6), 1: (0.6, 1.2), 2: (1.4, 2.0), 3: (0.9, 1.5)}
     classes = ["pleomorphic_adenoma", "warthin", "basal_cell_adenoma", "malignant"]
-    from ddp_case import class_labels
-
     y = class_labels(n)
     yy, xx = np.mgrid[:size, :size]
     slices = np.zeros((n, n_slices, C, size, size), np.float16)

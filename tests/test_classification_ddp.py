@@ -17,7 +17,7 @@ import torch
 import torch.multiprocessing as mp
 
 from parotid.classification import engine  # noqa: F401  (imported before forking: the workers inherit it)
-from ddp_case import initial_state, train_both_stages
+from ddp_case import initial_state, max_differences, train_both_stages
 from toy_cohort import write_toy_cohort
 
 
@@ -34,19 +34,17 @@ def _worker(rank: int, world: int, init_file: str, cs, out_dir: str) -> None:
 
 
 def _assert_matches(ranks: list[dict], single: dict, cs, rtol: float, what: str) -> None:
-    """Ranks bit-identical (synchronised); every tensor within `rtol` of 1 process (max |a - b| / max |b|);
-    the weights moved."""
+    """Ranks bit-identical (synchronised); every tensor within `rtol` of 1 process (ddp_case.max_differences:
+    max |a - b| / max |b|); the weights moved."""
     r0, r1 = ranks
     for stage in ("stage1", "stage2"):
-        moved, init = 0.0, initial_state(stage, cs)
-        for k, v in single[stage].items():
-            if not v.is_floating_point():
-                continue
-            assert torch.equal(r0[stage][k], r1[stage][k]), f"{what} {stage} {k}: ranks not synchronised"
-            rel = float((r0[stage][k] - v).abs().max()) / max(float(v.abs().max()), 1e-12)
-            assert rel <= rtol, f"{what} {stage} {k}: DDP vs 1 process relative difference {rel:.2e} > {rtol:g}"
-            moved = max(moved, float((v - init[k]).abs().max()))
+        for k, v in r0[stage].items():
+            assert torch.equal(v, r1[stage][k]), f"{what} {stage} {k}: ranks not synchronised"
+        init = initial_state(stage, cs)
+        moved = max(float((v - init[k]).abs().max()) for k, v in single[stage].items() if v.is_floating_point())
         assert moved > 1e-4, f"{what} {stage}: weights did not change"
+    for stage, d in max_differences(r0, single).items():
+        assert d["rel"] <= rtol, f"{what} {stage} {d['at']}: DDP vs 1 process relative difference {d['rel']:.2e} > {rtol:g}"
 
 
 @pytest.mark.timeout(300)

@@ -168,3 +168,16 @@ def test_stage2_learning_rate_reaches_the_optimizer_and_the_record(toy_cs, monke
         _, cfg = _train(toy_cs, lr2=lr2)
         assert seen[-1] == lr2 and cfg["trained"]["lr_stage2"] == lr2
     assert DEFAULT_STAGE2_LR == 1e-3  # the shipped checkpoints' setting (their config predates the record)
+
+
+def test_stage2_learning_rate_must_be_positive_on_the_command_line(tmp_path, capsys):
+    """A rate of 0 or below is refused by the CLI, naming the option, before any cohort is read; the good
+    twin (a valid rate) gets past the option and fails only on the missing cohort."""
+    from parotid.classification.train import main
+
+    for bad in ("0", "-1e-5", "fast"):
+        with pytest.raises(SystemExit) as e:
+            main(["--cohort", str(tmp_path / "none"), "--lr2", bad])
+        assert e.value.code == 2 and "--lr2" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="cohort folder not found"):  # 1e-5 accepted; the cohort is missing
+        main(["--cohort", str(tmp_path / "none"), "--lr2", "1e-5", "--out", str(tmp_path / "out")])

@@ -33,6 +33,14 @@ def _backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+def _positive(text: str) -> float:
+    """argparse type: a number > 0 (a learning rate of 0 or below would fail only after the crops are built)."""
+    v = float(text)
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text}")
+    return v
+
+
 def check_processes_fit_gpus(nproc: int) -> None:
     """Under nccl every process needs a GPU of its own: NCCL refuses two ranks on one device ("Duplicate GPU
     detected", seen on a one-GPU H200 machine; docs/model-card-classification.md), and a rank beyond the
@@ -97,7 +105,7 @@ def main(argv=None):
                     help="late fusion: drop probability of each optional branch in the extra stage-2 copies (0: none)")
     ap.add_argument("--epochs1", type=int, default=12)
     ap.add_argument("--epochs2", type=int, default=60)
-    ap.add_argument("--lr2", type=float, default=DEFAULT_STAGE2_LR,
+    ap.add_argument("--lr2", type=_positive, default=DEFAULT_STAGE2_LR,
                     help="stage-2 learning rate (AdamW; Liu et al. use 1e-5: docs/results/stage2_lr.md)")
     ap.add_argument("--patience1", type=int, default=4, help="stage-1 early stopping (epochs without improvement; 0: off)")
     ap.add_argument("--patience2", type=int, default=15, help="stage-2 early stopping (0: off)")
